@@ -1,0 +1,152 @@
+/* Slices, buffers, error strings and allocation wrappers (include/moat/common.h). */
+#include "moat/common.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int moat_slice_ieq(moat_slice_t a, const char *lit)
+{
+    size_t n = strlen(lit);
+    if (a.len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x = (unsigned char)a.base[i], y = (unsigned char)lit[i];
+        if (x >= 'A' && x <= 'Z')
+            x += 32;
+        if (y >= 'A' && y <= 'Z')
+            y += 32;
+        if (x != y)
+            return 0;
+    }
+    return 1;
+}
+
+int moat_slice_eq(moat_slice_t a, const char *lit)
+{
+    size_t n = strlen(lit);
+    return a.len == n && memcmp(a.base, lit, n) == 0;
+}
+
+char *moat_buf_reserve(moat_buf_t *b, size_t n)
+{
+    if (b->cap - b->len >= n)
+        return b->base + b->len;
+    /* Slide live bytes to the front before growing: a consumed prefix is free space. */
+    if (b->off > 0) {
+        memmove(b->base, b->base + b->off, b->len - b->off);
+        b->len -= b->off;
+        b->off = 0;
+        if (b->cap - b->len >= n)
+            return b->base + b->len;
+    }
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap - b->len < n) {
+        if (cap > SIZE_MAX / 2)
+            return NULL;
+        cap *= 2;
+    }
+    char *p = realloc(b->base, cap);
+    if (p == NULL)
+        return NULL;
+    b->base = p;
+    b->cap = cap;
+    return b->base + b->len;
+}
+
+int moat_buf_append(moat_buf_t *b, const void *p, size_t n)
+{
+    char *dst = moat_buf_reserve(b, n);
+    if (dst == NULL)
+        return MOAT_ENOMEM;
+    if (n)
+        memcpy(dst, p, n);
+    b->len += n;
+    return 0;
+}
+
+int moat_buf_appendf(moat_buf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char tmp[512];
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return MOAT_EINVAL;
+    if ((size_t)n < sizeof tmp)
+        return moat_buf_append(b, tmp, (size_t)n);
+    char *dst = moat_buf_reserve(b, (size_t)n + 1);
+    if (dst == NULL)
+        return MOAT_ENOMEM;
+    va_start(ap, fmt);
+    vsnprintf(dst, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return 0;
+}
+
+void moat_buf_consume(moat_buf_t *b, size_t n)
+{
+    b->off += n;
+    if (b->off >= b->len)
+        b->off = b->len = 0;
+}
+
+void moat_buf_reset(moat_buf_t *b)
+{
+    b->off = b->len = 0;
+}
+
+void moat_buf_free(moat_buf_t *b)
+{
+    free(b->base);
+    b->base = NULL;
+    b->off = b->len = b->cap = 0;
+}
+
+const char *moat_strerror(int err)
+{
+    switch (err) {
+    case 0: return "success";
+#define MOAT_ERR_CASE(name, msg)                                                                   \
+    case MOAT_E##name: return msg;
+        MOAT_ERRNO_MAP(MOAT_ERR_CASE)
+#undef MOAT_ERR_CASE
+    default: return "unknown error";
+    }
+}
+
+static void *check(void *p)
+{
+    if (p == NULL) {
+        fputs("moat: out of memory\n", stderr);
+        abort();
+    }
+    return p;
+}
+
+void *moat_xmalloc(size_t n)
+{
+    return check(malloc(n ? n : 1));
+}
+
+void *moat_xcalloc(size_t n, size_t m)
+{
+    return check(calloc(n ? n : 1, m ? m : 1));
+}
+
+void *moat_xrealloc(void *p, size_t n)
+{
+    return check(realloc(p, n ? n : 1));
+}
+
+char *moat_xstrdup(const char *s)
+{
+    return check(strdup(s));
+}
+
+char *moat_xstrndup(const char *s, size_t n)
+{
+    return check(strndup(s, n));
+}
