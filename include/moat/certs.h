@@ -1,0 +1,114 @@
+/* Certificates: the immutable in-memory snapshot the TLS handshake reads, the certificate
+ * manager that builds it on the control thread, and the certificate CLI commands.
+ *
+ * Snapshot. A moat_certs_t maps host names (and IP literals) to certificates. Each certificate
+ * is held ready for BoringSSL: the chain as CRYPTO_BUFFERs (DER) and the key as an EVP_PKEY,
+ * parsed once when the snapshot is built. A handshake then costs a binary search and
+ * SSL_set_chain_and_key, which only takes references: no parsing, no PEM, no copies of the
+ * certificate bytes. The snapshot is reference-counted and never changes after it is built;
+ * the control thread publishes a new one and workers pick it up at their next handshake.
+ *
+ * Which certificate a ClientHello gets (the choice is deliberate):
+ *   - SNI present: the certificate whose names contain it exactly (ASCII case-insensitive).
+ *     An SNI name no site serves is refused: the handshake fails with an unrecognized_name
+ *     alert rather than presenting some other site's certificate, which would only produce a
+ *     name-mismatch warning and reveal which names this server hosts.
+ *   - no SNI (clients never send SNI for IP literals, and some old clients never do): the
+ *     certificate for the connection's local IP address when one covers it, else the default
+ *     certificate, which is the first TLS site's in the site file.
+ */
+#ifndef MOAT_CERTS_H
+#define MOAT_CERTS_H
+
+#include "moat/ca.h"
+#include "moat/config.h"
+#include "moat/storage.h"
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ssl_st SSL;
+
+typedef struct moat_certs moat_certs_t;
+typedef struct moat_cert moat_cert_t; /* one chain + key inside a snapshot */
+typedef struct moat_certs_builder moat_certs_builder_t;
+
+/* --- building a snapshot (control thread) --- */
+
+moat_certs_builder_t *moat_certs_builder_new(void);
+/* Add a certificate for `names` (host names or IP literals, matched case-insensitively).
+ * `chain_pem` holds the leaf first, then its issuers; `key_pem` the leaf's private key. The
+ * first certificate added is the default one (no SNI). A name already claimed by an earlier
+ * certificate keeps the earlier one. `id` is a label for logs and tests (the storage id).
+ * Returns 0, or MOAT_ECRYPTO with a sentence in err when the PEM cannot be parsed. */
+int moat_certs_builder_add(moat_certs_builder_t *b, const char *id, const char *const *names,
+                           size_t n, const char *chain_pem, const char *key_pem, char *err,
+                           size_t errlen);
+/* Finish: the builder is consumed and the snapshot returned with one reference (never NULL). */
+moat_certs_t *moat_certs_builder_finish(moat_certs_builder_t *b);
+/* Abandon a builder that will not be finished. */
+void moat_certs_builder_free(moat_certs_builder_t *b);
+
+/* --- references and the process-wide current snapshot (any thread) --- */
+
+moat_certs_t *moat_certs_ref(moat_certs_t *c);
+void moat_certs_release(moat_certs_t *c);
+/* Make `c` the current snapshot, taking over the caller's reference; the previous one is
+ * released (and freed once the last handshake using it lets go). NULL clears it. */
+void moat_certs_publish(moat_certs_t *c);
+/* The current snapshot with a new reference (release it), or NULL before the first publish. */
+moat_certs_t *moat_certs_acquire(void);
+
+/* --- lookup (any thread; no allocation) --- */
+
+/* The certificate for a ClientHello, following the rules at the top of this file. `sni` is
+ * the server name (NULL when absent); `local_ip` the textual local address of the connection
+ * (NULL when unknown), used only without SNI. NULL means refuse the handshake. The result is
+ * owned by the snapshot. */
+const moat_cert_t *moat_certs_lookup(const moat_certs_t *c, const char *sni, const char *local_ip);
+const moat_cert_t *moat_certs_default(const moat_certs_t *c);
+size_t moat_certs_count(const moat_certs_t *c);
+/* Install the certificate on a server connection (takes references only). 0 or MOAT_ETLS. */
+int moat_cert_install(const moat_cert_t *cert, SSL *ssl);
+const char *moat_cert_id(const moat_cert_t *cert);
+int64_t moat_cert_not_after(const moat_cert_t *cert);
+
+/* --- the certificate manager (control thread; may block on storage) --- */
+
+/* Days before expiry at which a certificate from files starts to be warned about. */
+#define MOAT_CERTS_FILES_WARN_DAYS 14
+
+/* Build a snapshot for every TLS site of `cfg` (sites/addresses with plain_http == 0):
+ *   tls=files: load the site's tls_cert/tls_key PEM files and check them (key matches the
+ *     leaf, each certificate issued by the next, none expired; a warning when the leaf expires
+ *     within 14 days); stored as "files:<first name>" with source "files".
+ *   otherwise (auto, internal and, until ACME lands, acme): the stored "internal:<sorted names
+ *     joined by ,>" certificate while it has more than a third of its life left, else a new
+ *     one from the internal CA, stored with an "issued" or "renewed" event.
+ * On success *out holds the snapshot (one reference, not published) and *next_check_unix the
+ * earliest time anything needs renewing or re-checking. On failure (the message names the site
+ * or file) nothing is published and the caller keeps its current snapshot. */
+int moat_certmgr_build(moat_storage_t *st, moat_ca_t *ca, const moat_config_t *cfg,
+                       moat_certs_t **out, int64_t *next_check_unix, char *err, size_t errlen);
+
+/* Check a certificate chain file and key file the way tls=files does, without storing
+ * anything. On success *chain_pem and *key_pem (free()) hold the normalized PEM and
+ * *not_before and *not_after the leaf's validity. Exposed for tests and `moat check`. */
+int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **chain_pem,
+                            char **key_pem, int64_t *not_before, int64_t *not_after, char *err,
+                            size_t errlen);
+
+/* --- CLI commands (server/certcmd.c): print to stdout/stderr, return a process exit code --- */
+
+/* Print the internal root CA certificate (PEM), creating the CA on first use. */
+int moat_cmd_ca_root(const char *data_dir);
+/* add != 0: install the root into the system trust store
+ * (/usr/local/share/ca-certificates/moat-root.crt + update-ca-certificates); add == 0: remove
+ * it again. Needs root privileges. */
+int moat_cmd_trust(const char *data_dir, int add);
+/* Print a table of stored certificates: ID NAMES ISSUER NOT-AFTER SOURCE. */
+int moat_cmd_certs(const char *data_dir);
+
+/* moat_cmd_trust with the trust folder and the updater command given: for tests. */
+int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater);
+
+#endif

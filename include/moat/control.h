@@ -1,0 +1,26 @@
+/* The control thread: loads the site file, keeps certificates and the runtime snapshot
+ * current, starts the workers and handles signals (SIGHUP reload, SIGTERM/SIGINT stop). */
+#ifndef MOAT_CONTROL_H
+#define MOAT_CONTROL_H
+
+#include <stdint.h>
+
+typedef struct {
+    const char *config_path; /* NULL when the site came from the command line */
+    int site_argc;           /* SITE UPSTREAM [key=value...] from the command line */
+    char **site_argv;
+    const char *data_dir;
+    const char *bind_addr;
+    const char *access_log;
+    int http_port, https_port;
+    int workers;
+    uint64_t grace_ms;
+} moat_run_opts_t;
+
+/* Run until stopped; returns the process exit code (0 after a clean stop, 1 when the
+ * configuration or the environment does not allow starting). */
+int moat_control_run(const moat_run_opts_t *o);
+
+#define MOAT_PID_FILE "moat.pid"
+
+#endif

@@ -1,0 +1,84 @@
+/* The reverse proxy, written once for every front end. A front end (an HTTP/1.1 connection
+ * today, an HTTP/2 stream later) parses a request, hands the proxy its head and then its
+ * body bit by bit; the proxy talks HTTP/1.1 to an upstream from the worker's pool and hands
+ * the response back through the front end's ops. Neither side buffers a whole body: each
+ * pauses the other when its output queue passes MOAT_PROXY_HIGH_WATER. */
+#ifndef MOAT_PROXY_H
+#define MOAT_PROXY_H
+
+#include "moat/common.h"
+#include "moat/http1.h"
+#include "moat/runtime.h"
+#include <sys/socket.h>
+
+#define MOAT_PROXY_HIGH_WATER (256 * 1024)
+
+typedef struct moat_worker moat_worker_t;
+typedef struct moat_exchange moat_exchange_t;
+
+typedef enum {
+    MOAT_REQ_BODY_NONE,
+    MOAT_REQ_BODY_LENGTH,
+    MOAT_REQ_BODY_STREAM /* length unknown: sent upstream chunked */
+} moat_req_body_t;
+
+/* A request as the front end parsed it. Slices need to live only during moat_proxy_start:
+ * the proxy serializes the upstream head at once. */
+typedef struct {
+    moat_slice_t method, target, authority;
+    const moat_header_t *headers; /* end-to-end fields; the proxy drops hop-by-hop ones */
+    size_t nheaders;
+    const moat_http1_msg_t *h1; /* for Connection-listed names; NULL from HTTP/2 */
+    moat_req_body_t body;
+    uint64_t content_length;
+    int upgrade; /* the client asks for a protocol switch (websocket) */
+    int tls;     /* arrived over TLS: X-Forwarded-Proto https */
+    const struct sockaddr *peer;
+} moat_request_t;
+
+typedef struct {
+    int status;
+    const char *upstream; /* label, or "" when none was reached */
+    uint64_t upstream_ms;
+} moat_exchange_result_t;
+
+/* What the proxy needs from a front end. `front` is the front end's own pointer. */
+typedef struct {
+    /* The response head. headers are end-to-end fields only (slices valid during the call);
+     * content_length is -1 when unknown; has_body 0 for HEAD/204/304 and for 101. */
+    int (*send_head)(void *front, int status, const moat_header_t *headers, size_t n,
+                     int64_t content_length, int has_body);
+    int (*send_data)(void *front, moat_slice_t data);
+    int (*send_end)(void *front);
+    /* Bytes the front end still has to deliver to the client. */
+    size_t (*queued)(void *front);
+    /* Stop (1) or resume (0) reading the request body: the upstream is not taking it. */
+    void (*pause_body)(void *front, int pause);
+    /* After a 101: the exchange is now a byte tunnel; the front end relays raw bytes with
+     * moat_proxy_tunnel_write and gets them through send_data. */
+    void (*upgraded)(void *front);
+    /* The exchange is over: err 0 when the response was delivered whole, negative when it
+     * was cut (the front end must end the connection or stream abruptly). The exchange is
+     * freed right after; the front end must drop its pointer. */
+    void (*done)(void *front, int err, const moat_exchange_result_t *res);
+} moat_front_ops_t;
+
+/* Begin proxying req for site. rt must stay acquired by the front end until done. */
+moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
+                                  const moat_site_rt_t *site, const moat_request_t *req,
+                                  const moat_front_ops_t *ops, void *front);
+/* Request body bytes, and its end. Return 0 or a negative code. */
+int moat_proxy_body(moat_exchange_t *x, moat_slice_t data);
+int moat_proxy_body_end(moat_exchange_t *x);
+/* The front end's queue fell below the high-water mark: read the upstream again. */
+void moat_proxy_front_drained(moat_exchange_t *x);
+/* The client went away: drop the upstream connection; no callback follows. */
+void moat_proxy_abort(moat_exchange_t *x);
+/* Tunnel mode: client bytes to the upstream, and the client's end of stream. */
+int moat_proxy_tunnel_write(moat_exchange_t *x, moat_slice_t data);
+void moat_proxy_tunnel_client_eof(moat_exchange_t *x);
+
+/* Response pages the front ends send themselves (redirects and errors before a proxy). */
+int moat_proxy_error_page(int status, const char **reason, const char **body);
+
+#endif

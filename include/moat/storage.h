@@ -1,0 +1,90 @@
+/* Storage: where certificates, keys, the internal CA and events live. A vtable so that a
+ * shared network database can be added later; the one backend today is SQLite
+ * (storage/sqlite.c) at DATA/moat.db. Storage knows nothing of HTTP, TLS or ACME: it keeps
+ * PEM text and metadata. Every function returns 0 or a negative MOAT_E* code; on failure a
+ * sentence a user can act on is available from moat_storage_last_error(). */
+#ifndef MOAT_STORAGE_H
+#define MOAT_STORAGE_H
+
+#include "moat/common.h"
+#include <stdint.h>
+
+typedef struct moat_storage moat_storage_t;
+
+/* One stored certificate with its private key. `id` is the caller's key (for example
+ * "internal-root", "internal-intermediate", "site:chat.example.com"). Strings are owned by
+ * the record: free with moat_cert_record_clear(). */
+typedef struct {
+    char *id;
+    char *names;                   /* comma-separated DNS names / IPs the certificate covers */
+    char *issuer;                  /* the issuer's common name, for display */
+    char *source;                  /* "internal", "files", "acme" */
+    int64_t not_before, not_after; /* Unix seconds */
+    char *cert_pem;                /* leaf first, then chain */
+    char *key_pem;
+    int64_t updated_at;
+} moat_cert_record_t;
+
+typedef struct {
+    int64_t time;
+    char *kind; /* "issued", "renewed", "ca-created", ... */
+    char *names;
+    char *detail;
+} moat_event_t;
+
+typedef struct moat_storage_ops {
+    /* Insert or replace the record with this id, in one transaction (a level inside the
+     * caller's, when one is open). updated_at 0 means "now". NULL strings are stored and
+     * read back as NULL. */
+    int (*put_cert)(moat_storage_t *s, const moat_cert_record_t *rec);
+    /* MOAT_ENOT_FOUND when absent. */
+    int (*get_cert)(moat_storage_t *s, const char *id, moat_cert_record_t *out);
+    /* All records ordered by id; *out is an array of *n records (free each, then the array). */
+    int (*list_certs)(moat_storage_t *s, moat_cert_record_t **out, size_t *n);
+    int (*add_event)(moat_storage_t *s, const char *kind, const char *names, const char *detail);
+    /* Newest first, at most `limit`. */
+    int (*list_events)(moat_storage_t *s, size_t limit, moat_event_t **out, size_t *n);
+    /* Small values (settings, ACME accounts, backoff state). MOAT_ENOT_FOUND when absent;
+     * kv_put with a NULL value deletes the key. */
+    int (*kv_put)(moat_storage_t *s, const char *key, const char *value);
+    int (*kv_get)(moat_storage_t *s, const char *key, char **value_out);
+    /* Group several changes into one transaction. Calls nest: an inner begin is a savepoint,
+     * its rollback undoes only its own changes. A commit that fails leaves its level open:
+     * call rollback. A begin that fails opened nothing: do not call rollback for it.
+     * commit/rollback without begin: MOAT_EINVAL.
+     * close() with a transaction open discards it. */
+    int (*begin)(moat_storage_t *s);
+    int (*commit)(moat_storage_t *s);
+    int (*rollback)(moat_storage_t *s);
+    void (*close)(moat_storage_t *s);
+} moat_storage_ops_t;
+
+struct moat_storage {
+    const moat_storage_ops_t *ops;
+    char last_error[512];
+};
+
+/* Open (creating when needed) DATA_DIR/moat.db: the folder is created 0700, the file 0600,
+ * WAL mode, busy timeout, schema migrated forward. A database written by a newer moat is
+ * refused (MOAT_ESCHEMA) and never modified. On failure *out is NULL and `err` (if not NULL)
+ * holds a sentence naming the path and what to do. */
+int moat_storage_open_sqlite(const char *data_dir, moat_storage_t **out, char *err, size_t errlen);
+
+void moat_cert_record_clear(moat_cert_record_t *r);
+void moat_event_clear(moat_event_t *e);
+/* Free an array returned by list_certs / list_events: clears each element, then the array. */
+void moat_cert_records_free(moat_cert_record_t *recs, size_t n);
+void moat_events_free(moat_event_t *events, size_t n);
+
+/* The schema version this build reads and writes (PRAGMA user_version of moat.db). */
+#define MOAT_STORAGE_SCHEMA_VERSION 1
+
+/* Internal to storage/: the SQL that moves the schema from version - 1 to `version`
+ * (1..MOAT_STORAGE_SCHEMA_VERSION), or NULL outside that range. storage/migrations.c. */
+const char *moat__storage_migration_sql(int version);
+static inline const char *moat_storage_last_error(const moat_storage_t *s)
+{
+    return s->last_error;
+}
+
+#endif

@@ -1,0 +1,73 @@
+/* Worker internals shared by the files of server/: the per-thread state, the per-worker
+ * upstream pool and the list of client connections (for a graceful stop). */
+#ifndef MOAT_WORKER_H
+#define MOAT_WORKER_H
+
+#include "moat/common.h"
+#include "moat/proxy.h"
+#include "moat/server.h"
+#include "moat/sock.h"
+#include <uv.h>
+
+typedef struct moat_upconn moat_upconn_t;
+typedef struct moat_conn moat_conn_t;
+
+/* An upstream connection: owned by an exchange while in use, by the pool while idle. */
+struct moat_upconn {
+    moat_sock_t sock;
+    uv_timer_t timer; /* connect and idle-read timeouts; pool expiry while idle */
+    int open_handles;
+    moat_worker_t *w;
+    moat_exchange_t *x; /* NULL while idle */
+    char key[128];      /* the upstream's label */
+    uint64_t idle_since;
+    moat_upconn_t *next, *prev; /* pool list */
+    unsigned connected : 1;
+    unsigned in_pool : 1;
+    unsigned closing : 1;
+};
+
+typedef struct moat_upstream_state {
+    struct moat_upstream_state *next; /* nodes never move: exchanges keep pointers */
+    char label[128];
+    uint64_t down_until_ms; /* passive health: skip until then */
+    unsigned active;        /* requests in flight, for least_conn */
+} moat_upstream_state_t;
+
+struct moat_worker {
+    uv_loop_t loop;
+    uv_thread_t thread;
+    uv_async_t wakeup; /* the control thread asks for a stop */
+    int id;
+    const moat_server_opts_t *opts;
+    uv_poll_t listeners[MOAT_MAX_LISTENERS];
+    size_t nlisteners;
+    int listener_port[MOAT_MAX_LISTENERS];
+    int listener_tls[MOAT_MAX_LISTENERS];
+    moat_conn_t *conns; /* every client connection, for draining */
+    moat_upconn_t *pool; /* idle upstream connections, newest first */
+    moat_upstream_state_t *ups;
+    unsigned rr; /* round-robin position */
+    uv_timer_t grace_timer;
+    uint64_t grace_deadline;
+    int draining;
+    int stop_requested;
+};
+
+/* Client connections (server/conn.c). */
+void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int port, int tls);
+/* Close idle connections and make busy ones close after their current request. */
+void moat_conn_drain_all(moat_worker_t *w);
+void moat_conn_close_all(moat_worker_t *w);
+
+/* The upstream pool (server/upstream.c). */
+moat_upconn_t *moat_pool_take(moat_worker_t *w, const char *key);
+void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms);
+void moat_pool_close_all(moat_worker_t *w);
+moat_upstream_state_t *moat_upstream_state(moat_worker_t *w, const char *label);
+moat_upconn_t *moat_upconn_new(moat_worker_t *w, const char *key);
+void moat_upconn_close(moat_upconn_t *u);
+
+uint64_t moat_now_ms(void);
+
+#endif

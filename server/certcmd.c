@@ -1,0 +1,206 @@
+/* Certificate CLI commands (declared in include/moat/certs.h): ca-root, trust, certs. */
+#include "moat/ca.h"
+#include "moat/certs.h"
+#include "moat/common.h"
+#include "moat/storage.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TRUST_DIR     "/usr/local/share/ca-certificates"
+#define TRUST_FILE    "moat-root.crt"
+#define TRUST_UPDATER "update-ca-certificates"
+
+static int open_ca(const char *data_dir, moat_storage_t **st, moat_ca_t **ca)
+{
+    char err[512] = "";
+    *ca = NULL;
+    if (moat_storage_open_sqlite(data_dir, st, err, sizeof err) != 0) {
+        fprintf(stderr, "moat: %s\n", err);
+        return 1;
+    }
+    if (moat_ca_open(*st, ca, err, sizeof err) != 0) {
+        fprintf(stderr, "moat: %s\n", err);
+        (*st)->ops->close(*st);
+        *st = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+int moat_cmd_ca_root(const char *data_dir)
+{
+    moat_storage_t *st;
+    moat_ca_t *ca;
+    if (open_ca(data_dir, &st, &ca) != 0)
+        return 1;
+    fputs(moat_ca_root_pem(ca), stdout);
+    moat_ca_free(ca);
+    st->ops->close(st);
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
+/* Run the trust-store updater without a shell: its output goes to ours, so the user sees
+ * what it did. Returns its exit status, or 127 when it cannot be run. */
+static int run_updater(const char *updater)
+{
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        return 127;
+    if (pid == 0) {
+        char *argv[] = {(char *)updater, NULL};
+        execvp(updater, argv);
+        _exit(127);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return 127;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 126;
+}
+
+static int updater_result(const char *updater, int rc)
+{
+    if (rc == 0)
+        return 0;
+    if (rc == 127)
+        fprintf(stderr,
+                "moat: could not run %s; install the ca-certificates package (for example "
+                "`apt install ca-certificates`) and run this command again\n",
+                updater);
+    else
+        fprintf(stderr, "moat: %s failed (exit status %d)\n", updater, rc);
+    return 1;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static const char *perm_hint(int e)
+{
+    return (e == EACCES || e == EPERM) ? " (run this command as root, e.g. with sudo)" : "";
+}
+
+int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, TRUST_FILE);
+    if (!add) {
+        if (unlink(path) != 0) {
+            if (errno == ENOENT) {
+                printf("The moat root CA is not installed in %s; nothing to remove.\n", dir);
+                return 0;
+            }
+            fprintf(stderr, "moat: cannot remove %s: %s%s\n", path, strerror(errno),
+                    perm_hint(errno));
+            return 1;
+        }
+        if (updater_result(updater, run_updater(updater)) != 0)
+            return 1;
+        printf("Removed the moat root CA from the system trust store (%s).\n", path);
+        return 0;
+    }
+
+    moat_storage_t *st;
+    moat_ca_t *ca;
+    if (open_ca(data_dir, &st, &ca) != 0)
+        return 1;
+    const char *pem = moat_ca_root_pem(ca);
+    int rc = 1;
+    /* Write a temporary file and rename it, so a crash never leaves a truncated certificate
+     * in the trust folder for the updater to choke on. */
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, TRUST_FILE);
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "moat: cannot create %s: %s%s\n", dir, strerror(errno), perm_hint(errno));
+        goto out;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        fprintf(stderr, "moat: cannot write %s: %s%s\n", path, strerror(errno), perm_hint(errno));
+        goto out;
+    }
+    int bad = write_all(fd, pem, strlen(pem)) != 0 || fchmod(fd, 0644) != 0 || fsync(fd) != 0;
+    bad = (close(fd) != 0) || bad;
+    if (bad || rename(tmp, path) != 0) {
+        fprintf(stderr, "moat: cannot write %s: %s\n", path, strerror(errno));
+        unlink(tmp);
+        goto out;
+    }
+    if (updater_result(updater, run_updater(updater)) != 0)
+        goto out;
+    printf("Installed the moat root CA in the system trust store (%s).\n"
+           "Programs that use the system store (curl, wget, Python, Chrome on Linux) now trust "
+           "moat's internal certificates.\n"
+           "Firefox keeps its own store: import the output of `moat ca-root` there, or enable "
+           "security.enterprise_roots.enabled.\n",
+           path);
+    rc = 0;
+out:
+    moat_ca_free(ca);
+    st->ops->close(st);
+    return rc;
+}
+
+int moat_cmd_trust(const char *data_dir, int add)
+{
+    return moat__cmd_trust_at(data_dir, add, TRUST_DIR, TRUST_UPDATER);
+}
+
+int moat_cmd_certs(const char *data_dir)
+{
+    moat_storage_t *st;
+    char err[512] = "";
+    if (moat_storage_open_sqlite(data_dir, &st, err, sizeof err) != 0) {
+        fprintf(stderr, "moat: %s\n", err);
+        return 1;
+    }
+    moat_cert_record_t *recs = NULL;
+    size_t n = 0;
+    if (st->ops->list_certs(st, &recs, &n) != 0) {
+        fprintf(stderr, "moat: cannot list certificates: %s\n", moat_storage_last_error(st));
+        st->ops->close(st);
+        return 1;
+    }
+    if (n == 0) {
+        printf("No certificates stored yet.\n");
+    } else {
+        printf("%-32s %-32s %-40s %-20s %s\n", "ID", "NAMES", "ISSUER", "NOT-AFTER", "SOURCE");
+        for (size_t i = 0; i < n; i++) {
+            const moat_cert_record_t *r = &recs[i];
+            char when[32];
+            time_t t = (time_t)r->not_after;
+            struct tm tm;
+            gmtime_r(&t, &tm);
+            strftime(when, sizeof when, "%Y-%m-%d %H:%MZ", &tm);
+            printf("%-32s %-32s %-40s %-20s %s\n", r->id ? r->id : "",
+                   (r->names && r->names[0]) ? r->names : "-",
+                   (r->issuer && r->issuer[0]) ? r->issuer : "-", when, r->source ? r->source : "");
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        moat_cert_record_clear(&recs[i]);
+    free(recs);
+    st->ops->close(st);
+    return fflush(stdout) == 0 ? 0 : 1;
+}

@@ -1,0 +1,748 @@
+/* The certificate snapshot and the certificate manager (include/moat/certs.h). */
+#include "moat/certs.h"
+#include "moat/common.h"
+#include "moat/log.h"
+
+#include <openssl/bio.h>
+#include <openssl/bytestring.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/pool.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+/* Longest DNS name (RFC 1035) plus room for the terminator. */
+#define NAME_MAX_LEN 253
+
+struct moat_cert {
+    char *id;
+    CRYPTO_BUFFER **chain; /* DER, leaf first */
+    size_t nchain;
+    EVP_PKEY *key;
+    int64_t not_after;
+};
+
+typedef struct {
+    char *name; /* lower-case; IP literals in inet_ntop form */
+    moat_cert_t *cert;
+} name_entry_t;
+
+struct moat_certs {
+    atomic_size_t refs;
+    moat_cert_t **certs; /* certs[0] is the default */
+    size_t ncerts;
+    name_entry_t *names; /* sorted by name for binary search */
+    size_t nnames;
+};
+
+struct moat_certs_builder {
+    moat_certs_t *c;
+    size_t certs_cap, names_cap;
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err == NULL || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static int64_t asn1_time_unix(const ASN1_TIME *t)
+{
+    int days = 0, secs = 0;
+    ASN1_TIME *epoch = ASN1_TIME_set(NULL, 0);
+    int ok = epoch != NULL && ASN1_TIME_diff(&days, &secs, epoch, t);
+    ASN1_TIME_free(epoch);
+    return ok ? (int64_t)days * 86400 + secs : 0;
+}
+
+/* Canonical form of a name for the table: IP literals as inet_ntop writes them (the form a
+ * worker produces from getsockname), everything else lower-case without one trailing dot.
+ * Returns 0, or -1 when the name is empty or too long. */
+static int normalize_name(const char *in, char out[NAME_MAX_LEN + 1])
+{
+    size_t n = strlen(in);
+    if (n > 0 && in[n - 1] == '.')
+        n--;
+    if (n == 0 || n > NAME_MAX_LEN)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        char ch = in[i];
+        out[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+    }
+    out[n] = '\0';
+    unsigned char bin[16];
+    if (strchr(out, ':') != NULL && inet_pton(AF_INET6, out, bin) == 1)
+        inet_ntop(AF_INET6, bin, out, NAME_MAX_LEN + 1);
+    return 0;
+}
+
+static void cert_free(moat_cert_t *c)
+{
+    if (c == NULL)
+        return;
+    for (size_t i = 0; i < c->nchain; i++)
+        CRYPTO_BUFFER_free(c->chain[i]);
+    free(c->chain);
+    EVP_PKEY_free(c->key);
+    free(c->id);
+    free(c);
+}
+
+static void certs_free(moat_certs_t *c)
+{
+    for (size_t i = 0; i < c->ncerts; i++)
+        cert_free(c->certs[i]);
+    for (size_t i = 0; i < c->nnames; i++)
+        free(c->names[i].name);
+    free(c->certs);
+    free(c->names);
+    free(c);
+}
+
+moat_certs_builder_t *moat_certs_builder_new(void)
+{
+    moat_certs_builder_t *b = moat_xcalloc(1, sizeof *b);
+    b->c = moat_xcalloc(1, sizeof *b->c);
+    atomic_init(&b->c->refs, 1);
+    return b;
+}
+
+void moat_certs_builder_free(moat_certs_builder_t *b)
+{
+    if (b == NULL)
+        return;
+    certs_free(b->c);
+    free(b);
+}
+
+/* Parse every CERTIFICATE block of pem into DER buffers. */
+static int parse_chain(const char *pem, moat_cert_t *cert)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    if (bio == NULL)
+        return MOAT_ENOMEM;
+    size_t cap = 0;
+    X509 *x;
+    while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+        uint8_t *der = NULL;
+        int len = i2d_X509(x, &der);
+        CRYPTO_BUFFER *buf = len > 0 ? CRYPTO_BUFFER_new(der, (size_t)len, NULL) : NULL;
+        if (cert->nchain == 0)
+            cert->not_after = asn1_time_unix(X509_get0_notAfter(x));
+        OPENSSL_free(der);
+        X509_free(x);
+        if (buf == NULL) {
+            BIO_free(bio);
+            return MOAT_ECRYPTO;
+        }
+        if (cert->nchain == cap) {
+            cap = cap ? cap * 2 : 4;
+            cert->chain = moat_xrealloc(cert->chain, cap * sizeof *cert->chain);
+        }
+        cert->chain[cert->nchain++] = buf;
+    }
+    /* The loop ends on "no more PEM" (expected) or on a damaged block (not expected). */
+    uint32_t e = ERR_peek_last_error();
+    int clean = ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE;
+    ERR_clear_error();
+    BIO_free(bio);
+    return (cert->nchain > 0 && (clean || e == 0)) ? 0 : MOAT_ECRYPTO;
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(((const name_entry_t *)a)->name, ((const name_entry_t *)b)->name);
+}
+
+int moat_certs_builder_add(moat_certs_builder_t *b, const char *id, const char *const *names,
+                           size_t n, const char *chain_pem, const char *key_pem, char *err,
+                           size_t errlen)
+{
+    moat_cert_t *cert = moat_xcalloc(1, sizeof *cert);
+    cert->id = moat_xstrdup(id ? id : "");
+    if (parse_chain(chain_pem, cert) != 0) {
+        set_err(err, errlen, "%s: the certificate chain cannot be parsed", cert->id);
+        cert_free(cert);
+        return MOAT_ECRYPTO;
+    }
+    BIO *bio = BIO_new_mem_buf(key_pem, -1);
+    cert->key = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    ERR_clear_error();
+    if (cert->key == NULL) {
+        set_err(err, errlen, "%s: the private key cannot be parsed", cert->id);
+        cert_free(cert);
+        return MOAT_ECRYPTO;
+    }
+
+    moat_certs_t *c = b->c;
+    if (c->ncerts == b->certs_cap) {
+        b->certs_cap = b->certs_cap ? b->certs_cap * 2 : 8;
+        c->certs = moat_xrealloc(c->certs, b->certs_cap * sizeof *c->certs);
+    }
+    c->certs[c->ncerts++] = cert;
+    for (size_t i = 0; i < n; i++) {
+        char norm[NAME_MAX_LEN + 1];
+        if (normalize_name(names[i], norm) != 0)
+            continue;
+        /* Linear scan: the builder runs on the control thread over a handful of sites. */
+        int taken = 0;
+        for (size_t j = 0; j < c->nnames && !taken; j++)
+            taken = strcmp(c->names[j].name, norm) == 0;
+        if (taken) {
+            MOAT_DEBUG("certificate %s: name %s already served by an earlier certificate", cert->id,
+                       norm);
+            continue;
+        }
+        if (c->nnames == b->names_cap) {
+            b->names_cap = b->names_cap ? b->names_cap * 2 : 16;
+            c->names = moat_xrealloc(c->names, b->names_cap * sizeof *c->names);
+        }
+        c->names[c->nnames++] = (name_entry_t){moat_xstrdup(norm), cert};
+    }
+    return 0;
+}
+
+moat_certs_t *moat_certs_builder_finish(moat_certs_builder_t *b)
+{
+    moat_certs_t *c = b->c;
+    if (c->nnames > 1)
+        qsort(c->names, c->nnames, sizeof *c->names, name_cmp);
+    free(b);
+    return c;
+}
+
+moat_certs_t *moat_certs_ref(moat_certs_t *c)
+{
+    if (c != NULL)
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    return c;
+}
+
+void moat_certs_release(moat_certs_t *c)
+{
+    if (c != NULL && atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
+        certs_free(c);
+}
+
+/* The pointer and the reference taken on it must change together: without the lock a reader
+ * could load the pointer, be preempted while publish drops the last reference, and then
+ * increment freed memory. The critical section is two instructions, so a mutex is fine. */
+static pthread_mutex_t current_lock = PTHREAD_MUTEX_INITIALIZER;
+static moat_certs_t *current;
+
+void moat_certs_publish(moat_certs_t *c)
+{
+    pthread_mutex_lock(&current_lock);
+    moat_certs_t *old = current;
+    current = c;
+    pthread_mutex_unlock(&current_lock);
+    moat_certs_release(old);
+}
+
+moat_certs_t *moat_certs_acquire(void)
+{
+    pthread_mutex_lock(&current_lock);
+    moat_certs_t *c = moat_certs_ref(current);
+    pthread_mutex_unlock(&current_lock);
+    return c;
+}
+
+static const moat_cert_t *find(const moat_certs_t *c, const char *name)
+{
+    char norm[NAME_MAX_LEN + 1];
+    if (normalize_name(name, norm) != 0)
+        return NULL;
+    size_t lo = 0, hi = c->nnames;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int r = strcmp(norm, c->names[mid].name);
+        if (r == 0)
+            return c->names[mid].cert;
+        if (r < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+const moat_cert_t *moat_certs_lookup(const moat_certs_t *c, const char *sni, const char *local_ip)
+{
+    if (c == NULL)
+        return NULL;
+    if (sni != NULL && sni[0] != '\0')
+        return find(c, sni);
+    if (local_ip != NULL) {
+        const moat_cert_t *cert = find(c, local_ip);
+        if (cert != NULL)
+            return cert;
+    }
+    return moat_certs_default(c);
+}
+
+const moat_cert_t *moat_certs_default(const moat_certs_t *c)
+{
+    return (c != NULL && c->ncerts > 0) ? c->certs[0] : NULL;
+}
+
+size_t moat_certs_count(const moat_certs_t *c)
+{
+    return c ? c->ncerts : 0;
+}
+
+int moat_cert_install(const moat_cert_t *cert, SSL *ssl)
+{
+    return SSL_set_chain_and_key(ssl, cert->chain, cert->nchain, cert->key, NULL) ? 0 : MOAT_ETLS;
+}
+
+const char *moat_cert_id(const moat_cert_t *cert)
+{
+    return cert->id;
+}
+
+int64_t moat_cert_not_after(const moat_cert_t *cert)
+{
+    return cert->not_after;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Certificate manager                                                                      */
+
+static char *read_file(const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        return NULL;
+    }
+    moat_buf_t b = {0};
+    char tmp[4096];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) {
+        /* Certificate files are small; refuse anything absurd rather than read it all. */
+        if (moat_buf_size(&b) + n > 1024 * 1024) {
+            set_err(err, errlen, "%s: file is larger than 1 MiB; is this a certificate?", path);
+            fclose(f);
+            moat_buf_free(&b);
+            return NULL;
+        }
+        if (moat_buf_append(&b, tmp, n) != 0)
+            abort();
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        moat_buf_free(&b);
+        return NULL;
+    }
+    char *s = moat_xstrndup(moat_buf_data(&b), moat_buf_size(&b));
+    moat_buf_free(&b);
+    return s;
+}
+
+static void describe(X509 *x, char *out, size_t cap)
+{
+    char cn[128];
+    if (X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn) <= 0)
+        snprintf(cn, sizeof cn, "no common name");
+    snprintf(out, cap, "\"%s\"", cn);
+}
+
+static void format_date(int64_t t, char *out, size_t cap)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(out, cap, "%Y-%m-%d %H:%M UTC", &tm);
+}
+
+int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **chain_pem,
+                            char **key_pem, int64_t *not_before, int64_t *not_after, char *err,
+                            size_t errlen)
+{
+    *chain_pem = *key_pem = NULL;
+    int rc = MOAT_ECRYPTO;
+    STACK_OF(X509) *chain = sk_X509_new_null();
+    EVP_PKEY *key = NULL;
+    BIO *out = BIO_new(BIO_s_mem());
+    char *cert_text = read_file(cert_path, err, errlen);
+    char *key_text = cert_text ? read_file(key_path, err, errlen) : NULL;
+    if (cert_text == NULL || key_text == NULL) {
+        rc = MOAT_EIO;
+        goto out;
+    }
+    if (chain == NULL || out == NULL)
+        abort();
+
+    BIO *bio = BIO_new_mem_buf(cert_text, -1);
+    X509 *x;
+    while (bio != NULL && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL)
+        sk_X509_push(chain, x);
+    BIO_free(bio);
+    ERR_clear_error();
+    size_t n = sk_X509_num(chain);
+    if (n == 0) {
+        set_err(err, errlen,
+                "%s: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
+                cert_path);
+        goto out;
+    }
+    bio = BIO_new_mem_buf(key_text, -1);
+    key = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    ERR_clear_error();
+    if (key == NULL) {
+        set_err(err, errlen,
+                "%s: no usable private key found (expected an unencrypted PEM key: \"-----BEGIN "
+                "PRIVATE KEY-----\", EC or RSA)",
+                key_path);
+        goto out;
+    }
+    X509 *leaf = sk_X509_value(chain, 0);
+    if (!X509_check_private_key(leaf, key)) {
+        ERR_clear_error();
+        set_err(err, errlen, "%s: the private key does not match the first certificate in %s",
+                key_path, cert_path);
+        goto out;
+    }
+    char a[160], b[160], when[64];
+    for (size_t i = 0; i + 1 < n; i++) {
+        X509 *child = sk_X509_value(chain, i), *parent = sk_X509_value(chain, i + 1);
+        EVP_PKEY *pk = X509_get_pubkey(parent);
+        int ok = X509_check_issued(parent, child) == X509_V_OK && pk != NULL &&
+                 X509_verify(child, pk) == 1;
+        EVP_PKEY_free(pk);
+        ERR_clear_error();
+        if (!ok) {
+            describe(child, a, sizeof a);
+            describe(parent, b, sizeof b);
+            set_err(err, errlen,
+                    "%s: certificate %zu (%s) is not issued by certificate %zu (%s); the file "
+                    "must hold the site's certificate first, then each issuer in order",
+                    cert_path, i + 1, a, i + 2, b);
+            goto out;
+        }
+    }
+    int64_t now = (int64_t)time(NULL);
+    for (size_t i = 0; i < n; i++) {
+        X509 *c = sk_X509_value(chain, i);
+        int64_t na = asn1_time_unix(X509_get0_notAfter(c));
+        if (na <= now) {
+            describe(c, a, sizeof a);
+            format_date(na, when, sizeof when);
+            set_err(err, errlen, "%s: certificate %zu (%s) expired on %s", cert_path, i + 1, a,
+                    when);
+            goto out;
+        }
+    }
+    *not_before = asn1_time_unix(X509_get0_notBefore(leaf));
+    *not_after = asn1_time_unix(X509_get0_notAfter(leaf));
+    if (*not_after - now < MOAT_CERTS_FILES_WARN_DAYS * 86400LL) {
+        format_date(*not_after, when, sizeof when);
+        MOAT_WARN("%s: the certificate expires on %s; replace the file soon", cert_path, when);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (!PEM_write_bio_X509(out, sk_X509_value(chain, i)))
+            goto out;
+    const uint8_t *data;
+    size_t len;
+    if (!BIO_mem_contents(out, &data, &len))
+        goto out;
+    *chain_pem = moat_xstrndup((const char *)data, len);
+    BIO_reset(out);
+    if (!PEM_write_bio_PrivateKey(out, key, NULL, NULL, 0, NULL, NULL) ||
+        !BIO_mem_contents(out, &data, &len)) {
+        free(*chain_pem);
+        *chain_pem = NULL;
+        goto out;
+    }
+    *key_pem = moat_xstrndup((const char *)data, len);
+    rc = 0;
+out:
+    if (rc == MOAT_ECRYPTO && err != NULL && err[0] == '\0')
+        set_err(err, errlen, "%s: cannot process the certificate", cert_path);
+    ERR_clear_error();
+    sk_X509_pop_free(chain, X509_free);
+    EVP_PKEY_free(key);
+    BIO_free(out);
+    free(cert_text);
+    if (key_text != NULL) {
+        memset(key_text, 0, strlen(key_text));
+        free(key_text);
+    }
+    return rc;
+}
+
+static int str_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The names one site needs a certificate for: the hosts of its TLS addresses, in the order
+ * written, without duplicates. Returns the count; *out is an array of borrowed strings. */
+static size_t site_names(const moat_site_t *s, const char ***out)
+{
+    const char **names = moat_xcalloc(s->naddrs ? s->naddrs : 1, sizeof *names);
+    size_t n = 0;
+    for (size_t i = 0; i < s->naddrs; i++) {
+        const moat_site_addr_t *a = &s->addrs[i];
+        if (a->plain_http || a->host == NULL || a->host[0] == '\0')
+            continue;
+        int dup = 0;
+        for (size_t j = 0; j < n && !dup; j++)
+            dup = strcmp(names[j], a->host) == 0;
+        if (!dup)
+            names[n++] = a->host;
+    }
+    *out = names;
+    return n;
+}
+
+static char *join(const char *const *names, size_t n, const char *prefix)
+{
+    moat_buf_t b = {0};
+    /* Reserve up front: appending zero bytes to an empty buffer reports no memory. */
+    if (moat_buf_reserve(&b, 64) == NULL || moat_buf_append(&b, prefix, strlen(prefix)) != 0)
+        abort();
+    for (size_t i = 0; i < n; i++)
+        if ((i && moat_buf_append(&b, ",", 1) != 0) ||
+            moat_buf_append(&b, names[i], strlen(names[i])) != 0)
+            abort();
+    char *s = moat_xstrndup(moat_buf_data(&b), moat_buf_size(&b));
+    moat_buf_free(&b);
+    return s;
+}
+
+static int64_t renew_at(int64_t nb, int64_t na)
+{
+    return nb + (na - nb) * 2 / 3;
+}
+
+/* Public names would get ACME certificates; until the ACME client exists they get internal
+ * ones, which browsers will not trust. Say so once per process, not at every renewal check. */
+static void warn_public_names(const moat_site_t *s, const char *const *names, size_t n)
+{
+    static atomic_int warned;
+    if (s->tls == MOAT_TLS_INTERNAL)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        if (!moat_host_is_internal(names[i])) {
+            if (atomic_exchange(&warned, 1) == 0)
+                MOAT_WARN("%s: ACME is not available yet; using a certificate from the internal "
+                          "CA, which browsers trust only after `moat trust`",
+                          names[i]);
+            return;
+        }
+    }
+}
+
+static int site_files(moat_storage_t *st, const moat_site_t *s, const char *const *names, size_t n,
+                      moat_certs_builder_t *b, int64_t *next, char *err, size_t errlen)
+{
+    if (s->tls_cert == NULL || s->tls_key == NULL) {
+        set_err(err, errlen, "%s: tls=files needs both tls_cert and tls_key", names[0]);
+        return MOAT_EINVAL;
+    }
+    char *chain = NULL, *key = NULL;
+    int64_t nb = 0, na = 0;
+    int rc = moat_certmgr_load_files(s->tls_cert, s->tls_key, &chain, &key, &nb, &na, err, errlen);
+    if (rc != 0)
+        return rc;
+    char *id = join(names, 1, "files:"), *all = join(names, n, "");
+
+    /* The file may not cover every name the site answers on: warn, do not refuse, since the
+     * operator may know better (a client pinned to another name, say). */
+    BIO *bio = BIO_new_mem_buf(chain, -1);
+    X509 *leaf = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    char issuer[256] = "";
+    if (leaf != NULL) {
+        X509_NAME_get_text_by_NID(X509_get_issuer_name(leaf), NID_commonName, issuer,
+                                  sizeof issuer);
+        for (size_t i = 0; i < n; i++) {
+            int ip = strchr(names[i], ':') != NULL || moat_host_is_internal(names[i]);
+            int ok = X509_check_host(leaf, names[i], strlen(names[i]), 0, NULL) == 1 ||
+                     (ip && X509_check_ip_asc(leaf, names[i], 0) == 1);
+            if (!ok)
+                MOAT_WARN("%s: the certificate does not cover the name %s", s->tls_cert, names[i]);
+        }
+    }
+    X509_free(leaf);
+    ERR_clear_error();
+
+    moat_cert_record_t rec = {
+        .id = id,
+        .names = all,
+        .issuer = issuer,
+        .source = (char *)"files",
+        .not_before = nb,
+        .not_after = na,
+        .cert_pem = chain,
+        .key_pem = key,
+        .updated_at = (int64_t)time(NULL),
+    };
+    rc = st->ops->put_cert(st, &rec);
+    if (rc != 0)
+        set_err(err, errlen, "%s: cannot store the certificate: %s", s->tls_cert,
+                moat_storage_last_error(st));
+    if (rc == 0)
+        rc = moat_certs_builder_add(b, id, names, n, chain, key, err, errlen);
+    if (rc == 0) {
+        /* Files are re-read at the next check: warn daily once inside the warning window. */
+        int64_t now = (int64_t)time(NULL), warn = na - MOAT_CERTS_FILES_WARN_DAYS * 86400LL;
+        int64_t t = warn > now ? warn : now + 86400;
+        *next = MOAT_MIN(*next, t);
+    }
+    free(id);
+    free(all);
+    free(chain);
+    memset(key, 0, strlen(key));
+    free(key);
+    return rc;
+}
+
+static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s,
+                         const char *const *names, size_t n, moat_certs_builder_t *b, int64_t *next,
+                         char *err, size_t errlen)
+{
+    if (ca == NULL) {
+        set_err(err, errlen, "%s: no internal CA is available to issue a certificate", names[0]);
+        return MOAT_EINVAL;
+    }
+    warn_public_names(s, names, n);
+    const char **sorted = moat_xcalloc(n, sizeof *sorted);
+    memcpy(sorted, names, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, str_cmp);
+    char *id = join(sorted, n, "internal:"), *all = join(sorted, n, "");
+    int64_t now = (int64_t)time(NULL);
+
+    moat_cert_record_t rec;
+    int rc = st->ops->get_cert(st, id, &rec);
+    int found = rc == 0;
+    if (rc != 0 && rc != MOAT_ENOT_FOUND) {
+        set_err(err, errlen, "%s: cannot read the stored certificate: %s", names[0],
+                moat_storage_last_error(st));
+        goto out;
+    }
+    if (found && rec.cert_pem && rec.key_pem && now < renew_at(rec.not_before, rec.not_after)) {
+        rc = moat_certs_builder_add(b, id, names, n, rec.cert_pem, rec.key_pem, NULL, 0);
+        if (rc == 0) {
+            *next = MOAT_MIN(*next, renew_at(rec.not_before, rec.not_after));
+            goto out;
+        }
+        MOAT_WARN("%s: the stored certificate cannot be parsed; issuing a new one", id);
+    }
+
+    char *chain = NULL, *key = NULL;
+    int renewed = 0;
+    rc = moat_ca_maintain(ca, &renewed, err, errlen);
+    if (rc == 0)
+        rc = moat_ca_issue(ca, sorted, n, MOAT_CA_LEAF_LIFETIME, &chain, &key);
+    if (rc != 0) {
+        if (err && err[0] == '\0')
+            set_err(err, errlen, "%s: the internal CA could not issue a certificate: %s", names[0],
+                    moat_strerror(rc));
+        goto out;
+    }
+    moat_cert_record_t nrec = {
+        .id = id,
+        .names = all,
+        .issuer = (char *)moat_ca_intermediate_name(ca),
+        .source = (char *)"internal",
+        .not_before = now - 300,
+        .not_after = now + MOAT_CA_LEAF_LIFETIME,
+        .cert_pem = chain,
+        .key_pem = key,
+        .updated_at = now,
+    };
+    /* Read the real validity back: the CA clamps not_after to its intermediate's expiry. */
+    BIO *bio = BIO_new_mem_buf(chain, -1);
+    X509 *leaf = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    if (leaf != NULL) {
+        nrec.not_before = asn1_time_unix(X509_get0_notBefore(leaf));
+        nrec.not_after = asn1_time_unix(X509_get0_notAfter(leaf));
+        X509_free(leaf);
+    }
+    const char *kind = found ? "renewed" : "issued";
+    rc = st->ops->begin(st);
+    if (rc == 0)
+        rc = st->ops->put_cert(st, &nrec);
+    if (rc == 0)
+        rc = st->ops->add_event(st, kind, all, nrec.issuer);
+    if (rc == 0)
+        rc = st->ops->commit(st);
+    if (rc != 0) {
+        st->ops->rollback(st);
+        set_err(err, errlen, "%s: cannot store the new certificate: %s", names[0],
+                moat_storage_last_error(st));
+    } else {
+        MOAT_INFO("%s a certificate for %s from the internal CA (valid until %lld)", kind, all,
+                  (long long)nrec.not_after);
+        rc = moat_certs_builder_add(b, id, names, n, chain, key, err, errlen);
+        *next = MOAT_MIN(*next, renew_at(nrec.not_before, nrec.not_after));
+    }
+    free(chain);
+    if (key != NULL) {
+        memset(key, 0, strlen(key));
+        free(key);
+    }
+out:
+    if (found)
+        moat_cert_record_clear(&rec);
+    free(sorted);
+    free(id);
+    free(all);
+    return rc;
+}
+
+int moat_certmgr_build(moat_storage_t *st, moat_ca_t *ca, const moat_config_t *cfg,
+                       moat_certs_t **out, int64_t *next_check_unix, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (err && errlen)
+        err[0] = '\0';
+    int64_t next = INT64_MAX;
+    moat_certs_builder_t *b = moat_certs_builder_new();
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < cfg->nsites; i++) {
+        const moat_site_t *s = &cfg->sites[i];
+        const char **names;
+        size_t n = site_names(s, &names);
+        if (n > 0) {
+            if (s->tls == MOAT_TLS_FILES)
+                rc = site_files(st, s, names, n, b, &next, err, errlen);
+            else
+                rc = site_internal(st, ca, s, names, n, b, &next, err, errlen);
+        }
+        free(names);
+    }
+    if (rc != 0) {
+        moat_certs_builder_free(b);
+        return rc;
+    }
+    if (ca != NULL)
+        next = MOAT_MIN(next, moat_ca_next_renewal(ca));
+    *out = moat_certs_builder_finish(b);
+    *next_check_unix = next;
+    return 0;
+}

@@ -1,0 +1,335 @@
+/* The control thread (include/moat/control.h). It alone touches the disk and SQLite; the
+ * workers see only immutable snapshots it publishes. */
+#include "moat/control.h"
+#include "moat/ca.h"
+#include "moat/certs.h"
+#include "moat/config.h"
+#include "moat/log.h"
+#include "moat/runtime.h"
+#include "moat/server.h"
+#include "moat/storage.h"
+#include "moat/tls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define TICKET_ROTATION_MS (3600 * 1000)
+
+typedef struct {
+    const moat_run_opts_t *opts;
+    uv_loop_t *loop;
+    uv_signal_t sighup, sigterm, sigint;
+    uv_timer_t renew_timer, ticket_timer;
+    moat_storage_t *storage;
+    moat_ca_t *ca;
+    moat_server_opts_t server;
+    char pid_path[4096];
+    int stopping;
+} control_t;
+
+static moat_config_t *load_config(const moat_run_opts_t *o)
+{
+    moat_config_t *cfg = NULL;
+    moat_config_errors_t errs = {0};
+    int r = o->config_path ? moat_config_load_file(o->config_path, &cfg, &errs)
+                           : moat_config_from_args(o->site_argc, o->site_argv, &cfg, &errs);
+    if (r != 0) {
+        for (size_t i = 0; i < errs.n; i++) {
+            const moat_config_error_t *e = &errs.items[i];
+            if (e->line > 0)
+                MOAT_ERROR("%s:%d:%d: %s", e->file, e->line, e->col, e->msg);
+            else
+                MOAT_ERROR("%s: %s", e->file, e->msg);
+        }
+        moat_config_errors_free(&errs);
+        return NULL;
+    }
+    moat_config_errors_free(&errs);
+    return cfg;
+}
+
+/* Listening ports the config needs: each TLS address's port, each plain one's, and the HTTP
+ * port for redirects when any TLS site exists. One port cannot be both. */
+static int plan_listeners(const moat_config_t *cfg, const moat_run_opts_t *o,
+                          moat_server_opts_t *s, char *err, size_t errlen)
+{
+    s->nlistens = 0;
+    int any_tls = 0;
+    for (size_t i = 0; i < cfg->nsites; i++) {
+        for (size_t j = 0; j < cfg->sites[i].naddrs; j++) {
+            const moat_site_addr_t *a = &cfg->sites[i].addrs[j];
+            int tls = !a->plain_http;
+            int port = a->port ? a->port : tls ? o->https_port : o->http_port;
+            any_tls |= tls;
+            size_t k;
+            for (k = 0; k < s->nlistens; k++)
+                if (s->listens[k].port == port)
+                    break;
+            if (k < s->nlistens) {
+                if (s->listens[k].tls != tls) {
+                    snprintf(err, errlen,
+                             "%s:%d:%d: port %d is used for both HTTPS and plain HTTP sites; "
+                             "give one of them another port",
+                             cfg->source, a->line, a->col, port);
+                    return MOAT_EINVAL;
+                }
+                continue;
+            }
+            if (s->nlistens == MOAT_MAX_LISTENERS) {
+                snprintf(err, errlen, "too many different ports (at most %d)",
+                         MOAT_MAX_LISTENERS);
+                return MOAT_EINVAL;
+            }
+            s->listens[s->nlistens].port = port;
+            s->listens[s->nlistens].tls = tls;
+            s->nlistens++;
+        }
+    }
+    if (any_tls) {
+        size_t k;
+        for (k = 0; k < s->nlistens; k++)
+            if (s->listens[k].port == o->http_port)
+                break;
+        if (k == s->nlistens && s->nlistens < MOAT_MAX_LISTENERS) {
+            s->listens[s->nlistens].port = o->http_port;
+            s->listens[s->nlistens].tls = 0;
+            s->nlistens++;
+        } else if (k < s->nlistens && s->listens[k].tls) {
+            snprintf(err, errlen, "port %d is the HTTP port but a site uses it for HTTPS",
+                     o->http_port);
+            return MOAT_EINVAL;
+        }
+    }
+    return 0;
+}
+
+static void on_renew(uv_timer_t *t);
+
+static int build_certs(control_t *c, const moat_config_t *cfg)
+{
+    char err[1024] = "";
+    moat_certs_t *certs = NULL;
+    int64_t next = 0;
+    int r = moat_certmgr_build(c->storage, c->ca, cfg, &certs, &next, err, sizeof err);
+    if (r != 0) {
+        MOAT_ERROR("certificates: %s", err);
+        return r;
+    }
+    moat_certs_publish(certs);
+    int64_t now = (int64_t)time(NULL);
+    int64_t delay = next > now ? next - now : 60;
+    if (delay > 86400)
+        delay = 86400; /* look again at least daily */
+    uv_timer_start(&c->renew_timer, on_renew, (uint64_t)delay * 1000, 0);
+    return 0;
+}
+
+static void on_renew(uv_timer_t *t)
+{
+    control_t *c = t->data;
+    moat_runtime_t *rt = moat_runtime_acquire();
+    int renewed = 0;
+    char err[512];
+    if (moat_ca_maintain(c->ca, &renewed, err, sizeof err) != 0)
+        MOAT_ERROR("internal CA: %s", err);
+    if (build_certs(c, rt->config) != 0)
+        uv_timer_start(&c->renew_timer, on_renew, 60 * 1000, 0);
+    moat_runtime_release(rt);
+}
+
+static void reload(control_t *c)
+{
+    const moat_run_opts_t *o = c->opts;
+    if (o->config_path == NULL) {
+        MOAT_INFO("reload: the site came from the command line; nothing to re-read");
+        return;
+    }
+    MOAT_INFO("reload: reading %s", o->config_path);
+    moat_config_t *cfg = load_config(o);
+    if (cfg == NULL) {
+        MOAT_ERROR("reload: %s has errors; still serving the previous configuration",
+                   o->config_path);
+        return;
+    }
+    moat_server_opts_t plan = {0};
+    char err[1024];
+    if (plan_listeners(cfg, o, &plan, err, sizeof err) != 0) {
+        MOAT_ERROR("reload: %s; still serving the previous configuration", err);
+        moat_config_free(cfg);
+        return;
+    }
+    int same = plan.nlistens == c->server.nlistens;
+    for (size_t i = 0; same && i < plan.nlistens; i++)
+        same = plan.listens[i].port == c->server.listens[i].port &&
+               plan.listens[i].tls == c->server.listens[i].tls;
+    if (!same)
+        MOAT_WARN("reload: the set of listening ports changed; that takes a restart "
+                  "(sites on new ports are not served until then)");
+    if (build_certs(c, cfg) != 0) {
+        MOAT_ERROR("reload: still serving the previous configuration");
+        moat_config_free(cfg);
+        return;
+    }
+    moat_runtime_t *rt = moat_runtime_new(cfg, o->http_port, o->https_port, err, sizeof err);
+    if (rt == NULL) {
+        MOAT_ERROR("reload: %s; still serving the previous configuration", err);
+        return;
+    }
+    moat_runtime_publish(rt);
+    MOAT_INFO("reload: now serving %zu site(s) from %s", cfg->nsites, o->config_path);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    control_t *c = s->data;
+    if (signum == SIGHUP) {
+        reload(c);
+        return;
+    }
+    if (c->stopping)
+        return;
+    c->stopping = 1;
+    MOAT_INFO("stopping: finishing requests in flight (up to %llu s)",
+              (unsigned long long)(c->opts->grace_ms / 1000));
+    uv_stop(c->loop);
+}
+
+static void on_tickets(uv_timer_t *t)
+{
+    (void)t;
+    moat_tls_rotate_ticket_keys();
+}
+
+static int write_pid_file(control_t *c)
+{
+    snprintf(c->pid_path, sizeof c->pid_path, "%s/%s", c->opts->data_dir, MOAT_PID_FILE);
+    int fd = open(c->pid_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        MOAT_WARN("cannot write %s: %s (moat reload/stop will not find this process)",
+                  c->pid_path, strerror(errno));
+        c->pid_path[0] = 0;
+        return -1;
+    }
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%d\n", (int)getpid());
+    ssize_t w = write(fd, buf, (size_t)n);
+    (void)w;
+    close(fd);
+    return 0;
+}
+
+int moat_control_run(const moat_run_opts_t *o)
+{
+    control_t c = {.opts = o};
+    char err[1024] = "";
+    int code = 1;
+    moat_runtime_t *rt = NULL;
+    SSL_CTX *tls = NULL;
+
+    moat_config_t *cfg = load_config(o);
+    if (cfg == NULL)
+        return 1;
+    c.server.nworkers = o->workers;
+    c.server.bind_addr = o->bind_addr;
+    c.server.grace_ms = o->grace_ms;
+    if (plan_listeners(cfg, o, &c.server, err, sizeof err) != 0) {
+        MOAT_ERROR("%s", err);
+        moat_config_free(cfg);
+        return 1;
+    }
+    if (o->access_log && moat_access_log_open(o->access_log) != 0) {
+        MOAT_ERROR("cannot open the access log %s: %s", o->access_log, strerror(errno));
+        moat_config_free(cfg);
+        return 1;
+    }
+    if (moat_storage_open_sqlite(o->data_dir, &c.storage, err, sizeof err) != 0) {
+        MOAT_ERROR("%s", err);
+        moat_config_free(cfg);
+        return 1;
+    }
+    if (moat_ca_open(c.storage, &c.ca, err, sizeof err) != 0) {
+        MOAT_ERROR("internal CA: %s", err);
+        moat_config_free(cfg);
+        goto out;
+    }
+    c.loop = uv_default_loop();
+    uv_timer_init(c.loop, &c.renew_timer);
+    uv_timer_init(c.loop, &c.ticket_timer);
+    c.renew_timer.data = c.ticket_timer.data = &c;
+    if (build_certs(&c, cfg) != 0) {
+        moat_config_free(cfg);
+        goto out;
+    }
+    rt = moat_runtime_new(cfg, o->http_port, o->https_port, err, sizeof err);
+    if (rt == NULL) {
+        MOAT_ERROR("%s", err);
+        goto out;
+    }
+    moat_runtime_publish(rt);
+    tls = moat_tls_server_ctx_new(err, sizeof err);
+    if (tls == NULL) {
+        MOAT_ERROR("TLS: %s", err);
+        goto out;
+    }
+    c.server.tls = tls;
+    if (moat_listen_all(&c.server, err, sizeof err) != 0) {
+        MOAT_ERROR("%s", err);
+        goto out;
+    }
+    write_pid_file(&c);
+    uv_signal_init(c.loop, &c.sighup);
+    uv_signal_init(c.loop, &c.sigterm);
+    uv_signal_init(c.loop, &c.sigint);
+    c.sighup.data = c.sigterm.data = c.sigint.data = &c;
+    uv_signal_start(&c.sighup, on_signal, SIGHUP);
+    uv_signal_start(&c.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&c.sigint, on_signal, SIGINT);
+    uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
+    if (moat_workers_start(&c.server) != 0) {
+        MOAT_ERROR("cannot start the worker threads");
+        goto out;
+    }
+    for (size_t i = 0; i < c.server.nlistens; i++)
+        MOAT_INFO("listening on port %d (%s)", c.server.listens[i].port,
+                  c.server.listens[i].tls ? "HTTPS" : "HTTP");
+    for (size_t i = 0; i < cfg->nsites; i++) {
+        const moat_site_addr_t *a = &cfg->sites[i].addrs[0];
+        int v6 = a->kind == MOAT_HOST_IPV6;
+        MOAT_INFO("serving %s://%s%s%s:%d -> %s", a->plain_http ? "http" : "https", v6 ? "[" : "",
+                  a->host, v6 ? "]" : "", moat_runtime_addr_port(rt, a),
+                  rt->sites[i].upstreams[0].label);
+    }
+    MOAT_INFO("moat %s ready with %d worker(s)", MOAT_VERSION, o->workers);
+    uv_run(c.loop, UV_RUN_DEFAULT);
+    moat_workers_stop();
+    code = 0;
+    MOAT_INFO("stopped");
+out:
+    moat_listen_close_all(&c.server);
+    if (c.pid_path[0])
+        unlink(c.pid_path);
+    if (c.loop) {
+        uv_close((uv_handle_t *)&c.renew_timer, NULL);
+        uv_close((uv_handle_t *)&c.ticket_timer, NULL);
+        if (c.sighup.data) {
+            uv_close((uv_handle_t *)&c.sighup, NULL);
+            uv_close((uv_handle_t *)&c.sigterm, NULL);
+            uv_close((uv_handle_t *)&c.sigint, NULL);
+        }
+        uv_run(c.loop, UV_RUN_NOWAIT);
+    }
+    moat_runtime_clear();
+    if (tls)
+        SSL_CTX_free(tls);
+    if (c.ca)
+        moat_ca_free(c.ca);
+    if (c.storage)
+        c.storage->ops->close(c.storage);
+    return code;
+}

@@ -1,0 +1,307 @@
+/* moat: automatic HTTPS in front of Open WebUI and any HTTP app. Command-line dispatch. */
+#include "moat/certs.h"
+#include "moat/common.h"
+#include "moat/config.h"
+#include "moat/control.h"
+#include "moat/log.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEFAULT_DATA_DIR "/var/lib/moat"
+#define DEFAULT_SITE "localhost"
+#define DEFAULT_UPSTREAM "127.0.0.1:8080"
+
+static const char usage_text[] =
+    "moat " MOAT_VERSION " - automatic HTTPS for Open WebUI and any HTTP app\n"
+    "\n"
+    "Usage:\n"
+    "  moat run [SITE UPSTREAM [key=value ...]] [options]   serve sites (default command)\n"
+    "  moat validate [--config FILE]      check a site file and print what would be served\n"
+    "  moat reload [--data DIR]           re-read the site file of the running moat\n"
+    "  moat stop [--data DIR]             stop the running moat gracefully\n"
+    "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
+    "  moat trust [--data DIR]            add the internal root to the system trust store\n"
+    "  moat untrust [--data DIR]          remove it again\n"
+    "  moat certs [--data DIR]            list certificates\n"
+    "  moat version | moat help\n"
+    "\n"
+    "Options of run:\n"
+    "  --config FILE        site file (default ./Moatfile, then /etc/moat/Moatfile)\n"
+    "  --data DIR           data folder (default $MOAT_DATA or " DEFAULT_DATA_DIR ")\n"
+    "  --http-port N        plain HTTP port (default 80)\n"
+    "  --https-port N       HTTPS port (default 443)\n"
+    "  --listen ADDR        listen on this address only (default: all)\n"
+    "  --workers N          event-loop threads (default: one per CPU)\n"
+    "  --grace SECONDS      time requests in flight get to finish on stop (default 30)\n"
+    "  --access-log FILE    access log, one JSON line per request (default stdout, - too)\n"
+    "  --log-level LEVEL    debug, info, warn or error (default info)\n"
+    "\n"
+    "A site file has one site per line: ADDRESS[,ADDRESS...] UPSTREAM[,UPSTREAM...] "
+    "[key=value ...]\n"
+    "  chat.example.com  127.0.0.1:8080\n"
+    "With no site file and no SITE argument moat serves: " DEFAULT_SITE " " DEFAULT_UPSTREAM "\n";
+
+typedef struct {
+    const char *config;
+    const char *data;
+    const char *listen;
+    const char *access_log;
+    int http_port, https_port, workers;
+    uint64_t grace_ms;
+    int npos;
+    char *pos[64];
+    int help;
+} cli_t;
+
+static int parse_int(const char *flag, const char *v, int lo, int hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    if (errno || *end || n < lo || n > hi) {
+        fprintf(stderr, "moat: %s expects a number from %d to %d, got '%s'\n", flag, lo, hi, v);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
+static int parse_cli(int argc, char **argv, cli_t *c)
+{
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            c->help = 1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            if (c->npos == (int)MOAT_ARRAY_LEN(c->pos)) {
+                fprintf(stderr, "moat: too many arguments\n");
+                return -1;
+            }
+            c->pos[c->npos++] = argv[i];
+            continue;
+        }
+        if (v == NULL) {
+            fprintf(stderr, "moat: %s needs a value (see moat help)\n", a);
+            return -1;
+        }
+        int n;
+        i++;
+        if (strcmp(a, "--config") == 0) {
+            c->config = v;
+        } else if (strcmp(a, "--data") == 0) {
+            c->data = v;
+        } else if (strcmp(a, "--listen") == 0) {
+            c->listen = v;
+        } else if (strcmp(a, "--access-log") == 0) {
+            c->access_log = v;
+        } else if (strcmp(a, "--http-port") == 0) {
+            if (parse_int(a, v, 1, 65535, &c->http_port))
+                return -1;
+        } else if (strcmp(a, "--https-port") == 0) {
+            if (parse_int(a, v, 1, 65535, &c->https_port))
+                return -1;
+        } else if (strcmp(a, "--workers") == 0) {
+            if (parse_int(a, v, 1, 64, &c->workers))
+                return -1;
+        } else if (strcmp(a, "--grace") == 0) {
+            if (parse_int(a, v, 0, 3600, &n))
+                return -1;
+            c->grace_ms = (uint64_t)n * 1000;
+        } else if (strcmp(a, "--log-level") == 0) {
+            if (moat_log_parse_level(v, &moat_log_min_level) != 0) {
+                fprintf(stderr, "moat: --log-level expects debug, info, warn or error, got '%s'\n",
+                        v);
+                return -1;
+            }
+        } else {
+            fprintf(stderr, "moat: unknown option '%s' (see moat help)\n", a);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const char *data_dir(const cli_t *c)
+{
+    if (c->data)
+        return c->data;
+    const char *env = getenv("MOAT_DATA");
+    return env && *env ? env : DEFAULT_DATA_DIR;
+}
+
+static int file_exists(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
+/* The site file to use when none was named: ./Moatfile, then /etc/moat/Moatfile. */
+static const char *default_config(void)
+{
+    if (file_exists("Moatfile"))
+        return "Moatfile";
+    if (file_exists("/etc/moat/Moatfile"))
+        return "/etc/moat/Moatfile";
+    return NULL;
+}
+
+static int cmd_run(cli_t *c)
+{
+    static char *default_site[] = {DEFAULT_SITE, DEFAULT_UPSTREAM};
+    moat_run_opts_t o = {
+        .data_dir = data_dir(c),
+        .bind_addr = c->listen,
+        .access_log = c->access_log,
+        .http_port = c->http_port ? c->http_port : 80,
+        .https_port = c->https_port ? c->https_port : 443,
+        .workers = c->workers,
+        .grace_ms = c->grace_ms,
+    };
+    if (c->npos > 0) {
+        if (c->config) {
+            fprintf(stderr, "moat: give either SITE UPSTREAM or --config, not both\n");
+            return 1;
+        }
+        o.site_argc = c->npos;
+        o.site_argv = c->pos;
+    } else {
+        o.config_path = c->config ? c->config : default_config();
+        if (o.config_path == NULL) {
+            o.site_argc = 2;
+            o.site_argv = default_site;
+        }
+    }
+    if (o.workers == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.workers = n > 0 ? (int)MOAT_MIN(n, 64) : 1;
+    }
+    return moat_control_run(&o);
+}
+
+static int cmd_validate(cli_t *c)
+{
+    const char *path = c->config ? c->config : default_config();
+    moat_config_t *cfg = NULL;
+    moat_config_errors_t errs = {0};
+    int r;
+    if (c->npos > 0)
+        r = moat_config_from_args(c->npos, c->pos, &cfg, &errs);
+    else if (path != NULL)
+        r = moat_config_load_file(path, &cfg, &errs);
+    else {
+        fprintf(stderr, "moat: no site file (./Moatfile or /etc/moat/Moatfile); name one with "
+                        "--config\n");
+        return 1;
+    }
+    if (r != 0) {
+        moat_config_errors_print(&errs, stderr);
+        moat_config_errors_free(&errs);
+        return 1;
+    }
+    moat_config_print(cfg, stdout);
+    moat_config_free(cfg);
+    return 0;
+}
+
+static pid_t read_pid(const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, MOAT_PID_FILE);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        fprintf(stderr, "moat: no running moat found (%s: %s); is it running with --data %s?\n",
+                path, strerror(errno), dir);
+        return -1;
+    }
+    int pid = -1;
+    if (fscanf(f, "%d", &pid) != 1 || pid <= 1)
+        pid = -1;
+    fclose(f);
+    if (pid < 0 || kill(pid, 0) != 0) {
+        fprintf(stderr, "moat: %s names no running process; moat is not running\n", path);
+        return -1;
+    }
+    return pid;
+}
+
+static int cmd_signal(cli_t *c, int sig)
+{
+    pid_t pid = read_pid(data_dir(c));
+    if (pid < 0)
+        return 1;
+    if (kill(pid, sig) != 0) {
+        fprintf(stderr, "moat: cannot signal process %d: %s\n", (int)pid, strerror(errno));
+        return 1;
+    }
+    if (sig == SIGHUP) {
+        printf("moat: asked process %d to reload; its log says whether the new file was taken\n",
+               (int)pid);
+        return 0;
+    }
+    /* Wait for the stop to finish (the grace period plus a margin). */
+    for (int i = 0; i < 400; i++) {
+        if (kill(pid, 0) != 0) {
+            printf("moat: process %d stopped\n", (int)pid);
+            return 0;
+        }
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    fprintf(stderr, "moat: process %d is still running after 40 s\n", (int)pid);
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN); /* a peer that went away is an error return, not a signal */
+    const char *cmd = argc > 1 ? argv[1] : "run";
+    int first = 2;
+    if (argc > 1 && strncmp(argv[1], "--", 2) == 0 && strcmp(argv[1], "--help") != 0 &&
+        strcmp(argv[1], "--version") != 0) {
+        cmd = "run"; /* `moat --config X` means run */
+        first = 1;
+    }
+    cli_t c = {0};
+    c.grace_ms = 30000;
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        fputs(usage_text, stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("moat %s\n", MOAT_VERSION);
+        return 0;
+    }
+    if (parse_cli(argc - first, argv + first, &c) != 0)
+        return 2;
+    if (c.help) {
+        fputs(usage_text, stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "run") == 0)
+        return cmd_run(&c);
+    if (strcmp(cmd, "validate") == 0)
+        return cmd_validate(&c);
+    if (strcmp(cmd, "reload") == 0)
+        return cmd_signal(&c, SIGHUP);
+    if (strcmp(cmd, "stop") == 0)
+        return cmd_signal(&c, SIGTERM);
+    if (strcmp(cmd, "ca-root") == 0)
+        return moat_cmd_ca_root(data_dir(&c));
+    if (strcmp(cmd, "trust") == 0)
+        return moat_cmd_trust(data_dir(&c), 1);
+    if (strcmp(cmd, "untrust") == 0)
+        return moat_cmd_trust(data_dir(&c), 0);
+    if (strcmp(cmd, "certs") == 0)
+        return moat_cmd_certs(data_dir(&c));
+    fprintf(stderr, "moat: unknown command '%s'\n\n%s", cmd, usage_text);
+    return 2;
+}

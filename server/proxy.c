@@ -1,0 +1,761 @@
+/* The reverse proxy: one exchange per request, between a front end (include/moat/proxy.h)
+ * and an HTTP/1.1 upstream connection from the worker's pool. */
+#include "moat/proxy.h"
+#include "moat/log.h"
+#include "moat/worker.h"
+
+#include <arpa/inet.h>
+#include <stdlib.h>
+
+#define MAX_RESPONSE_HEADERS 128
+/* A failing upstream is skipped for this long (passive health check). */
+#define UPSTREAM_DOWN_MS 10000
+
+struct moat_exchange {
+    moat_worker_t *w;
+    const moat_front_ops_t *ops;
+    void *front;
+    const moat_runtime_t *rt;
+    const moat_site_rt_t *site;
+    const moat_upstream_t *upstream;
+    moat_upstream_state_t *ustate;
+    moat_upconn_t *up;
+    moat_buf_t head; /* the upstream request head, kept for one retry until a response byte */
+    moat_req_body_t req_body;
+    moat_body_kind_t resp_body;
+    uint64_t resp_left;
+    moat_http1_chunked_t dec;
+    int status;
+    uint64_t t_start, t_first_byte;
+    int tries;
+    unsigned head_req : 1;
+    unsigned upgrade_req : 1;
+    unsigned tls : 1;
+    unsigned hsts : 1;
+    unsigned idempotent : 1;
+    unsigned reused : 1;
+    unsigned req_done : 1;
+    unsigned req_body_started : 1;
+    unsigned resp_head_done : 1;
+    unsigned resp_started : 1;
+    unsigned resp_done : 1;
+    unsigned up_keep_alive : 1;
+    unsigned tunnel : 1;
+    unsigned tunnel_client_eof : 1;
+    unsigned tunnel_up_eof : 1;
+    unsigned client_paused : 1;
+    unsigned up_paused : 1;
+};
+
+static const moat_sock_cb_t up_cb;
+static void handle_response(moat_exchange_t *x);
+static void fail(moat_exchange_t *x, int status, const char *why);
+
+/* ---- error pages ---- */
+
+int moat_proxy_error_page(int status, const char **reason, const char **body)
+{
+    switch (status) {
+    case 400:
+        *reason = "Bad Request";
+        *body = "<!doctype html><title>400 Bad Request</title><h1>400 Bad Request</h1>"
+                "<p>The request was malformed and was not passed on.</p>\n";
+        return 0;
+    case 404:
+        *reason = "Not Found";
+        *body = "<!doctype html><title>404 Not Found</title><h1>404 Not Found</h1>"
+                "<p>No site is configured for this host name.</p>\n";
+        return 0;
+    case 413:
+        *reason = "Content Too Large";
+        *body = "<!doctype html><title>413 Content Too Large</title><h1>413 Content Too "
+                "Large</h1><p>The request body is larger than this site accepts "
+                "(max_body).</p>\n";
+        return 0;
+    case 414:
+        *reason = "URI Too Long";
+        *body = "<!doctype html><title>414 URI Too Long</title><h1>414 URI Too Long</h1>\n";
+        return 0;
+    case 431:
+        *reason = "Request Header Fields Too Large";
+        *body = "<!doctype html><title>431 Request Header Fields Too Large</title>"
+                "<h1>431 Request Header Fields Too Large</h1>\n";
+        return 0;
+    case 501:
+        *reason = "Not Implemented";
+        *body = "<!doctype html><title>501 Not Implemented</title><h1>501 Not "
+                "Implemented</h1>\n";
+        return 0;
+    case 502:
+        *reason = "Bad Gateway";
+        *body = "<!doctype html><title>502 Bad Gateway</title><h1>502 Bad Gateway</h1>"
+                "<p>moat could not get an answer from the app behind this site. If it was "
+                "just started it may still be starting: try again in a few seconds.</p>\n";
+        return 0;
+    case 503:
+        *reason = "Service Unavailable";
+        *body = "<!doctype html><title>503 Service Unavailable</title><h1>503 Service "
+                "Unavailable</h1><p>moat is shutting down.</p>\n";
+        return 0;
+    case 504:
+        *reason = "Gateway Timeout";
+        *body = "<!doctype html><title>504 Gateway Timeout</title><h1>504 Gateway Timeout</h1>"
+                "<p>The app behind this site stopped answering (read_timeout).</p>\n";
+        return 0;
+    case 505:
+        *reason = "HTTP Version Not Supported";
+        *body = "<!doctype html><title>505 HTTP Version Not Supported</title>"
+                "<h1>505 HTTP Version Not Supported</h1>\n";
+        return 0;
+    default: *reason = "Error"; *body = "";
+    }
+    return MOAT_EINVAL;
+}
+
+/* ---- helpers ---- */
+
+static int is_idempotent(moat_slice_t m)
+{
+    return moat_slice_eq(m, "GET") || moat_slice_eq(m, "HEAD") || moat_slice_eq(m, "OPTIONS") ||
+           moat_slice_eq(m, "PUT") || moat_slice_eq(m, "DELETE");
+}
+
+static const char *const always_hop_by_hop[] = {
+    "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "trailer",
+    "upgrade",    "http2-settings"};
+
+static int hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
+{
+    if (m != NULL)
+        return moat_http1_is_hop_by_hop(m, name) || moat_slice_ieq(name, "http2-settings");
+    for (size_t i = 0; i < MOAT_ARRAY_LEN(always_hop_by_hop); i++)
+        if (moat_slice_ieq(name, always_hop_by_hop[i]))
+            return 1;
+    return 0;
+}
+
+static int peer_trusted(const moat_site_t *site, const struct sockaddr *peer)
+{
+    for (size_t i = 0; i < site->ntrusted; i++)
+        if (moat_cidr_match(&site->trusted[i], peer))
+            return 1;
+    return 0;
+}
+
+static void peer_ip(const struct sockaddr *sa, char *out, size_t cap)
+{
+    out[0] = 0;
+    if (sa == NULL)
+        return;
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)cap);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)cap);
+    else
+        snprintf(out, cap, "unix");
+}
+
+static int put(moat_buf_t *b, moat_slice_t s)
+{
+    return moat_buf_append(b, s.base, s.len);
+}
+
+/* The upstream request head: the client's fields minus hop-by-hop and framing ones, with
+ * moat's own forwarding and framing fields. Host is passed unchanged (port included):
+ * apps build absolute redirects from it. */
+static int build_head(moat_exchange_t *x, const moat_request_t *req)
+{
+    moat_buf_t *b = &x->head;
+    const moat_site_t *site = x->site->site;
+    int trusted = peer_trusted(site, req->peer);
+    moat_slice_t xff = {0}, xfp = {0}, xfh = {0};
+    int r = 0;
+    r |= put(b, req->method);
+    r |= moat_buf_append(b, " ", 1);
+    r |= put(b, req->target);
+    r |= moat_buf_append(b, " HTTP/1.1\r\nHost: ", 17);
+    r |= put(b, req->authority);
+    r |= moat_buf_append(b, "\r\n", 2);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        moat_slice_t n = req->headers[i].name, v = req->headers[i].value;
+        if (hop_by_hop(req->h1, n) || moat_slice_ieq(n, "host") ||
+            moat_slice_ieq(n, "content-length") || moat_slice_ieq(n, "expect"))
+            continue;
+        if (moat_slice_ieq(n, "x-forwarded-for")) {
+            xff = v;
+            continue;
+        }
+        if (moat_slice_ieq(n, "x-forwarded-proto")) {
+            xfp = v;
+            continue;
+        }
+        if (moat_slice_ieq(n, "x-forwarded-host")) {
+            xfh = v;
+            continue;
+        }
+        if (moat_slice_ieq(n, "forwarded") && !trusted)
+            continue;
+        r |= put(b, n);
+        r |= moat_buf_append(b, ": ", 2);
+        r |= put(b, v);
+        r |= moat_buf_append(b, "\r\n", 2);
+    }
+    /* Client-sent X-Forwarded-* are replaced unless the peer is a trusted proxy (a load
+     * balancer or Cloudflare in front of moat), whose values are kept and extended. */
+    char ip[INET6_ADDRSTRLEN + 1];
+    peer_ip(req->peer, ip, sizeof ip);
+    if (trusted && xff.len)
+        r |= moat_buf_appendf(b, "X-Forwarded-For: %.*s, %s\r\n", (int)xff.len, xff.base, ip);
+    else
+        r |= moat_buf_appendf(b, "X-Forwarded-For: %s\r\n", ip);
+    if (trusted && xfp.len)
+        r |= moat_buf_appendf(b, "X-Forwarded-Proto: %.*s\r\n", (int)xfp.len, xfp.base);
+    else
+        r |= moat_buf_appendf(b, "X-Forwarded-Proto: %s\r\n", req->tls ? "https" : "http");
+    moat_slice_t host = trusted && xfh.len ? xfh : req->authority;
+    r |= moat_buf_appendf(b, "X-Forwarded-Host: %.*s\r\n", (int)host.len, host.base);
+    if (req->body == MOAT_REQ_BODY_LENGTH)
+        r |= moat_buf_appendf(b, "Content-Length: %llu\r\n",
+                              (unsigned long long)req->content_length);
+    else if (req->body == MOAT_REQ_BODY_STREAM)
+        r |= moat_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
+    if (req->upgrade) {
+        moat_slice_t up = {0};
+        for (size_t i = 0; i < req->nheaders; i++)
+            if (moat_slice_ieq(req->headers[i].name, "upgrade"))
+                up = req->headers[i].value;
+        /* Only a request that asks for a switch carries these: uvicorn's h11 parser answers
+         * 400 to "Connection: upgrade" on an ordinary request. */
+        r |= moat_buf_appendf(b, "Connection: upgrade\r\nUpgrade: %.*s\r\n", (int)up.len,
+                              up.base);
+    }
+    r |= moat_buf_append(b, "\r\n", 2);
+    return r ? MOAT_ENOMEM : 0;
+}
+
+static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
+{
+    const moat_site_rt_t *s = x->site;
+    uint64_t now = moat_now_ms();
+    size_t n = s->nupstreams;
+    size_t best = x->w->rr++ % n;
+    if (x->site->site->lb == MOAT_LB_LEAST_CONN) {
+        unsigned best_active = ~0u;
+        for (size_t i = 0; i < n; i++) {
+            size_t c = (best + i) % n;
+            moat_upstream_state_t *st = moat_upstream_state(x->w, s->upstreams[c].label);
+            if (st->down_until_ms <= now && st->active < best_active) {
+                best_active = st->active;
+                best = c;
+            }
+        }
+        return &s->upstreams[best];
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t c = (best + i) % n;
+        if (moat_upstream_state(x->w, s->upstreams[c].label)->down_until_ms <= now)
+            return &s->upstreams[c];
+    }
+    return &s->upstreams[best]; /* all marked down: try anyway */
+}
+
+static void arm_timer(moat_exchange_t *x);
+static void release_upstream(moat_exchange_t *x, int reusable);
+
+static void timer_fired(uv_timer_t *t)
+{
+    moat_upconn_t *u = MOAT_CONTAINER_OF(t, moat_upconn_t, timer);
+    moat_exchange_t *x = u->x;
+    if (x == NULL)
+        return;
+    if (!u->connected) {
+        x->ustate->down_until_ms = moat_now_ms() + UPSTREAM_DOWN_MS;
+        fail(x, 502, "connect timeout");
+    } else if (x->tunnel) {
+        fail(x, 0, "websocket idle timeout");
+    } else {
+        fail(x, 504, "upstream idle timeout");
+    }
+}
+
+static void arm_timer(moat_exchange_t *x)
+{
+    const moat_site_t *site = x->site->site;
+    uint64_t ms = !x->up->connected ? site->connect_timeout_ms
+                  : x->tunnel       ? site->ws_idle_timeout_ms
+                                    : site->read_timeout_ms;
+    if (ms)
+        uv_timer_start(&x->up->timer, timer_fired, ms, 0);
+}
+
+/* Attach x to an upstream connection (pooled or new) and send the head. */
+static int connect_upstream(moat_exchange_t *x)
+{
+    x->tries++;
+    x->upstream = pick_upstream(x);
+    x->ustate = moat_upstream_state(x->w, x->upstream->label);
+    moat_upconn_t *u = moat_pool_take(x->w, x->upstream->label);
+    x->reused = u != NULL;
+    if (u == NULL) {
+        u = moat_upconn_new(x->w, x->upstream->label);
+        SSL *ssl = NULL;
+        if (x->upstream->tls) {
+            ssl = SSL_new(x->rt->upstream_tls);
+            if (ssl == NULL) {
+                moat_upconn_close(u);
+                return MOAT_ENOMEM;
+            }
+            SSL_set_tlsext_host_name(ssl, x->upstream->tls_name);
+            SSL_set1_host(ssl, x->upstream->tls_name);
+            SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
+        }
+        int r = moat_sock_connect(&u->sock, &x->w->loop, (const struct sockaddr *)&x->upstream->addr,
+                                  x->upstream->addrlen, ssl, &up_cb, u);
+        if (r != 0) {
+            u->open_handles = 1; /* only the timer is open */
+            moat_upconn_close(u);
+            return r;
+        }
+    }
+    u->x = x;
+    x->up = u;
+    x->ustate->active++;
+    arm_timer(x);
+    moat_sock_read_start(&u->sock);
+    int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
+    if (r != 0) {
+        /* A pooled connection that broke while idle: try a fresh one. */
+        release_upstream(x, 0);
+        if (x->reused && x->tries < 3)
+            return connect_upstream(x);
+    }
+    return r;
+}
+
+static void release_upstream(moat_exchange_t *x, int reusable)
+{
+    moat_upconn_t *u = x->up;
+    if (u == NULL)
+        return;
+    x->up = NULL;
+    x->ustate->active--;
+    u->x = NULL;
+    uv_timer_stop(&u->timer);
+    if (reusable && moat_sock_input(&u->sock).len == 0 && !u->sock.eof)
+        moat_pool_put(x->w, u, x->site->site->pool_idle_ms);
+    else
+        moat_upconn_close(u);
+}
+
+/* The exchange ends: give the upstream back or close it, tell the front end, free. */
+static void complete(moat_exchange_t *x, int err)
+{
+    int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
+    release_upstream(x, reusable);
+    moat_exchange_result_t res = {
+        .status = x->status,
+        .upstream = x->upstream ? x->upstream->label : "",
+        .upstream_ms = x->t_first_byte ? x->t_first_byte - x->t_start : 0,
+    };
+    char label[128];
+    snprintf(label, sizeof label, "%s", res.upstream);
+    res.upstream = label;
+    const moat_front_ops_t *ops = x->ops;
+    void *front = x->front;
+    moat_buf_free(&x->head);
+    free(x);
+    ops->done(front, err, &res);
+}
+
+static void send_page(moat_exchange_t *x, int status)
+{
+    const char *reason, *body;
+    moat_proxy_error_page(status, &reason, &body);
+    moat_header_t h[2] = {
+        {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
+        {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
+    };
+    size_t len = strlen(body);
+    x->status = status;
+    if (x->ops->send_head(x->front, status, h, 2, (int64_t)len, !x->head_req) == 0 &&
+        (x->head_req || x->ops->send_data(x->front, moat_slice(body, len)) == 0))
+        x->ops->send_end(x->front);
+}
+
+static void fail(moat_exchange_t *x, int status, const char *why)
+{
+    MOAT_DEBUG("upstream %s: %s", x->upstream ? x->upstream->label : "-", why);
+    if (status && !x->resp_head_done) {
+        x->resp_head_done = 1;
+        x->resp_done = 1;
+        /* The upstream connection is not reusable; the client's is, if the request body
+         * was read whole. */
+        x->up_keep_alive = 0;
+        send_page(x, status);
+        complete(x, 0);
+        return;
+    }
+    complete(x, MOAT_EUPSTREAM);
+}
+
+/* ---- upstream socket callbacks ---- */
+
+static void up_on_connect(moat_sock_t *s, int err)
+{
+    moat_upconn_t *u = s->data;
+    moat_exchange_t *x = u->x;
+    if (x == NULL) {
+        moat_upconn_close(u);
+        return;
+    }
+    if (err != 0) {
+        x->ustate->down_until_ms = moat_now_ms() + UPSTREAM_DOWN_MS;
+        MOAT_WARN("upstream %s refused the connection (%s): marked down for %d s",
+                  x->upstream->label, moat_strerror(err), UPSTREAM_DOWN_MS / 1000);
+        /* Nothing reached the app yet: another upstream may take a body-less request. */
+        if (x->req_body == MOAT_REQ_BODY_NONE && x->tries < (int)x->site->nupstreams &&
+            x->site->nupstreams > 1) {
+            release_upstream(x, 0);
+            if (connect_upstream(x) == 0)
+                return;
+        }
+        fail(x, 502, "connect failed");
+        return;
+    }
+    u->connected = 1;
+    arm_timer(x);
+}
+
+static void up_on_read(moat_sock_t *s)
+{
+    moat_upconn_t *u = s->data;
+    if (u->x == NULL) {
+        /* An idle pooled connection must not speak: drop it. */
+        moat_upconn_close(u);
+        return;
+    }
+    handle_response(u->x);
+}
+
+static void up_on_eof(moat_sock_t *s, int err)
+{
+    moat_upconn_t *u = s->data;
+    moat_exchange_t *x = u->x;
+    if (x == NULL) {
+        moat_upconn_close(u);
+        return;
+    }
+    if (x->tunnel) {
+        if (err != 0) {
+            complete(x, err);
+            return;
+        }
+        x->tunnel_up_eof = 1;
+        x->ops->send_end(x->front);
+        if (x->tunnel_client_eof)
+            complete(x, 0);
+        return;
+    }
+    if (x->resp_head_done && x->resp_body == MOAT_BODY_UNTIL_CLOSE && err == 0) {
+        handle_response(x); /* anything still buffered */
+        if (x->up == NULL || x->resp_done)
+            return;
+        x->resp_done = 1;
+        x->ops->send_end(x->front);
+        complete(x, 0);
+        return;
+    }
+    if (!x->resp_started && x->reused && x->idempotent && x->req_body == MOAT_REQ_BODY_NONE &&
+        x->tries < 3) {
+        /* A pooled connection the app had already closed: retry once on a fresh one. */
+        release_upstream(x, 0);
+        MOAT_DEBUG("upstream %s closed a pooled connection; retrying", x->upstream->label);
+        if (connect_upstream(x) == 0)
+            return;
+    }
+    fail(x, 502, err ? "connection reset" : "connection closed before the response");
+}
+
+static void up_on_drain(moat_sock_t *s)
+{
+    moat_upconn_t *u = s->data;
+    moat_exchange_t *x = u->x;
+    if (x != NULL && x->client_paused) {
+        x->client_paused = 0;
+        x->ops->pause_body(x->front, 0);
+    }
+}
+
+static void up_on_close(moat_sock_t *s);
+
+static const moat_sock_cb_t up_cb = {
+    .on_read = up_on_read,
+    .on_eof = up_on_eof,
+    .on_drain = up_on_drain,
+    .on_connect = up_on_connect,
+    .on_close = up_on_close,
+};
+
+static void up_on_close(moat_sock_t *s)
+{
+    moat_upconn_t *u = s->data;
+    if (--u->open_handles == 0)
+        free(u);
+}
+
+/* ---- response relay ---- */
+
+static size_t filter_response_headers(moat_exchange_t *x, const moat_http1_msg_t *m,
+                                      moat_header_t *out, size_t cap)
+{
+    size_t n = 0;
+    int have_hsts = 0;
+    for (size_t i = 0; i < m->nheaders && n + 1 < cap; i++) {
+        moat_slice_t name = m->headers[i].name;
+        if (moat_slice_ieq(name, "content-length"))
+            continue;
+        if (m->status == 101 && moat_slice_ieq(name, "upgrade")) {
+            out[n++] = m->headers[i];
+            continue;
+        }
+        if (hop_by_hop(m, name))
+            continue;
+        if (moat_slice_ieq(name, "strict-transport-security"))
+            have_hsts = 1;
+        out[n++] = m->headers[i];
+    }
+    if (x->hsts && !have_hsts && n < cap)
+        out[n++] = (moat_header_t){MOAT_SLICE_LIT("strict-transport-security"),
+                                   MOAT_SLICE_LIT("max-age=31536000")};
+    return n;
+}
+
+static int relay_head(moat_exchange_t *x, moat_slice_t in)
+{
+    moat_header_t hdrs[MAX_RESPONSE_HEADERS], out[MAX_RESPONSE_HEADERS];
+    moat_http1_msg_t m;
+    int r = moat_http1_parse_response(in.base, in.len, x->head_req, &m, hdrs,
+                                      MAX_RESPONSE_HEADERS);
+    if (r == MOAT_ENEED_MORE)
+        return in.len > MOAT_HTTP1_MAX_HEAD ? MOAT_EPARSE : 0;
+    if (r < 0)
+        return r;
+    if (!x->resp_started) {
+        x->resp_started = 1;
+        x->t_first_byte = moat_now_ms();
+        moat_buf_free(&x->head); /* no retry from here on */
+    }
+    if (m.status >= 100 && m.status < 200 && m.status != 101) {
+        /* 100 Continue was answered by moat itself; other interim responses are dropped. */
+        moat_sock_consume(&x->up->sock, (size_t)r);
+        return 1;
+    }
+    if (m.status == 101 && !x->upgrade_req)
+        return MOAT_EPARSE;
+    x->status = m.status;
+    x->up_keep_alive = m.keep_alive;
+    size_t n = filter_response_headers(x, &m, out, MAX_RESPONSE_HEADERS);
+    int64_t cl = m.body == MOAT_BODY_LENGTH ? (int64_t)m.content_length : -1;
+    int has_body = m.body != MOAT_BODY_NONE && m.status != 101;
+    x->resp_head_done = 1;
+    x->resp_body = m.body;
+    x->resp_left = m.content_length;
+    moat_http1_chunked_init(&x->dec);
+    int e = x->ops->send_head(x->front, m.status, out, n, has_body ? cl : 0, has_body);
+    moat_sock_consume(&x->up->sock, (size_t)r);
+    if (e != 0)
+        return e;
+    if (m.status == 101) {
+        x->tunnel = 1;
+        x->ops->upgraded(x->front);
+        arm_timer(x);
+        return 1;
+    }
+    if (!has_body)
+        x->resp_done = 1;
+    return 1;
+}
+
+static void handle_response(moat_exchange_t *x)
+{
+    moat_sock_t *s = &x->up->sock;
+    arm_timer(x);
+    while (!x->resp_head_done) {
+        moat_slice_t in = moat_sock_input(s);
+        if (in.len == 0)
+            return;
+        int r = relay_head(x, in);
+        if (r == 0)
+            return;
+        if (r < 0) {
+            fail(x, 502, "malformed response");
+            return;
+        }
+    }
+    int e = 0;
+    while (!x->resp_done && e == 0) {
+        moat_slice_t in = moat_sock_input(s);
+        if (in.len == 0)
+            break;
+        if (x->tunnel || x->resp_body == MOAT_BODY_UNTIL_CLOSE) {
+            e = x->ops->send_data(x->front, in);
+            moat_sock_consume(s, in.len);
+        } else if (x->resp_body == MOAT_BODY_LENGTH) {
+            size_t take = (size_t)MOAT_MIN((uint64_t)in.len, x->resp_left);
+            e = x->ops->send_data(x->front, moat_slice(in.base, take));
+            moat_sock_consume(s, take);
+            x->resp_left -= take;
+            if (x->resp_left == 0)
+                x->resp_done = 1;
+        } else {
+            size_t used = 0;
+            moat_slice_t data = {0};
+            int r = moat_http1_chunked_decode(&x->dec, in.base, in.len, &used, &data);
+            if (r < 0) {
+                fail(x, 502, "malformed chunked body");
+                return;
+            }
+            if (data.len)
+                e = x->ops->send_data(x->front, data);
+            moat_sock_consume(s, used);
+            if (r == 1)
+                x->resp_done = 1;
+        }
+        if (x->ops->queued(x->front) > MOAT_PROXY_HIGH_WATER) {
+            /* The client is slower than the app: stop reading the app until it drains. */
+            x->up_paused = 1;
+            moat_sock_read_stop(s);
+            break;
+        }
+    }
+    if (e != 0) {
+        complete(x, e);
+        return;
+    }
+    if (x->resp_done) {
+        x->ops->send_end(x->front);
+        complete(x, 0);
+    }
+}
+
+/* ---- the front end's calls ---- */
+
+moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
+                                  const moat_site_rt_t *site, const moat_request_t *req,
+                                  const moat_front_ops_t *ops, void *front)
+{
+    moat_exchange_t *x = calloc(1, sizeof *x);
+    if (x == NULL)
+        return NULL;
+    x->w = w;
+    x->rt = rt;
+    x->site = site;
+    x->ops = ops;
+    x->front = front;
+    x->t_start = moat_now_ms();
+    x->head_req = moat_slice_eq(req->method, "HEAD");
+    x->upgrade_req = req->upgrade;
+    x->tls = req->tls;
+    x->idempotent = is_idempotent(req->method);
+    x->req_body = req->body;
+    x->req_done = req->body == MOAT_REQ_BODY_NONE ||
+                  (req->body == MOAT_REQ_BODY_LENGTH && req->content_length == 0);
+    int hsts = site->site->hsts;
+    if (hsts < 0) {
+        /* Auto: only where the certificate is publicly trusted. An internal-CA site that
+         * sent HSTS would lock browsers out once its root is no longer trusted. */
+        int internal = site->site->tls == MOAT_TLS_INTERNAL;
+        for (size_t i = 0; i < site->site->naddrs; i++)
+            if (moat_host_is_internal(site->site->addrs[i].host))
+                internal = 1;
+        hsts = site->site->tls != MOAT_TLS_INTERNAL && !internal &&
+               site->site->tls != MOAT_TLS_AUTO;
+    }
+    x->hsts = hsts && req->tls;
+    if (build_head(x, req) != 0 || connect_upstream(x) != 0) {
+        /* Could not even start: answer 502 through the normal path on the next turn would
+         * need a timer; answering now is fine because the front end is waiting for us. */
+        if (x->up == NULL) {
+            x->resp_head_done = 1;
+            x->resp_done = 1;
+            x->req_done = 1;
+            send_page(x, 502);
+            moat_exchange_result_t res = {.status = 502, .upstream = ""};
+            moat_buf_free(&x->head);
+            free(x);
+            ops->done(front, 0, &res);
+            return NULL;
+        }
+    }
+    return x;
+}
+
+int moat_proxy_body(moat_exchange_t *x, moat_slice_t data)
+{
+    if (x->up == NULL || data.len == 0)
+        return 0;
+    int r;
+    x->req_body_started = 1;
+    if (x->req_body == MOAT_REQ_BODY_STREAM) {
+        char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
+        moat_slice_t v[3] = {moat_slice(prefix, moat_http1_chunk_prefix(prefix, data.len)), data,
+                             MOAT_SLICE_LIT("\r\n")};
+        r = moat_sock_writev(&x->up->sock, v, 3);
+    } else {
+        r = moat_sock_write(&x->up->sock, data.base, data.len);
+    }
+    if (r == 0 && moat_sock_queued(&x->up->sock) > MOAT_PROXY_HIGH_WATER && !x->client_paused) {
+        x->client_paused = 1;
+        x->ops->pause_body(x->front, 1);
+    }
+    return r;
+}
+
+int moat_proxy_body_end(moat_exchange_t *x)
+{
+    x->req_done = 1;
+    if (x->up == NULL)
+        return 0;
+    if (x->req_body == MOAT_REQ_BODY_STREAM)
+        return moat_sock_write(&x->up->sock, "0\r\n\r\n", 5);
+    return 0;
+}
+
+void moat_proxy_front_drained(moat_exchange_t *x)
+{
+    if (x->up_paused && x->up != NULL) {
+        x->up_paused = 0;
+        moat_sock_read_start(&x->up->sock);
+        if (x->up != NULL && moat_sock_input(&x->up->sock).len > 0)
+            handle_response(x);
+    }
+}
+
+void moat_proxy_abort(moat_exchange_t *x)
+{
+    release_upstream(x, 0);
+    moat_buf_free(&x->head);
+    free(x);
+}
+
+int moat_proxy_tunnel_write(moat_exchange_t *x, moat_slice_t data)
+{
+    if (x->up == NULL)
+        return MOAT_ECLOSED;
+    arm_timer(x);
+    int r = moat_sock_write(&x->up->sock, data.base, data.len);
+    if (r == 0 && moat_sock_queued(&x->up->sock) > MOAT_PROXY_HIGH_WATER && !x->client_paused) {
+        x->client_paused = 1;
+        x->ops->pause_body(x->front, 1);
+    }
+    return r;
+}
+
+void moat_proxy_tunnel_client_eof(moat_exchange_t *x)
+{
+    x->tunnel_client_eof = 1;
+    if (x->up != NULL)
+        moat_sock_shutdown_after_flush(&x->up->sock);
+    if (x->tunnel_up_eof)
+        complete(x, 0);
+}

@@ -1,0 +1,254 @@
+/* Listening sockets and worker threads (include/moat/server.h). */
+#include "moat/log.h"
+#include "moat/worker.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define ACCEPTS_PER_EVENT 64
+
+static moat_worker_t *workers;
+static int nworkers;
+
+static int open_listener(const char *bind_addr, int port, int reuseport, int *fd_out)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    memset(&ss, 0, sizeof ss);
+    int family = AF_INET6;
+    if (bind_addr != NULL && strchr(bind_addr, ':') == NULL) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, bind_addr, &sin->sin_addr) != 1)
+            return MOAT_EINVAL;
+        len = sizeof *sin;
+        family = AF_INET;
+    } else {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        sin6->sin6_addr = in6addr_any;
+        if (bind_addr != NULL && inet_pton(AF_INET6, bind_addr, &sin6->sin6_addr) != 1)
+            return MOAT_EINVAL;
+        len = sizeof *sin6;
+    }
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 && family == AF_INET6 && bind_addr == NULL) {
+        /* No IPv6 on this machine: listen on every IPv4 address instead. */
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        memset(&ss, 0, sizeof ss);
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        len = sizeof *sin;
+        family = AF_INET;
+        fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    }
+    if (fd < 0)
+        return -errno;
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuseport)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    if (family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, 1024) != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+static void describe_bind_error(int e, int port, int tls, char *err, size_t errlen)
+{
+    const char *flag = tls ? "--https-port" : "--http-port";
+    if (e == -EADDRINUSE)
+        snprintf(err, errlen,
+                 "cannot listen on port %d: it is already in use (another web server such as "
+                 "nginx, Caddy or Apache, or another moat?). Stop it, or choose another port "
+                 "with %s",
+                 port, flag);
+    else if (e == -EACCES || e == -EPERM)
+        snprintf(err, errlen,
+                 "cannot listen on port %d: permission denied. Ports below 1024 need root or "
+                 "the CAP_NET_BIND_SERVICE capability (setcap cap_net_bind_service=+ep "
+                 "$(command -v moat)), or choose a port above 1023 with %s",
+                 port, flag);
+    else if (e == MOAT_EINVAL)
+        snprintf(err, errlen, "cannot listen on port %d: bad --listen address", port);
+    else
+        snprintf(err, errlen, "cannot listen on port %d: %s", port, strerror(-e));
+}
+
+int moat_listen_all(moat_server_opts_t *o, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < o->nlistens; i++)
+        for (int w = 0; w < o->nworkers; w++)
+            o->listens[i].fds[w] = -1;
+    for (size_t i = 0; i < o->nlistens; i++) {
+        moat_listen_spec_t *l = &o->listens[i];
+        /* Probe without SO_REUSEPORT first: with it, a second server of the same user would
+         * silently share the port instead of failing. */
+        int probe;
+        int e = open_listener(o->bind_addr, l->port, 0, &probe);
+        if (e == 0) {
+            close(probe);
+            for (int w = 0; w < o->nworkers && e == 0; w++)
+                e = open_listener(o->bind_addr, l->port, 1, &l->fds[w]);
+        }
+        if (e != 0) {
+            describe_bind_error(e, l->port, l->tls, err, errlen);
+            moat_listen_close_all(o);
+            return MOAT_EIO;
+        }
+    }
+    return 0;
+}
+
+void moat_listen_close_all(moat_server_opts_t *o)
+{
+    for (size_t i = 0; i < o->nlistens; i++)
+        for (int w = 0; w < o->nworkers; w++)
+            if (o->listens[i].fds[w] >= 0) {
+                close(o->listens[i].fds[w]);
+                o->listens[i].fds[w] = -1;
+            }
+}
+
+static void on_accept(uv_poll_t *h, int status, int events)
+{
+    (void)events;
+    moat_worker_t *w = h->loop->data;
+    if (status < 0)
+        return;
+    size_t idx = (size_t)(h - w->listeners);
+    int lfd = -1;
+    uv_fileno((uv_handle_t *)h, &lfd);
+    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof peer;
+        int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE)
+                MOAT_WARN("cannot accept a connection: too many open files (raise LimitNOFILE)");
+            break;
+        }
+        moat_conn_accept(w, fd, (struct sockaddr *)&peer, w->listener_port[idx],
+                         w->listener_tls[idx]);
+    }
+}
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static void finish(moat_worker_t *w)
+{
+    moat_pool_close_all(w);
+    moat_conn_close_all(w);
+    uv_close((uv_handle_t *)&w->wakeup, NULL);
+    uv_close((uv_handle_t *)&w->grace_timer, NULL);
+}
+
+static void grace_expired(uv_timer_t *t)
+{
+    moat_worker_t *w = t->loop->data;
+    if (w->conns != NULL)
+        MOAT_WARN("worker %d: grace period over, closing the connections still open", w->id);
+    finish(w);
+}
+
+static void check_idle(uv_timer_t *t);
+
+static void on_wakeup(uv_async_t *a)
+{
+    moat_worker_t *w = a->loop->data;
+    if (!w->stop_requested || w->draining)
+        return;
+    w->draining = 1;
+    for (size_t i = 0; i < w->nlisteners; i++)
+        uv_close((uv_handle_t *)&w->listeners[i], NULL);
+    moat_pool_close_all(w);
+    moat_conn_drain_all(w);
+    if (w->conns == NULL) {
+        finish(w);
+        return;
+    }
+    /* Poll until the busy connections are gone, or the grace period ends. */
+    w->grace_deadline = moat_now_ms() + w->opts->grace_ms;
+    uv_timer_start(&w->grace_timer, check_idle, 50, 50);
+}
+
+static void check_idle(uv_timer_t *t)
+{
+    moat_worker_t *w = t->loop->data;
+    moat_conn_drain_all(w);
+    if (w->conns == NULL) {
+        finish(w);
+    } else if (moat_now_ms() >= w->grace_deadline) {
+        grace_expired(t);
+    }
+}
+
+static void worker_main(void *arg)
+{
+    moat_worker_t *w = arg;
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_walk(&w->loop, close_walk, NULL);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&w->loop);
+}
+
+int moat_workers_start(const moat_server_opts_t *o)
+{
+    nworkers = o->nworkers;
+    workers = moat_xcalloc((size_t)nworkers, sizeof *workers);
+    for (int i = 0; i < nworkers; i++) {
+        moat_worker_t *w = &workers[i];
+        w->id = i;
+        w->opts = o;
+        uv_loop_init(&w->loop);
+        w->loop.data = w;
+        uv_async_init(&w->loop, &w->wakeup, on_wakeup);
+        uv_timer_init(&w->loop, &w->grace_timer);
+        for (size_t j = 0; j < o->nlistens; j++) {
+            uv_poll_init_socket(&w->loop, &w->listeners[j], o->listens[j].fds[i]);
+            w->listener_port[j] = o->listens[j].port;
+            w->listener_tls[j] = o->listens[j].tls;
+            uv_poll_start(&w->listeners[j], UV_READABLE, on_accept);
+        }
+        w->nlisteners = o->nlistens;
+    }
+    for (int i = 0; i < nworkers; i++)
+        if (uv_thread_create(&workers[i].thread, worker_main, &workers[i]) != 0)
+            return MOAT_EIO;
+    return 0;
+}
+
+void moat_workers_stop(void)
+{
+    for (int i = 0; i < nworkers; i++) {
+        workers[i].stop_requested = 1;
+        uv_async_send(&workers[i].wakeup);
+    }
+    for (int i = 0; i < nworkers; i++)
+        uv_thread_join(&workers[i].thread);
+    for (int i = 0; i < nworkers; i++) {
+        moat_upstream_state_t *st = workers[i].ups, *next;
+        for (; st != NULL; st = next) {
+            next = st->next;
+            free(st);
+        }
+    }
+    free(workers);
+    workers = NULL;
+}
