@@ -631,18 +631,12 @@ static const unit_t duration_units[] = {
 };
 
 /* Sizes: K, M, G alone are binary, as in nginx; KB, MB, GB are decimal. */
+#define KIB 1024ull
+#define MIB (1024 * KIB)
+#define GIB (1024 * MIB)
 static const unit_t size_units[] = {
-    {"", 1},
-    {"b", 1},
-    {"k", 1024},
-    {"kb", 1000},
-    {"kib", 1024},
-    {"m", 1024 * 1024},
-    {"mb", 1000 * 1000},
-    {"mib", 1024 * 1024},
-    {"g", 1024 * 1024 * 1024},
-    {"gb", 1000 * 1000 * 1000},
-    {"gib", 1024 * 1024 * 1024},
+    {"", 1},     {"b", 1},     {"k", KIB}, {"kb", 1000}, {"kib", KIB}, {"m", MIB},
+    {"mb", 1e6}, {"mib", MIB}, {"g", GIB}, {"gb", 1e9},  {"gib", GIB},
 };
 
 static void format_duration(uint64_t ms, char *buf, size_t size)
@@ -711,8 +705,8 @@ static void size_parse(pctx_t *c, const opt_row_t *r, moat_site_t *s, tok_t v)
 
 static void size_print(const opt_row_t *r, const moat_site_t *s, FILE *f)
 {
-    static const unit_t order[] = {{"GiB", 1u << 30}, {"GB", 1000000000}, {"MiB", 1u << 20},
-                                   {"MB", 1000000},   {"KiB", 1024},      {"KB", 1000}};
+    static const unit_t order[] = {{"GiB", GIB}, {"GB", 1e9},  {"MiB", MIB},
+                                   {"MB", 1e6},  {"KiB", KIB}, {"KB", 1000}};
     uint64_t n = *CFIELD(s, r, uint64_t);
     if (n == 0) {
         fputs("none", f);

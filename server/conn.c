@@ -630,18 +630,17 @@ static void process(moat_conn_t *c)
                 set_timer(c, DEFAULT_HEADER_TIMEOUT_MS);
             }
             size_t end = moat_http1_head_end(in.base, in.len, &c->scan);
+            /* Wait for the whole head (the scan is resumable, so this is linear); parse an
+             * incomplete one only once it is too big, to answer 414 or 431. */
+            if (end == 0 && in.len <= MOAT_HTTP1_MAX_HEAD)
+                break;
             int status = 400;
             moat_header_t headers[MAX_REQUEST_HEADERS];
             moat_http1_msg_t m;
-            /* Parse even an incomplete head when it is already too big or has a bad line:
-             * errors in complete lines are reported early. */
             int r = moat_http1_parse_request(in.base, end ? end : in.len, &m, headers,
                                              MAX_REQUEST_HEADERS, &status);
             if (r == MOAT_ENEED_MORE) {
-                if (in.len > MOAT_HTTP1_MAX_HEAD) {
-                    respond_error_and_close(c, 431);
-                    break;
-                }
+                respond_error_and_close(c, 431);
                 break;
             }
             if (r < 0) {

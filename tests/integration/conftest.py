@@ -289,7 +289,9 @@ class MoatProxy(_Proxy):
             argv += ["--config", str(self.config)]
         else:
             argv += [self.site, self.upstream_addr, *self.site_opts]
-        return argv + ["--data", str(self.data), "--http-port", str(self.http_port),
+        # --listen keeps the test instance on loopback (moat's default is every address).
+        return argv + ["--listen", "127.0.0.1", "--data", str(self.data),
+                       "--http-port", str(self.http_port),
                        "--https-port", str(self.https_port), "--log-level", "info",
                        "--access-log", str(self.access_log), *self.extra_args]
 
