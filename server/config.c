@@ -635,8 +635,8 @@ static const unit_t duration_units[] = {
 #define MIB (1024 * KIB)
 #define GIB (1024 * MIB)
 static const unit_t size_units[] = {
-    {"", 1},     {"b", 1},     {"k", KIB}, {"kb", 1000}, {"kib", KIB}, {"m", MIB},
-    {"mb", 1e6}, {"mib", MIB}, {"g", GIB}, {"gb", 1e9},  {"gib", GIB},
+    {"", 1},         {"b", 1},     {"k", KIB}, {"kb", 1000},       {"kib", KIB}, {"m", MIB},
+    {"mb", 1000000}, {"mib", MIB}, {"g", GIB}, {"gb", 1000000000}, {"gib", GIB},
 };
 
 static void format_duration(uint64_t ms, char *buf, size_t size)
@@ -705,8 +705,8 @@ static void size_parse(pctx_t *c, const opt_row_t *r, moat_site_t *s, tok_t v)
 
 static void size_print(const opt_row_t *r, const moat_site_t *s, FILE *f)
 {
-    static const unit_t order[] = {{"GiB", GIB}, {"GB", 1e9},  {"MiB", MIB},
-                                   {"MB", 1e6},  {"KiB", KIB}, {"KB", 1000}};
+    static const unit_t order[] = {{"GiB", GIB},    {"GB", 1000000000}, {"MiB", MIB},
+                                   {"MB", 1000000}, {"KiB", KIB},       {"KB", 1000}};
     uint64_t n = *CFIELD(s, r, uint64_t);
     if (n == 0) {
         fputs("none", f);

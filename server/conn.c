@@ -1,8 +1,10 @@
 /* HTTP/1.1 client connections: the front end that parses requests (server/http1.c), answers
  * redirects and errors itself, and hands everything else to the proxy (server/proxy.c). */
+#include "moat/h2conn.h"
 #include "moat/log.h"
 #include "moat/proxy.h"
 #include "moat/runtime.h"
+#include "moat/tls.h"
 #include "moat/worker.h"
 
 #include <arpa/inet.h>
@@ -60,6 +62,7 @@ struct moat_conn {
     char host[256];
     char path[1024];
     moat_buf_t scratch; /* response head being serialized */
+    moat_h2conn_t *h2;  /* set when ALPN chose h2: every socket event goes there */
 };
 
 static const moat_sock_cb_t conn_cb;
@@ -107,6 +110,10 @@ static void conn_close(moat_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
+    if (c->h2 != NULL) {
+        moat_h2conn_free(c->h2);
+        c->h2 = NULL;
+    }
     if (c->x != NULL) {
         moat_proxy_abort(c->x);
         c->x = NULL;
@@ -691,6 +698,10 @@ static void process(moat_conn_t *c)
 static void on_read(moat_sock_t *s)
 {
     moat_conn_t *c = s->data;
+    if (c->h2 != NULL) {
+        moat_h2conn_on_read(c->h2);
+        return;
+    }
     if (!c->in_process)
         process(c);
 }
@@ -699,6 +710,10 @@ static void on_eof(moat_sock_t *s, int err)
 {
     moat_conn_t *c = s->data;
     c->client_eof = 1;
+    if (c->h2 != NULL) {
+        moat_h2conn_on_eof(c->h2, err);
+        return;
+    }
     if (c->state == ST_TUNNEL && err == 0 && c->x != NULL) {
         moat_proxy_tunnel_client_eof(c->x);
         return;
@@ -711,11 +726,22 @@ static void on_eof(moat_sock_t *s, int err)
 static void on_drain(moat_sock_t *s)
 {
     moat_conn_t *c = s->data;
+    if (c->h2 != NULL) {
+        moat_h2conn_on_drain(c->h2);
+        return;
+    }
     if (c->x != NULL)
         moat_proxy_front_drained(c->x);
     else if (c->state == ST_LINGER && c->client_eof)
         conn_close(c);
 }
+
+static void h2_close(void *owner)
+{
+    conn_close(owner);
+}
+
+static const moat_h2conn_owner_t h2_owner = {.close = h2_close};
 
 static void on_connect(moat_sock_t *s, int err)
 {
@@ -723,6 +749,16 @@ static void on_connect(moat_sock_t *s, int err)
     if (err != 0) {
         conn_close(c);
         return;
+    }
+    const char *alpn = moat_tls_selected_alpn(c->sock.ssl);
+    if (alpn != NULL && strcmp(alpn, "h2") == 0) {
+        c->h2 = moat_h2conn_new(c->w, &c->sock, (const struct sockaddr *)&c->peer, c->port,
+                                &h2_owner, c);
+        if (c->h2 == NULL) {
+            conn_close(c);
+            return;
+        }
+        set_timer(c, 0); /* the HTTP/2 connection keeps its own timers */
     }
     moat_sock_read_start(&c->sock);
 }
@@ -781,7 +817,9 @@ void moat_conn_drain_all(moat_worker_t *w)
     moat_conn_t *next;
     for (moat_conn_t *c = w->conns; c != NULL; c = next) {
         next = c->next;
-        if (c->state == ST_IDLE && moat_sock_input(&c->sock).len == 0)
+        if (c->h2 != NULL)
+            moat_h2conn_shutdown(c->h2);
+        else if (c->state == ST_IDLE && moat_sock_input(&c->sock).len == 0)
             conn_close(c);
     }
 }

@@ -4,6 +4,7 @@
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/config.h"
+#include "moat/h2conn.h"
 #include "moat/log.h"
 #include "moat/runtime.h"
 #include "moat/server.h"
@@ -272,6 +273,7 @@ int moat_control_run(const moat_run_opts_t *o)
         goto out;
     }
     moat_runtime_publish(rt);
+    moat_h2conn_init_alpn();
     tls = moat_tls_server_ctx_new(err, sizeof err);
     if (tls == NULL) {
         MOAT_ERROR("TLS: %s", err);

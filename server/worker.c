@@ -95,7 +95,7 @@ int moat_listen_all(moat_server_opts_t *o, char *err, size_t errlen)
         moat_listen_spec_t *l = &o->listens[i];
         /* Probe without SO_REUSEPORT first: with it, a second server of the same user would
          * silently share the port instead of failing. */
-        int probe;
+        int probe = -1;
         int e = open_listener(o->bind_addr, l->port, 0, &probe);
         if (e == 0) {
             close(probe);

@@ -67,8 +67,10 @@ typedef struct {
 /* One line of the site file. Every field holds its default when the option was not given
  * (see the option table in server/config.c): max_body 0 = no limit, hsts -1 = auto,
  * connect 10s, read 30m, header 30s, keepalive 5m, ws_idle 1h, pool_idle 4s, lb round robin,
- * h2_websocket 1. Unset strings are NULL, unset lists empty. Paths (tls_cert, tls_key) are
- * kept as written: a relative path is relative to the caller's choice of directory. */
+ * h2_websocket 1. Unset strings are NULL, unset lists empty. Sizes: K, M, G and KiB, MiB, GiB
+ * are binary, KB, MB, GB decimal; durations take ms, s, m, h, d (a bare number is seconds).
+ * A value may be "quoted" to hold spaces (preferred_chain="ISRG Root X1"). Paths (tls_cert,
+ * tls_key) are kept as written: a relative path is relative to the caller's choice of directory. */
 typedef struct moat_site {
     moat_site_addr_t *addrs;
     size_t naddrs;

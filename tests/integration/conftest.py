@@ -144,8 +144,8 @@ def upstream_factory(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Proxies under test. Both kinds offer: http_port, https_port, ca (path of the CA bundle that
 # verifies "localhost"), pid, url(path), curl_args(), client(), set_upstream(addr), reload(),
-# send_signal(sig), stop(sig) -> exit code, mem_kib() -> (VmHWM, VmRSS) summed over its processes, access_log
-# (path of JSON lines), logs().
+# send_signal(sig), stop(sig) -> exit code, mem_kib() -> (VmHWM, VmRSS) summed over its
+# processes, access_log (path of JSON lines), access_entries(), logs().
 
 
 class _Proxy:
@@ -379,7 +379,8 @@ NGINX_MUTANTS = {
                                              "client_max_body_size 0; keepalive_timeout 0;")],
     "plain_502": [("location / {{", "error_page 502 /502.txt; location = /502.txt {{ internal; "
                    "default_type text/plain; return 200 'down'; }} location / {{")],
-    "kill_on_reload": [("worker_processes 2;", "worker_processes 2; worker_shutdown_timeout 300ms;")],
+    "kill_on_reload": [("worker_processes 2;",
+                        "worker_processes 2; worker_shutdown_timeout 300ms;")],
     "no_forwarded_proto": [("proxy_set_header X-Forwarded-Proto $scheme;", "")],
     "small_headers": [("large_client_header_buffers 4 128k;", "")],
 }
@@ -458,12 +459,22 @@ def test_ca(tmp_path_factory):
             "key": d / "leaf.key"}
 
 
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                   "WARNING: ThreadSanitizer")
+
+
 def _teardown(request, started):
     for p in started:
         p.stop()
-    if _failed(request):
+    # A sanitizer report fails the test even if every assertion passed (run the suite with
+    # an ASan+UBSan build and ASAN_OPTIONS=detect_leaks=1 to get them).
+    reports = [p for p in started if any(m in tail(p.stderr_path, 1 << 20)
+                                         for m in SANITIZER_MARKS)]
+    if _failed(request) or reports:
         for p in started:
             print(f"\n===== {p.kind} in {p.dir} (exit {p.exit_code})\n{p.logs()}")
+    if reports:
+        pytest.fail(f"sanitizer report in {[str(p.stderr_path) for p in reports]}")
 
 
 @pytest.fixture

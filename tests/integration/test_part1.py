@@ -129,9 +129,13 @@ def test_50mb_upload_intact_and_memory_bounded(proxy, upstream, tmp_path):
     growth = (hwm1 - hwm0) / 1024
     print(f"{p.kind} memory: VmHWM {hwm0 // 1024} -> {hwm1 // 1024} MiB, "
           f"VmRSS {rss0 // 1024} -> {rss1 // 1024} MiB")
+    if uses_asan(p.pid):
+        # ASan's quarantine keeps freed blocks resident (256 MiB by default), so RSS measures
+        # the sanitizer, not moat. Bodies were still checked above.
+        print("ASan build: memory bounds not asserted")
+        return
     assert growth < RSS_GROWTH_MB, f"peak RSS grew by {growth:.1f} MiB for a {size >> 20} MiB body"
-    if not uses_asan(p.pid):
-        assert hwm1 / 1024 < RSS_LIMIT_MB, f"peak RSS {hwm1 / 1024:.1f} MiB"
+    assert hwm1 / 1024 < RSS_LIMIT_MB, f"peak RSS {hwm1 / 1024:.1f} MiB"
 
 
 # 4 -------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+/* ACME (RFC 8555): JWS signing, challenge material, renewal arithmetic and the client state
+ * machine. Everything here runs on the control thread except the challenge lookups, which
+ * workers call during a request or a handshake (they take one small mutex).
+ *
+ * acme/ never does I/O itself: the client is handed an HTTP client and a timer through
+ * moat_acme_io_t, and publishes challenge answers through the same struct. */
+#ifndef MOAT_ACME_H
+#define MOAT_ACME_H
+
+#include "moat/common.h"
+#include "moat/httpclient.h"
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ssl_st SSL;
+typedef struct evp_pkey_st EVP_PKEY;
+
+#define MOAT_ACME_LE_PRODUCTION "https://acme-v02.api.letsencrypt.org/directory"
+#define MOAT_ACME_LE_STAGING    "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+/* --- JWS (acme/jws.c) ---------------------------------------------------------------------- */
+
+/* base64url without padding of in[0..len): a new NUL-terminated string (free()). */
+char *moat_b64url(const void *in, size_t len);
+/* Decode base64url (padding optional); returns the length or -1. out needs len*3/4+3 bytes. */
+long moat_b64url_decode(const char *in, size_t len, uint8_t *out);
+
+/* A new P-256 key, and PEM (PKCS#8) in and out. NULL / MOAT_ECRYPTO on failure. */
+EVP_PKEY *moat_acme_key_new(void);
+char *moat_acme_key_pem(EVP_PKEY *k); /* free() */
+EVP_PKEY *moat_acme_key_from_pem(const char *pem);
+
+/* The JWK of the key's public half as canonical JSON ({"crv","kty","x","y"} in that order,
+ * RFC 7638), and its SHA-256 thumbprint, base64url. Both free(). */
+char *moat_acme_jwk(EVP_PKEY *k);
+char *moat_acme_thumbprint(EVP_PKEY *k);
+
+/* ES256 signature of data: the raw 64-byte r||s form JWS requires (RFC 7518 §3.4), not DER.
+ * Returns 0 or MOAT_ECRYPTO. */
+int moat_acme_es256_sign(EVP_PKEY *k, const void *data, size_t len, uint8_t sig[64]);
+/* Verify such a signature (tests). 1 valid, 0 not. */
+int moat_acme_es256_verify(EVP_PKEY *k, const void *data, size_t len, const uint8_t sig[64]);
+
+/* A flattened JWS (RFC 7515 §7.2.2) for an ACME POST: protected header {alg, jwk|kid, nonce,
+ * url}, payload (NULL means the empty POST-as-GET payload). kid NULL puts the JWK in. */
+char *moat_acme_jws(EVP_PKEY *k, const char *kid, const char *nonce, const char *url,
+                    const char *payload);
+/* The externalAccountBinding object (RFC 8555 §7.3.4): an HS256 JWS over the account JWK.
+ * hmac_b64url is the CA's key as given (base64url). NULL when it does not decode. */
+char *moat_acme_eab(EVP_PKEY *account, const char *eab_kid, const char *hmac_b64url,
+                    const char *url);
+
+/* The key authorization token "." thumbprint (free()). */
+char *moat_acme_key_authorization(const char *token, EVP_PKEY *account);
+
+/* A DER CSR (base64url, free()) for names with key k; the first name is the CN. */
+char *moat_acme_csr(EVP_PKEY *k, const char *const *names, size_t n);
+
+/* --- challenges (acme/challenge.c) ----------------------------------------------------------- */
+
+/* HTTP-01 answers. Set (key_auth non-NULL) or remove a token. The table is process-wide and
+ * tiny (pending tokens only); workers read it under a mutex. */
+int moat_acme_http01_set(const char *token, const char *key_auth);
+/* Copy the key authorization for token[0..len) into out (NUL-terminated); returns its length,
+ * or -1 when the token is unknown or out is too small. Any thread. */
+int moat_acme_http01_get(const char *token, size_t len, char *out, size_t cap);
+
+/* TLS-ALPN-01 (RFC 8737): the self-signed certificate for `name` with the critical
+ * acmeIdentifier extension holding SHA-256(key_auth). Returns 0 with *cert_der (free()) and
+ * the key's PEM in *key_pem (free()), or MOAT_ECRYPTO. */
+int moat_acme_alpn_cert(const char *name, const char *key_auth, uint8_t **cert_der,
+                        size_t *cert_len, char **key_pem);
+/* Publish (key_auth non-NULL) or withdraw the TLS-ALPN-01 certificate for name. */
+int moat_acme_alpn01_set(const char *name, const char *key_auth);
+/* For a ClientHello that offers ALPN acme-tls/1 for `sni`: install the challenge
+ * certificate on ssl. 0 when installed, MOAT_ENOT_FOUND when none is pending. Any thread. */
+int moat_acme_alpn01_install(SSL *ssl, const char *sni);
+/* Withdraw everything (at exit; frees the table). */
+void moat_acme_challenges_clear(void);
+
+/* --- renewal arithmetic (acme/renew.c) ------------------------------------------------------ */
+
+#define MOAT_ACME_BACKOFF_MIN 60
+#define MOAT_ACME_BACKOFF_MAX (6 * 3600)
+
+/* When to renew a certificate valid [not_before, not_after): when a third of its lifetime is
+ * left. With an ARI window (start/end non-zero) a time inside the window wins, chosen as the
+ * window start plus `jitter` (0..1) of its length. */
+int64_t moat_acme_renew_at(int64_t not_before, int64_t not_after, int64_t ari_start,
+                           int64_t ari_end, double jitter);
+/* Delay in seconds before the attempt after `failures` consecutive failures (>= 1): 60 s
+ * doubling to 6 h. retry_after (seconds, 0 none) wins when longer; rate_limited without
+ * Retry-After waits at least an hour. */
+int64_t moat_acme_backoff(int failures, int64_t retry_after, int rate_limited);
+/* Parse a Retry-After value (delta seconds or an HTTP date) against now: seconds to wait, 0
+ * when absent or unparseable. */
+int64_t moat_acme_parse_retry_after(const char *v, int64_t now);
+
+/* --- the client (acme/client.c) ------------------------------------------------------------ */
+
+typedef enum { MOAT_ACME_HTTP01 = 0, MOAT_ACME_TLSALPN01 = 1 } moat_acme_chal_t;
+
+/* The environment an order runs in. All callbacks run on the control loop. */
+typedef struct {
+    void *data;
+    /* Start an HTTP request; exactly one cb call follows unless this returns < 0. */
+    int (*request)(void *data, const char *method, const char *url, const char *content_type,
+                   const char *body, moat_httpc_cb cb, void *cb_data);
+    /* Call cb(arg) after ms milliseconds. */
+    void (*after)(void *data, uint64_t ms, void (*cb)(void *arg), void *arg);
+    /* Publish (key_auth non-NULL) or withdraw a challenge answer. */
+    void (*challenge)(void *data, moat_acme_chal_t type, const char *name, const char *token,
+                      const char *key_auth);
+} moat_acme_io_t;
+
+typedef struct {
+    const char *directory_url;
+    const char *const *names;
+    size_t nnames;
+    EVP_PKEY *account_key; /* borrowed */
+    const char *email;     /* may be NULL */
+    const char *eab_kid, *eab_hmac;
+    const char *preferred_chain; /* issuer CN of the chain's top certificate, or NULL */
+    moat_acme_chal_t challenge;
+    const char *replaces; /* ARI certificate identifier, or NULL */
+} moat_acme_order_opts_t;
+
+/* What an order ended with. On success chain_pem/key_pem are set. On failure `error` is a
+ * sentence with the CA's problem (type, detail, subproblems) and the flags say why. */
+typedef struct {
+    int rc; /* 0 or a negative MOAT_E* code */
+    char *chain_pem, *key_pem;
+    char *error;
+    char *account_url;
+    int64_t retry_after;      /* seconds, 0 none */
+    int rate_limited;         /* the CA said rateLimited */
+    int challenge_failed;     /* validation failed: the other challenge type may work */
+    moat_acme_chal_t challenge;
+} moat_acme_result_t;
+
+typedef void (*moat_acme_done_cb)(void *data, moat_acme_result_t *res);
+
+typedef struct moat_acme_order moat_acme_order_t;
+
+/* Start an order; `done` is called exactly once (never from inside this call) unless the order
+ * is cancelled first. The options are copied. */
+moat_acme_order_t *moat_acme_order_start(const moat_acme_io_t *io,
+                                         const moat_acme_order_opts_t *opts, moat_acme_done_cb done,
+                                         void *data);
+/* Stop an order: `done` is not called; memory is released once pending I/O returns. */
+void moat_acme_order_cancel(moat_acme_order_t *o);
+void moat_acme_result_clear(moat_acme_result_t *r);
+
+/* --- the manager (server/acmemgr.c) ---------------------------------------------------------- */
+
+typedef struct moat_acmemgr moat_acmemgr_t;
+typedef struct moat_storage moat_storage_t;
+typedef struct moat_config moat_config_t;
+typedef struct uv_loop_s uv_loop_t;
+
+typedef struct {
+    const char *email;
+    const char *ca_url;  /* default Let's Encrypt production */
+    const char *ca_root; /* extra trust anchor PEM file for the directory's HTTPS, or NULL */
+    int staging;
+} moat_acmemgr_opts_t;
+
+/* The manager: which sites need ACME, their orders, backoff, locks and storage. `republish` is
+ * called after a certificate was stored, to rebuild the certificate snapshot. */
+moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st,
+                                 const moat_acmemgr_opts_t *o, void (*republish)(void *),
+                                 void *data, char *err, size_t errlen);
+/* Take a (new) configuration: start, keep or cancel jobs. cfg is borrowed for the call only. */
+void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg);
+/* `moat renew`: renew certificates covering name (NULL: all) now; force ignores backoff and
+ * freshness. */
+void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force);
+/* Cancel everything; handles close on the loop, so run it once afterwards. */
+void moat_acmemgr_free(moat_acmemgr_t *m);
+
+#endif
