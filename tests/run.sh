@@ -25,10 +25,10 @@ else
 fi
 
 step "build (release, -Werror)"
-if cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$jobs" >build.log 2>&1; then
+if cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$jobs" >build-release.log 2>&1; then
     ok "release build"
 else
-    cat build.log; bad "release build"; echo "0 passed, 1 failed"; exit 1
+    cat build-release.log; bad "release build"; echo "0 passed, 1 failed"; exit 1
 fi
 
 step "build (ASan+UBSan)"
