@@ -819,8 +819,8 @@ static void urls_parse(pctx_t *c, const opt_row_t *r, moat_site_t *s, tok_t v)
         const char *slash = skip ? memchr(it.p + skip, '/', hlen) : NULL;
         if (slash != NULL)
             hlen = (size_t)(slash - (it.p + skip));
-        if (skip == 0 || parse_hostport(it.p + skip, hlen, 0, &hp, &why) < 0 ||
-            memchr(it.p, '"', it.len) != NULL) {
+        if (skip == 0 || memchr(it.p, '"', it.len) != NULL ||
+            parse_hostport(it.p + skip, hlen, 0, &hp, &why) < 0) {
             bad_value(c, r, it, r->expect, NULL);
             continue;
         }

@@ -45,10 +45,16 @@ struct moat_exchange {
     unsigned tunnel_up_eof : 1;
     unsigned client_paused : 1;
     unsigned up_paused : 1;
+    /* lb=cookie: the upstream the client's moat_upstream cookie names (-1: none), and
+     * whether the response must (re)set that cookie (value kept here for send_head). */
+    unsigned set_cookie : 1;
+    int sticky;
+    char cookie[96];
 };
 
 static const moat_sock_cb_t up_cb;
-static void handle_response(moat_exchange_t *x);
+/* Returns 1 when the exchange ended (and was freed), 0 while it goes on. */
+static int handle_response(moat_exchange_t *x);
 static void fail(moat_exchange_t *x, int status, const char *why);
 
 /* ---- error pages ---- */
@@ -121,8 +127,8 @@ static int is_idempotent(moat_slice_t m)
 }
 
 static const char *const always_hop_by_hop[] = {
-    "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "trailer",
-    "upgrade",    "http2-settings"};
+    "connection",        "keep-alive", "proxy-connection", "te",
+    "transfer-encoding", "trailer",    "upgrade",          "http2-settings"};
 
 static int hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
 {
@@ -226,11 +232,50 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
                 up = req->headers[i].value;
         /* Only a request that asks for a switch carries these: uvicorn's h11 parser answers
          * 400 to "Connection: upgrade" on an ordinary request. */
-        r |= moat_buf_appendf(b, "Connection: upgrade\r\nUpgrade: %.*s\r\n", (int)up.len,
-                              up.base);
+        r |= moat_buf_appendf(b, "Connection: upgrade\r\nUpgrade: %.*s\r\n", (int)up.len, up.base);
     }
     r |= moat_buf_append(b, "\r\n", 2);
     return r ? MOAT_ENOMEM : 0;
+}
+
+/* lb=cookie names an upstream by a hash of its label: the cookie does not reveal the
+ * internal address and survives a reload that reorders the upstream list. */
+static uint32_t label_hash(const char *s)
+{
+    uint32_t h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+/* The index of the upstream named by the request's moat_upstream cookie, or -1. */
+static int sticky_index(const moat_site_rt_t *s, const moat_request_t *req)
+{
+    static const char name[] = "moat_upstream=";
+    const size_t nl = sizeof name - 1;
+    for (size_t i = 0; i < req->nheaders; i++) {
+        moat_slice_t v = req->headers[i].value;
+        if (!moat_slice_ieq(req->headers[i].name, "cookie"))
+            continue;
+        for (size_t p = 0; p + nl + 8 <= v.len; p++) {
+            if ((p > 0 && v.base[p - 1] != ' ' && v.base[p - 1] != ';') ||
+                memcmp(v.base + p, name, nl) != 0)
+                continue;
+            uint32_t h = 0;
+            for (size_t k = 0; k < 8; k++) {
+                char c = v.base[p + nl + k];
+                int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+                if (d < 0)
+                    return -1;
+                h = h << 4 | (uint32_t)d;
+            }
+            for (size_t k = 0; k < s->nupstreams; k++)
+                if (label_hash(s->upstreams[k].label) == h)
+                    return (int)k;
+            return -1;
+        }
+    }
+    return -1;
 }
 
 static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
@@ -238,6 +283,14 @@ static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
     const moat_site_rt_t *s = x->site;
     uint64_t now = moat_now_ms();
     size_t n = s->nupstreams;
+    if (s->site->lb == MOAT_LB_COOKIE && n > 1) {
+        /* Sticky while the named upstream is up (socket.io polling must keep reaching the
+         * replica that holds its session); otherwise round robin and name the new one. */
+        if (x->sticky >= 0 && (size_t)x->sticky < n &&
+            moat_upstream_state(x->w, s->upstreams[x->sticky].label)->down_until_ms <= now)
+            return &s->upstreams[x->sticky];
+        x->set_cookie = 1;
+    }
     size_t best = x->w->rr++ % n;
     if (x->site->site->lb == MOAT_LB_LEAST_CONN) {
         unsigned best_active = ~0u;
@@ -457,8 +510,7 @@ static void up_on_eof(moat_sock_t *s, int err)
         return;
     }
     if (x->resp_head_done && x->resp_body == MOAT_BODY_UNTIL_CLOSE && err == 0) {
-        handle_response(x); /* anything still buffered */
-        if (x->up == NULL || x->resp_done)
+        if (handle_response(x)) /* anything still buffered */
             return;
         x->resp_done = 1;
         x->ops->send_end(x->front);
@@ -524,6 +576,12 @@ static size_t filter_response_headers(moat_exchange_t *x, const moat_http1_msg_t
             have_hsts = 1;
         out[n++] = m->headers[i];
     }
+    if (x->set_cookie && x->upstream != NULL && n + 1 < cap) {
+        snprintf(x->cookie, sizeof x->cookie,
+                 "moat_upstream=%08x; Path=/; HttpOnly; SameSite=Lax%s",
+                 label_hash(x->upstream->label), x->tls ? "; Secure" : "");
+        out[n++] = (moat_header_t){MOAT_SLICE_LIT("set-cookie"), moat_slice_str(x->cookie)};
+    }
     if (x->hsts && !have_hsts && n < cap)
         out[n++] = (moat_header_t){MOAT_SLICE_LIT("strict-transport-security"),
                                    MOAT_SLICE_LIT("max-age=31536000")};
@@ -534,8 +592,7 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
 {
     moat_header_t hdrs[MAX_RESPONSE_HEADERS], out[MAX_RESPONSE_HEADERS];
     moat_http1_msg_t m;
-    int r = moat_http1_parse_response(in.base, in.len, x->head_req, &m, hdrs,
-                                      MAX_RESPONSE_HEADERS);
+    int r = moat_http1_parse_response(in.base, in.len, x->head_req, &m, hdrs, MAX_RESPONSE_HEADERS);
     if (r == MOAT_ENEED_MORE)
         return in.len > MOAT_HTTP1_MAX_HEAD ? MOAT_EPARSE : 0;
     if (r < 0)
@@ -571,25 +628,27 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
         arm_timer(x);
         return 1;
     }
-    if (!has_body)
+    /* "Content-Length: 0" (FastAPI's 307 redirects) is complete with the head: waiting for
+     * body bytes would hold the response until the app closed its keep-alive. */
+    if (!has_body || (m.body == MOAT_BODY_LENGTH && m.content_length == 0))
         x->resp_done = 1;
     return 1;
 }
 
-static void handle_response(moat_exchange_t *x)
+static int handle_response(moat_exchange_t *x)
 {
     moat_sock_t *s = &x->up->sock;
     arm_timer(x);
     while (!x->resp_head_done) {
         moat_slice_t in = moat_sock_input(s);
         if (in.len == 0)
-            return;
+            return 0;
         int r = relay_head(x, in);
         if (r == 0)
-            return;
+            return 0;
         if (r < 0) {
             fail(x, 502, "malformed response");
-            return;
+            return 1;
         }
     }
     int e = 0;
@@ -613,7 +672,7 @@ static void handle_response(moat_exchange_t *x)
             int r = moat_http1_chunked_decode(&x->dec, in.base, in.len, &used, &data);
             if (r < 0) {
                 fail(x, 502, "malformed chunked body");
-                return;
+                return 1;
             }
             if (data.len)
                 e = x->ops->send_data(x->front, data);
@@ -630,12 +689,14 @@ static void handle_response(moat_exchange_t *x)
     }
     if (e != 0) {
         complete(x, e);
-        return;
+        return 1;
     }
     if (x->resp_done) {
         x->ops->send_end(x->front);
         complete(x, 0);
+        return 1;
     }
+    return 0;
 }
 
 /* ---- the front end's calls ---- */
@@ -668,10 +729,11 @@ moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
         for (size_t i = 0; i < site->site->naddrs; i++)
             if (moat_host_is_internal(site->site->addrs[i].host))
                 internal = 1;
-        hsts = site->site->tls != MOAT_TLS_INTERNAL && !internal &&
-               site->site->tls != MOAT_TLS_AUTO;
+        hsts =
+            site->site->tls != MOAT_TLS_INTERNAL && !internal && site->site->tls != MOAT_TLS_AUTO;
     }
     x->hsts = hsts && req->tls;
+    x->sticky = sticky_index(site, req);
     if (build_head(x, req) != 0 || connect_upstream(x) != 0) {
         /* Could not even start: answer 502 through the normal path on the next turn would
          * need a timer; answering now is fine because the front end is waiting for us. */

@@ -493,6 +493,12 @@ static void test_option_errors(void)
     OPT_ERR("ca=https:///dir", "Moatfile:1:22: bad value for ca: expected ACME directory URLs "
                                "like https://acme-v02.api.letsencrypt.org/directory, got "
                                "'https:///dir'");
+    OPT_ERR("ca=\"https://a.example\"", "Moatfile:1:22: bad value for ca: expected ACME directory "
+                                        "URLs like https://acme-v02.api.letsencrypt.org/directory, "
+                                        "got '\"https://a.example\"'");
+    OPT_ERR("ca=https://a\"b\"", "Moatfile:1:22: bad value for ca: expected ACME directory URLs "
+                                 "like https://acme-v02.api.letsencrypt.org/directory, got "
+                                 "'https://a\"b\"'");
     OPT_ERR("preferred_chain=", "Moatfile:1:35: bad value for preferred_chain: expected a chain "
                                 "name like \"ISRG Root X1\" (in quotes when it has spaces), got "
                                 "''");
