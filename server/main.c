@@ -2,8 +2,10 @@
 #include "moat/certs.h"
 #include "moat/common.h"
 #include "moat/config.h"
+#include "moat/acme.h"
 #include "moat/control.h"
 #include "moat/log.h"
+#include "moat/system.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -25,10 +27,12 @@ static const char usage_text[] =
     "  moat validate [--config FILE]      check a site file and print what would be served\n"
     "  moat reload [--data DIR]           re-read the site file of the running moat\n"
     "  moat stop [--data DIR]             stop the running moat gracefully\n"
+    "  moat health [--data DIR]           exit 0 when the running moat serves (healthchecks)\n"
     "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
     "  moat trust [--data DIR]            add the internal root to the system trust store\n"
     "  moat untrust [--data DIR]          remove it again\n"
     "  moat certs [--data DIR]            list certificates\n"
+    "  moat renew [NAME] [--force]        ask the running moat to renew ACME certificates now\n"
     "  moat version | moat help\n"
     "\n"
     "Options of run:\n"
@@ -41,6 +45,12 @@ static const char usage_text[] =
     "  --grace SECONDS      time requests in flight get to finish on stop (default 30)\n"
     "  --access-log FILE    access log, one JSON line per request (default stdout, - too)\n"
     "  --log-level LEVEL    debug, info, warn or error (default info)\n"
+    "  --email ADDR         ACME account contact (a site's email= overrides it)\n"
+    "  --acme-ca URL        ACME directory (default Let's Encrypt production)\n"
+    "  --acme-ca-root PEM   extra trust anchor for the ACME directory's HTTPS\n"
+    "  --acme-staging       use Let's Encrypt's staging CA\n"
+    "  --user NAME          started as root: run as NAME once the ports are bound (default\n"
+    "                       moat, when that user exists)\n"
     "\n"
     "A site file has one site per line: ADDRESS[,ADDRESS...] UPSTREAM[,UPSTREAM...] "
     "[key=value ...]\n"
@@ -52,6 +62,9 @@ typedef struct {
     const char *data;
     const char *listen;
     const char *access_log;
+    const char *email, *acme_ca, *acme_ca_root;
+    int acme_staging, force;
+    const char *user;
     int http_port, https_port, workers;
     uint64_t grace_ms;
     int npos;
@@ -81,6 +94,10 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             c->help = 1;
             continue;
         }
+        if (strcmp(a, "--acme-staging") == 0 || strcmp(a, "--force") == 0) {
+            *(a[2] == 'a' ? &c->acme_staging : &c->force) = 1;
+            continue;
+        }
         if (strncmp(a, "--", 2) != 0) {
             if (c->npos == (int)MOAT_ARRAY_LEN(c->pos)) {
                 fprintf(stderr, "moat: too many arguments\n");
@@ -103,6 +120,14 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             c->listen = v;
         } else if (strcmp(a, "--access-log") == 0) {
             c->access_log = v;
+        } else if (strcmp(a, "--email") == 0) {
+            c->email = v;
+        } else if (strcmp(a, "--acme-ca") == 0) {
+            c->acme_ca = v;
+        } else if (strcmp(a, "--acme-ca-root") == 0) {
+            c->acme_ca_root = v;
+        } else if (strcmp(a, "--user") == 0) {
+            c->user = v;
         } else if (strcmp(a, "--http-port") == 0) {
             if (parse_int(a, v, 1, 65535, &c->http_port))
                 return -1;
@@ -165,6 +190,10 @@ static int cmd_run(cli_t *c)
         .https_port = c->https_port ? c->https_port : 443,
         .workers = c->workers,
         .grace_ms = c->grace_ms,
+        .email = c->email,
+        .acme_ca = c->acme_ca,
+        .acme_ca_root = c->acme_ca_root,
+        .acme_staging = c->acme_staging,
     };
     if (c->npos > 0) {
         if (c->config) {
@@ -180,6 +209,7 @@ static int cmd_run(cli_t *c)
             o.site_argv = default_site;
         }
     }
+    moat_system_set_user(c->user);
     if (o.workers == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         o.workers = n > 0 ? (int)MOAT_MIN(n, 64) : 1;
@@ -233,6 +263,23 @@ static pid_t read_pid(const char *dir)
     return pid;
 }
 
+/* Whether pid still runs: a zombie (exited, not yet reaped by its parent) does not. */
+static int process_alive(pid_t pid)
+{
+    if (kill(pid, 0) != 0)
+        return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *paren = strrchr(buf, ')');
+    return !(paren && paren[1] == ' ' && paren[2] == 'Z');
+}
+
 static int cmd_signal(cli_t *c, int sig)
 {
     pid_t pid = read_pid(data_dir(c));
@@ -249,7 +296,7 @@ static int cmd_signal(cli_t *c, int sig)
     }
     /* Wait for the stop to finish (the grace period plus a margin). */
     for (int i = 0; i < 400; i++) {
-        if (kill(pid, 0) != 0) {
+        if (!process_alive(pid)) {
             printf("moat: process %d stopped\n", (int)pid);
             return 0;
         }
@@ -258,6 +305,34 @@ static int cmd_signal(cli_t *c, int sig)
     }
     fprintf(stderr, "moat: process %d is still running after 40 s\n", (int)pid);
     return 1;
+}
+
+/* `moat renew [NAME] [--force]`: leave the request in the data folder and signal the running
+ * moat (see MOAT_ACME_RENEW_REQUEST). */
+static int cmd_renew(cli_t *c)
+{
+    const char *dir = data_dir(c);
+    pid_t pid = read_pid(dir);
+    if (pid < 0)
+        return 1;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, MOAT_ACME_RENEW_REQUEST);
+    FILE *f = fopen(path, "w");
+    if (f == NULL ||
+        fprintf(f, "%s\n%s\n", c->npos > 0 ? c->pos[0] : "*", c->force ? "force" : "normal") < 0) {
+        fprintf(stderr, "moat: cannot write %s: %s\n", path, strerror(errno));
+        if (f)
+            fclose(f);
+        return 1;
+    }
+    fclose(f);
+    if (kill(pid, SIGUSR1) != 0) {
+        fprintf(stderr, "moat: cannot signal process %d: %s\n", (int)pid, strerror(errno));
+        return 1;
+    }
+    printf("moat: asked process %d to renew %s%s; its log says what happens\n", (int)pid,
+           c->npos > 0 ? c->pos[0] : "all ACME certificates", c->force ? " (forced)" : "");
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -294,12 +369,16 @@ int main(int argc, char **argv)
         return cmd_signal(&c, SIGHUP);
     if (strcmp(cmd, "stop") == 0)
         return cmd_signal(&c, SIGTERM);
+    if (strcmp(cmd, "health") == 0)
+        return moat_system_health(data_dir(&c), 3000);
     if (strcmp(cmd, "ca-root") == 0)
         return moat_cmd_ca_root(data_dir(&c));
     if (strcmp(cmd, "trust") == 0)
         return moat_cmd_trust(data_dir(&c), 1);
     if (strcmp(cmd, "untrust") == 0)
         return moat_cmd_trust(data_dir(&c), 0);
+    if (strcmp(cmd, "renew") == 0)
+        return cmd_renew(&c);
     if (strcmp(cmd, "certs") == 0)
         return moat_cmd_certs(data_dir(&c));
     fprintf(stderr, "moat: unknown command '%s'\n\n%s", cmd, usage_text);
