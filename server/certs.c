@@ -537,24 +537,6 @@ static int64_t renew_at(int64_t nb, int64_t na)
     return nb + (na - nb) * 2 / 3;
 }
 
-/* Public names would get ACME certificates; until the ACME client exists they get internal
- * ones, which browsers will not trust. Say so once per process, not at every renewal check. */
-static void warn_public_names(const moat_site_t *s, const char *const *names, size_t n)
-{
-    static atomic_int warned;
-    if (s->tls == MOAT_TLS_INTERNAL)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        if (!moat_host_is_internal(names[i])) {
-            if (atomic_exchange(&warned, 1) == 0)
-                MOAT_WARN("%s: ACME is not available yet; using a certificate from the internal "
-                          "CA, which browsers trust only after `moat trust`",
-                          names[i]);
-            return;
-        }
-    }
-}
-
 static int site_files(moat_storage_t *st, const moat_site_t *s, const char *const *names, size_t n,
                       moat_certs_builder_t *b, int64_t *next, char *err, size_t errlen)
 {
@@ -624,11 +606,11 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
                          const char *const *names, size_t n, moat_certs_builder_t *b, int64_t *next,
                          char *err, size_t errlen)
 {
+    (void)s;
     if (ca == NULL) {
         set_err(err, errlen, "%s: no internal CA is available to issue a certificate", names[0]);
         return MOAT_EINVAL;
     }
-    warn_public_names(s, names, n);
     const char **sorted = moat_xcalloc(n, sizeof *sorted);
     memcpy(sorted, names, n * sizeof *sorted);
     qsort(sorted, n, sizeof *sorted, str_cmp);
@@ -715,6 +697,62 @@ out:
     return rc;
 }
 
+int moat_certs_site_uses_acme(const moat_site_t *s, const char *name)
+{
+    if (s->tls == MOAT_TLS_ACME)
+        return 1;
+    return s->tls == MOAT_TLS_AUTO && !moat_host_is_internal(name);
+}
+
+size_t moat_certs_site_acme_names(const moat_site_t *s, const char ***out)
+{
+    const char **all;
+    size_t n = site_names(s, &all), k = 0;
+    if (s->tls != MOAT_TLS_FILES)
+        for (size_t i = 0; i < n; i++)
+            if (moat_certs_site_uses_acme(s, all[i]))
+                all[k++] = all[i];
+    *out = all;
+    return k;
+}
+
+char *moat_certs_acme_id(const char *const *names, size_t n)
+{
+    const char **sorted = moat_xcalloc(n ? n : 1, sizeof *sorted);
+    memcpy(sorted, names, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, str_cmp);
+    char *id = join(sorted, n, "acme:");
+    free(sorted);
+    return id;
+}
+
+/* A stored ACME certificate serves until it expires; renewing it is the ACME manager's job.
+ * Without one the names are pending: they get no certificate, so their handshakes are refused
+ * rather than answered with a stand-in that would teach users to click through warnings. */
+static void site_acme(moat_storage_t *st, const char *const *names, size_t n,
+                      moat_certs_builder_t *b, int64_t *next)
+{
+    char *id = moat_certs_acme_id(names, n);
+    moat_cert_record_t rec;
+    int64_t now = (int64_t)time(NULL);
+    int rc = st->ops->get_cert(st, id, &rec);
+    if (rc == 0 && rec.cert_pem && rec.key_pem && now < rec.not_after) {
+        char err[256] = "";
+        if (moat_certs_builder_add(b, id, names, n, rec.cert_pem, rec.key_pem, err, sizeof err) ==
+            0)
+            *next = MOAT_MIN(*next, rec.not_after);
+        else
+            MOAT_WARN("%s: the stored certificate cannot be used: %s", id, err);
+    } else {
+        MOAT_INFO("%s: certificate pending (ACME); HTTPS handshakes for %s%s are refused until "
+                  "it is issued",
+                  id, names[0], n > 1 ? " and its other names" : "");
+    }
+    if (rc == 0)
+        moat_cert_record_clear(&rec);
+    free(id);
+}
+
 int moat_certmgr_build(moat_storage_t *st, moat_ca_t *ca, const moat_config_t *cfg,
                        moat_certs_t **out, int64_t *next_check_unix, char *err, size_t errlen)
 {
@@ -728,11 +766,26 @@ int moat_certmgr_build(moat_storage_t *st, moat_ca_t *ca, const moat_config_t *c
         const moat_site_t *s = &cfg->sites[i];
         const char **names;
         size_t n = site_names(s, &names);
-        if (n > 0) {
-            if (s->tls == MOAT_TLS_FILES)
-                rc = site_files(st, s, names, n, b, &next, err, errlen);
-            else
-                rc = site_internal(st, ca, s, names, n, b, &next, err, errlen);
+        if (n > 0 && s->tls == MOAT_TLS_FILES) {
+            rc = site_files(st, s, names, n, b, &next, err, errlen);
+        } else if (n > 0) {
+            /* One site line may mix public and internal names: the public ones share an ACME
+             * certificate, the rest one from the internal CA. */
+            const char **acme = moat_xcalloc(n, sizeof *acme),
+                       **internal = moat_xcalloc(n, sizeof *acme);
+            size_t na = 0, ni = 0;
+            for (size_t k = 0; k < n; k++) {
+                if (moat_certs_site_uses_acme(s, names[k]))
+                    acme[na++] = names[k];
+                else
+                    internal[ni++] = names[k];
+            }
+            if (ni > 0)
+                rc = site_internal(st, ca, s, internal, ni, b, &next, err, errlen);
+            if (rc == 0 && na > 0)
+                site_acme(st, acme, na, b, &next);
+            free(acme);
+            free(internal);
         }
         free(names);
     }

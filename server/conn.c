@@ -1,5 +1,6 @@
 /* HTTP/1.1 client connections: the front end that parses requests (server/http1.c), answers
  * redirects and errors itself, and hands everything else to the proxy (server/proxy.c). */
+#include "moat/acme.h"
 #include "moat/h2conn.h"
 #include "moat/log.h"
 #include "moat/proxy.h"
@@ -61,6 +62,8 @@ struct moat_conn {
     char method[16];
     char host[256];
     char path[1024];
+    /* The client as a trusted proxy's X-Forwarded-For names it, or "". */
+    char remote[INET6_ADDRSTRLEN + 1];
     moat_buf_t scratch; /* response head being serialized */
     moat_h2conn_t *h2;  /* set when ALPN chose h2: every socket event goes there */
 };
@@ -184,7 +187,9 @@ static void access_log(moat_conn_t *c, const char *upstream, uint64_t upstream_m
     gmtime_r(&tv.tv_sec, &tm);
     size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(ts + n, sizeof ts - n, ".%03dZ", (int)(tv.tv_usec / 1000));
-    if (c->peer.ss_family == AF_INET)
+    if (c->remote[0])
+        snprintf(ip, sizeof ip, "%s", c->remote);
+    else if (c->peer.ss_family == AF_INET)
         inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, ip, sizeof ip);
     else if (c->peer.ss_family == AF_INET6)
         inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, ip, sizeof ip);
@@ -263,8 +268,7 @@ static void respond_error_and_close(moat_conn_t *c, int status)
     linger_close(c);
 }
 
-static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port,
-                             moat_slice_t target)
+static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port, moat_slice_t target)
 {
     /* Host without its port; the target without scheme and authority if absolute-form. */
     size_t hl = host.len;
@@ -280,8 +284,8 @@ static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port,
         const char *p = memchr(target.base, '/', target.len);
         if (p && p + 1 < target.base + target.len && p[1] == '/') {
             const char *q = memchr(p + 2, '/', (size_t)(target.base + target.len - (p + 2)));
-            target = q ? moat_slice(q, (size_t)(target.base + target.len - q))
-                       : MOAT_SLICE_LIT("/");
+            target =
+                q ? moat_slice(q, (size_t)(target.base + target.len - q)) : MOAT_SLICE_LIT("/");
         }
     }
     char port[16] = "";
@@ -449,8 +453,8 @@ static int redirect_port(const moat_runtime_t *rt, moat_slice_t host)
                 if (a->plain_http)
                     continue;
                 size_t hl = host.len;
-                const char *colon = host.len && host.base[0] != '[' ? memchr(host.base, ':', host.len)
-                                                                    : NULL;
+                const char *colon =
+                    host.len && host.base[0] != '[' ? memchr(host.base, ':', host.len) : NULL;
                 if (colon)
                     hl = (size_t)(colon - host.base);
                 moat_slice_t h = moat_slice(host.base, hl);
@@ -464,6 +468,37 @@ static int redirect_port(const moat_runtime_t *rt, moat_slice_t host)
     return 0;
 }
 
+/* Behind a trusted proxy (trusted_proxies=) the client is the last X-Forwarded-For hop, the
+ * one that proxy added; logs show it instead of the proxy. Only a valid IP is taken. */
+static void trusted_remote(moat_conn_t *c, const moat_http1_msg_t *m)
+{
+    int trusted = 0;
+    for (size_t i = 0; i < c->site->ntrusted && !trusted; i++)
+        trusted = moat_cidr_match(&c->site->trusted[i], (const struct sockaddr *)&c->peer);
+    moat_slice_t xff = {0};
+    for (size_t i = 0; trusted && i < m->nheaders; i++)
+        if (moat_slice_ieq(m->headers[i].name, "x-forwarded-for"))
+            xff = m->headers[i].value; /* the last field carries the last hop */
+    if (xff.len == 0)
+        return;
+    const char *end = xff.base + xff.len, *p = end;
+    while (p > xff.base && p[-1] != ',')
+        p--;
+    while (p < end && (*p == ' ' || *p == '\t'))
+        p++;
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    char ip[INET6_ADDRSTRLEN + 1];
+    unsigned char bin[sizeof(struct in6_addr)];
+    size_t n = (size_t)(end - p);
+    if (n == 0 || n >= sizeof ip)
+        return;
+    memcpy(ip, p, n);
+    ip[n] = 0;
+    if (inet_pton(AF_INET, ip, bin) == 1 || inet_pton(AF_INET6, ip, bin) == 1)
+        memcpy(c->remote, ip, n + 1);
+}
+
 /* A complete head is at the start of the input: answer it or start proxying it. */
 static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
 {
@@ -474,6 +509,7 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
     c->keep_alive = m->keep_alive;
     c->head_req = moat_slice_eq(m->method, "HEAD");
     c->status = 0;
+    c->remote[0] = 0;
     copy_field(c->method, sizeof c->method, m->method);
     copy_field(c->host, sizeof c->host, m->host);
     copy_field(c->path, sizeof c->path, m->target);
@@ -489,10 +525,30 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
         static const char acme_prefix[] = "/.well-known/acme-challenge/";
         if (m->target.len >= sizeof acme_prefix - 1 &&
             memcmp(m->target.base, acme_prefix, sizeof acme_prefix - 1) == 0) {
-            /* Hook for ACME HTTP-01 (a later part): until then, nothing to answer. */
+            /* ACME HTTP-01, answered before any redirect: the token table is tiny and
+             * read under a mutex (acme/challenge.c). */
+            const char *tok = m->target.base + sizeof acme_prefix - 1;
+            size_t tlen = m->target.len - (sizeof acme_prefix - 1);
+            const char *q = memchr(tok, '?', tlen);
+            char ka[512];
+            int kl = moat_acme_http01_get(tok, q ? (size_t)(q - tok) : tlen, ka, sizeof ka);
             moat_sock_consume(&c->sock, head_len);
             end_request(c);
-            respond_error_and_close(c, 404);
+            if (kl < 0) {
+                respond_error_and_close(c, 404);
+                return;
+            }
+            char head[160];
+            int hn = snprintf(head, sizeof head,
+                              "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                              "Content-Length: %d\r\nConnection: close\r\n\r\n",
+                              kl);
+            moat_slice_t v[2] = {moat_slice(head, (size_t)hn),
+                                 moat_slice(ka, c->head_req ? 0 : (size_t)kl)};
+            c->status = 200;
+            moat_sock_writev(&c->sock, v, 2);
+            access_log(c, "", 0);
+            linger_close(c);
             return;
         }
         int port = redirect_port(c->rt, m->host);
@@ -502,7 +558,8 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
             access_log(c, "", 0);
             end_request(c);
             /* A request body is not read: keep the connection only if there is none. */
-            if (m->body != MOAT_BODY_NONE && !(m->body == MOAT_BODY_LENGTH && m->content_length == 0))
+            if (m->body != MOAT_BODY_NONE &&
+                !(m->body == MOAT_BODY_LENGTH && m->content_length == 0))
                 linger_close(c);
             else if (!c->keep_alive)
                 linger_close(c);
@@ -519,6 +576,7 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
     c->site = site->site;
     c->keepalive_ms = site->site->keepalive_timeout_ms;
     c->max_body = site->site->max_body;
+    trusted_remote(c, m);
     if (c->max_body && m->body == MOAT_BODY_LENGTH && m->content_length > c->max_body) {
         /* Refused before a byte of the body is read. */
         end_request(c);

@@ -1,6 +1,7 @@
 /* The control thread (include/moat/control.h). It alone touches the disk and SQLite; the
  * workers see only immutable snapshots it publishes. */
 #include "moat/control.h"
+#include "moat/acme.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/config.h"
@@ -9,6 +10,7 @@
 #include "moat/runtime.h"
 #include "moat/server.h"
 #include "moat/storage.h"
+#include "moat/system.h"
 #include "moat/tls.h"
 
 #include <errno.h>
@@ -32,6 +34,8 @@ typedef struct {
     moat_server_opts_t server;
     char pid_path[4096];
     int stopping;
+    moat_acmemgr_t *acme;
+    uv_signal_t sigusr1; /* `moat renew` */
 } control_t;
 
 static moat_config_t *load_config(const moat_run_opts_t *o)
@@ -57,8 +61,8 @@ static moat_config_t *load_config(const moat_run_opts_t *o)
 
 /* Listening ports the config needs: each TLS address's port, each plain one's, and the HTTP
  * port for redirects when any TLS site exists. One port cannot be both. */
-static int plan_listeners(const moat_config_t *cfg, const moat_run_opts_t *o,
-                          moat_server_opts_t *s, char *err, size_t errlen)
+static int plan_listeners(const moat_config_t *cfg, const moat_run_opts_t *o, moat_server_opts_t *s,
+                          char *err, size_t errlen)
 {
     s->nlistens = 0;
     int any_tls = 0;
@@ -83,8 +87,7 @@ static int plan_listeners(const moat_config_t *cfg, const moat_run_opts_t *o,
                 continue;
             }
             if (s->nlistens == MOAT_MAX_LISTENERS) {
-                snprintf(err, errlen, "too many different ports (at most %d)",
-                         MOAT_MAX_LISTENERS);
+                snprintf(err, errlen, "too many different ports (at most %d)", MOAT_MAX_LISTENERS);
                 return MOAT_EINVAL;
             }
             s->listens[s->nlistens].port = port;
@@ -144,6 +147,17 @@ static void on_renew(uv_timer_t *t)
     moat_runtime_release(rt);
 }
 
+/* The ACME manager stored a certificate: rebuild the snapshot from the current config. */
+static void acme_republish(void *data)
+{
+    control_t *c = data;
+    moat_runtime_t *rt = moat_runtime_acquire();
+    if (rt != NULL) {
+        build_certs(c, rt->config);
+        moat_runtime_release(rt);
+    }
+}
+
 static void reload(control_t *c)
 {
     const moat_run_opts_t *o = c->opts;
@@ -183,19 +197,29 @@ static void reload(control_t *c)
         return;
     }
     moat_runtime_publish(rt);
+    if (c->acme)
+        moat_acmemgr_update(c->acme, rt->config);
     MOAT_INFO("reload: now serving %zu site(s) from %s", cfg->nsites, o->config_path);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
 {
     control_t *c = s->data;
+    if (signum == SIGUSR1) {
+        if (c->acme)
+            moat_acmemgr_renew_request(c->acme, c->opts->data_dir);
+        return;
+    }
     if (signum == SIGHUP) {
+        moat_system_reloading();
         reload(c);
+        moat_system_reloaded();
         return;
     }
     if (c->stopping)
         return;
     c->stopping = 1;
+    moat_system_stopping(c->opts->data_dir);
     MOAT_INFO("stopping: finishing requests in flight (up to %llu s)",
               (unsigned long long)(c->opts->grace_ms / 1000));
     uv_stop(c->loop);
@@ -212,8 +236,8 @@ static int write_pid_file(control_t *c)
     snprintf(c->pid_path, sizeof c->pid_path, "%s/%s", c->opts->data_dir, MOAT_PID_FILE);
     int fd = open(c->pid_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-        MOAT_WARN("cannot write %s: %s (moat reload/stop will not find this process)",
-                  c->pid_path, strerror(errno));
+        MOAT_WARN("cannot write %s: %s (moat reload/stop will not find this process)", c->pid_path,
+                  strerror(errno));
         c->pid_path[0] = 0;
         return -1;
     }
@@ -229,7 +253,7 @@ int moat_control_run(const moat_run_opts_t *o)
 {
     control_t c = {.opts = o};
     char err[1024] = "";
-    int code = 1;
+    int code = MOAT_EXIT_START; /* see system.h: 1 only for configuration errors */
     moat_runtime_t *rt = NULL;
     SSL_CTX *tls = NULL;
 
@@ -247,12 +271,12 @@ int moat_control_run(const moat_run_opts_t *o)
     if (o->access_log && moat_access_log_open(o->access_log) != 0) {
         MOAT_ERROR("cannot open the access log %s: %s", o->access_log, strerror(errno));
         moat_config_free(cfg);
-        return 1;
+        return MOAT_EXIT_START;
     }
     if (moat_storage_open_sqlite(o->data_dir, &c.storage, err, sizeof err) != 0) {
         MOAT_ERROR("%s", err);
         moat_config_free(cfg);
-        return 1;
+        return MOAT_EXIT_START;
     }
     if (moat_ca_open(c.storage, &c.ca, err, sizeof err) != 0) {
         MOAT_ERROR("internal CA: %s", err);
@@ -284,6 +308,13 @@ int moat_control_run(const moat_run_opts_t *o)
         MOAT_ERROR("%s", err);
         goto out;
     }
+    /* Ports bound and the database open: root is no longer needed. */
+    int dropped = moat_system_drop_privileges(o->data_dir, err, sizeof err);
+    if (dropped != 0) {
+        MOAT_ERROR("%s", err);
+        code = dropped == MOAT_ENOT_FOUND ? MOAT_EXIT_CONFIG : MOAT_EXIT_START;
+        goto out;
+    }
     write_pid_file(&c);
     uv_signal_init(c.loop, &c.sighup);
     uv_signal_init(c.loop, &c.sigterm);
@@ -307,7 +338,21 @@ int moat_control_run(const moat_run_opts_t *o)
                   a->host, v6 ? "]" : "", moat_runtime_addr_port(rt, a),
                   rt->sites[i].upstreams[0].label);
     }
+    moat_acmemgr_opts_t ao = {.email = o->email,
+                              .ca_url = o->acme_ca,
+                              .ca_root = o->acme_ca_root,
+                              .staging = o->acme_staging};
+    c.acme = moat_acmemgr_new(c.loop, c.storage, &ao, acme_republish, &c, err, sizeof err);
+    if (c.acme == NULL) {
+        MOAT_ERROR("ACME: %s", err);
+        goto out;
+    }
+    moat_acmemgr_update(c.acme, rt->config);
+    uv_signal_init(c.loop, &c.sigusr1);
+    c.sigusr1.data = &c;
+    uv_signal_start(&c.sigusr1, on_signal, SIGUSR1);
     MOAT_INFO("moat %s ready with %d worker(s)", MOAT_VERSION, o->workers);
+    moat_system_ready(o->data_dir, &c.server);
     uv_run(c.loop, UV_RUN_DEFAULT);
     moat_workers_stop();
     code = 0;
@@ -316,6 +361,10 @@ out:
     moat_listen_close_all(&c.server);
     if (c.pid_path[0])
         unlink(c.pid_path);
+    if (c.acme) {
+        moat_acmemgr_free(c.acme);
+        uv_close((uv_handle_t *)&c.sigusr1, NULL);
+    }
     if (c.loop) {
         uv_close((uv_handle_t *)&c.renew_timer, NULL);
         uv_close((uv_handle_t *)&c.ticket_timer, NULL);

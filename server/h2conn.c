@@ -1,40 +1,781 @@
-/* HTTP/2 connections: not yet (part 3). ALPN offers only http/1.1 until this file does the
- * real work, so moat_h2conn_new is never reached. */
+/* HTTP/2 connections: the glue between a TLS socket, the sans-I/O session (http2/session.c)
+ * and the proxy. Every stream is a front end of its own (moat_front_ops_t), exactly like an
+ * HTTP/1.1 connection, so the proxy's timeouts, headers, streaming and errors apply as is. */
 #include "moat/h2conn.h"
-#include "moat/common.h"
+#include "moat/h2.h"
+#include "moat/log.h"
+#include "moat/proxy.h"
+#include "moat/runtime.h"
+#include "moat/tls.h"
+#include "moat/worker.h"
+
+#include <arpa/inet.h>
+#include <openssl/base64.h>
+#include <openssl/rand.h>
+#include <stdlib.h>
+#include <sys/time.h>
+#include <time.h>
+
+/* Above this many bytes in the socket's output queue, no more frames are produced (and the
+ * client is not read) until it drains: the per-stream queues then fill and the proxy pauses
+ * the upstreams. */
+#define SOCK_HIGH_WATER (256 * 1024)
+/* Frames smaller than this are gathered into one write (one TLS record). */
+#define GATHER_MAX               4096
+#define FIRST_REQUEST_TIMEOUT_MS 30000
+#define DEFAULT_KEEPALIVE_MS     300000
+/* After the last GOAWAY, how long the queued bytes get to leave before the close. */
+#define CLOSE_FLUSH_MS 5000
+
+typedef struct stream stream_t;
+
+struct stream {
+    moat_h2conn_t *c;
+    int32_t id;
+    stream_t *next, *prev;
+    moat_exchange_t *x;
+    moat_runtime_t *rt;
+    uint64_t t_start, bytes_in, bytes_out, body_seen, max_body;
+    size_t held; /* request bytes given to the proxy but not yet to flow control (paused) */
+    int status;
+    unsigned ws : 1;         /* RFC 8441 websocket */
+    unsigned tunnel : 1;     /* after the upstream's 101 */
+    unsigned paused : 1;     /* the proxy paused the request body */
+    unsigned want_drain : 1; /* queued() said "above the high-water mark" */
+    unsigned responded : 1;
+    unsigned logged : 1;
+    char method[16];
+    char host[256];
+    char path[1024];
+};
+
+struct moat_h2conn {
+    moat_worker_t *w;
+    moat_sock_t *sock;
+    struct sockaddr_storage peer;
+    int port;
+    const moat_h2conn_owner_t *owner;
+    void *owner_data;
+    moat_h2_t *h2;
+    uv_timer_t timer;
+    uv_idle_t idle; /* output produced outside a socket callback is flushed on the next turn */
+    int open_handles;
+    int depth; /* nesting of entry points: the owner is told to close only at depth 0 */
+    stream_t *streams;
+    moat_buf_t wbuf;
+    uint64_t keepalive_ms;
+    uint64_t timer_ms; /* what the timer is armed for, 0 when stopped */
+    unsigned freed : 1;
+    unsigned want_close : 1;
+    unsigned close_called : 1;
+    unsigned close_after_flush : 1;
+    unsigned blocked : 1;
+    unsigned shutting : 1;
+    unsigned seen_stream : 1;
+    unsigned scheduled : 1;
+    unsigned input_pending : 1;
+    unsigned why_logged : 1;
+};
+
+static const moat_front_ops_t front_ops;
+static void flush(moat_h2conn_t *c);
+
+/* ---- entry points and lifetime ---- */
+
+static void enter(moat_h2conn_t *c)
+{
+    c->depth++;
+}
+
+/* Leave an entry point; c may be freed on return. */
+static void leave(moat_h2conn_t *c)
+{
+    if (--c->depth == 0 && c->want_close && !c->close_called && !c->freed) {
+        c->close_called = 1;
+        c->owner->close(c->owner_data);
+    }
+}
+
+static void handle_closed(uv_handle_t *hd)
+{
+    moat_h2conn_t *c = hd->data;
+    if (--c->open_handles == 0)
+        free(c);
+}
+
+static void schedule(moat_h2conn_t *c);
+
+static void idle_cb(uv_idle_t *i)
+{
+    moat_h2conn_t *c = i->data;
+    uv_idle_stop(i);
+    c->scheduled = 0;
+    if (c->freed || c->close_called)
+        return;
+    enter(c);
+    if (c->input_pending) {
+        c->input_pending = 0;
+        moat_h2conn_on_read(c);
+    }
+    flush(c);
+    leave(c);
+}
+
+/* Output produced from a proxy callback (an upstream event) leaves on the next loop turn;
+ * inside an entry point the final flush takes care of it. */
+static void schedule(moat_h2conn_t *c)
+{
+    if (c->depth > 0 || c->scheduled || c->freed)
+        return;
+    c->scheduled = 1;
+    uv_idle_start(&c->idle, idle_cb);
+}
+
+/* ---- access log ---- */
+
+static size_t json_str(char *dst, size_t cap, const char *s)
+{
+    size_t o = 0;
+    for (; *s && o + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            dst[o++] = '\\';
+            dst[o++] = (char)ch;
+        } else if (ch < 0x20 || ch >= 0x7f) {
+            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
+        } else {
+            dst[o++] = (char)ch;
+        }
+    }
+    dst[o] = 0;
+    return o;
+}
+
+static void access_log(stream_t *st, const char *upstream, uint64_t upstream_ms)
+{
+    if (st->logged)
+        return;
+    st->logged = 1;
+    moat_h2conn_t *c = st->c;
+    char line[4096], ts[40], ip[INET6_ADDRSTRLEN + 1] = "";
+    char host[600], path[2100], method[40];
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    struct tm tm;
+    gmtime_r(&tv.tv_sec, &tm);
+    size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(ts + n, sizeof ts - n, ".%03dZ", (int)(tv.tv_usec / 1000));
+    if (c->peer.ss_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, ip, sizeof ip);
+    else if (c->peer.ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, ip, sizeof ip);
+    json_str(host, sizeof host, st->host);
+    json_str(path, sizeof path, st->path);
+    json_str(method, sizeof method, st->method);
+    int len = snprintf(line, sizeof line,
+                       "{\"time\":\"%s\",\"remote\":\"%s\",\"host\":\"%s\",\"method\":\"%s\","
+                       "\"path\":\"%s\",\"proto\":\"HTTP/2\",\"tls\":true,\"status\":%d,"
+                       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%llu,"
+                       "\"upstream\":\"%s\",\"upstream_ms\":%llu}\n",
+                       ts, ip, host, method, path, st->status, (unsigned long long)st->bytes_in,
+                       (unsigned long long)st->bytes_out,
+                       (unsigned long long)(moat_now_ms() - st->t_start), upstream ? upstream : "",
+                       (unsigned long long)upstream_ms);
+    if (len > 0)
+        moat_access_log_line(line, MOAT_MIN((size_t)len, sizeof line - 1));
+}
+
+/* ---- streams ---- */
+
+static void release_rt(stream_t *st)
+{
+    if (st->rt != NULL) {
+        moat_runtime_release(st->rt);
+        st->rt = NULL;
+    }
+}
+
+static void abort_exchange(stream_t *st)
+{
+    if (st->x != NULL) {
+        moat_proxy_abort(st->x);
+        st->x = NULL;
+    }
+    release_rt(st);
+}
+
+static void stream_free(stream_t *st)
+{
+    moat_h2conn_t *c = st->c;
+    if (st->prev)
+        st->prev->next = st->next;
+    else
+        c->streams = st->next;
+    if (st->next)
+        st->next->prev = st->prev;
+    free(st);
+}
+
+/* A response moat writes itself (no proxy behind it). */
+static void respond_page(stream_t *st, int status)
+{
+    const char *reason, *body;
+    moat_proxy_error_page(status, &reason, &body);
+    moat_header_t h[2] = {
+        {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
+        {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
+    };
+    size_t len = strlen(body);
+    moat_h2_t *h2 = st->c->h2;
+    st->status = status;
+    st->responded = 1;
+    if (status == 413)
+        moat_h2_drain_body(h2, st->id); /* so curl shows the 413; the body is dropped */
+    if (moat_h2_respond(h2, st->id, status, h, 2, (int64_t)len, 1) != 0 ||
+        moat_h2_send_data(h2, st->id, moat_slice(body, len)) != 0 ||
+        moat_h2_send_end(h2, st->id) != 0)
+        moat_h2_reset(h2, st->id, MOAT_H2_INTERNAL_ERROR);
+    st->bytes_out += len;
+    access_log(st, "", 0);
+    release_rt(st);
+}
+
+static void copy_field(char *dst, size_t cap, moat_slice_t s)
+{
+    size_t n = MOAT_MIN(s.len, cap - 1);
+    if (n)
+        memcpy(dst, s.base, n);
+    dst[n] = 0;
+}
+
+static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
+{
+    moat_h2conn_t *c = ud;
+    stream_t *st = calloc(1, sizeof *st);
+    if (st == NULL) {
+        moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
+        return NULL;
+    }
+    st->c = c;
+    st->id = id;
+    st->next = c->streams;
+    if (c->streams)
+        c->streams->prev = st;
+    c->streams = st;
+    c->seen_stream = 1;
+    st->t_start = moat_now_ms();
+    st->bytes_in = req->head_bytes;
+    copy_field(st->method, sizeof st->method, req->method);
+    copy_field(st->host, sizeof st->host, req->authority);
+    copy_field(st->path, sizeof st->path, req->path);
+
+    if (req->authority.len == 0) {
+        respond_page(st, 400);
+        return st;
+    }
+    st->rt = moat_runtime_acquire();
+    const moat_site_rt_t *site = moat_runtime_find_site(st->rt, req->authority, c->port, 1);
+    if (site == NULL) {
+        respond_page(st, 404);
+        return st;
+    }
+    c->keepalive_ms = site->site->keepalive_timeout_ms;
+    st->max_body = site->site->max_body;
+    int connect = moat_slice_eq(req->method, "CONNECT");
+    if (connect) {
+        /* Only RFC 8441 websockets: moat is not a forward proxy. */
+        if (!moat_slice_eq(req->protocol, "websocket") || !site->site->h2_websocket) {
+            respond_page(st, 501);
+            return st;
+        }
+        st->ws = 1;
+    }
+    if (st->max_body && req->content_length >= 0 && (uint64_t)req->content_length > st->max_body) {
+        respond_page(st, 413); /* refused before a byte of the body is read */
+        return st;
+    }
+    moat_request_t r = {
+        .method = st->ws ? MOAT_SLICE_LIT("GET") : req->method,
+        .target = req->path,
+        .authority = req->authority,
+        .headers = req->headers,
+        .nheaders = req->nheaders,
+        .h1 = NULL, /* the proxy drops its fixed hop-by-hop list */
+        .content_length = req->content_length > 0 ? (uint64_t)req->content_length : 0,
+        .upgrade = st->ws,
+        .tls = 1,
+        .peer = (const struct sockaddr *)&c->peer,
+    };
+    if (req->end_stream || st->ws || req->content_length == 0)
+        r.body = MOAT_REQ_BODY_NONE;
+    else if (req->content_length > 0)
+        r.body = MOAT_REQ_BODY_LENGTH;
+    else
+        r.body = MOAT_REQ_BODY_STREAM;
+    moat_header_t *ws_headers = NULL;
+    char key[32];
+    if (st->ws) {
+        /* The upstream speaks HTTP/1.1 and needs an Upgrade with a Sec-WebSocket-Key; the
+         * client sent none on HTTP/2 (RFC 8441 §5), so moat makes one. Its Accept answer is
+         * dropped on the way back. Version, Extensions and Protocol pass through. */
+        uint8_t raw[16];
+        RAND_bytes(raw, sizeof raw);
+        EVP_EncodeBlock((uint8_t *)key, raw, sizeof raw);
+        ws_headers = malloc((req->nheaders + 2) * sizeof *ws_headers);
+        if (ws_headers == NULL) {
+            release_rt(st);
+            moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
+            return st;
+        }
+        size_t n = 0;
+        for (size_t i = 0; i < req->nheaders; i++)
+            if (!moat_slice_ieq(req->headers[i].name, "sec-websocket-key"))
+                ws_headers[n++] = req->headers[i];
+        ws_headers[n++] = (moat_header_t){MOAT_SLICE_LIT("upgrade"), MOAT_SLICE_LIT("websocket")};
+        ws_headers[n++] = (moat_header_t){MOAT_SLICE_LIT("sec-websocket-key"), moat_slice_str(key)};
+        r.headers = ws_headers;
+        r.nheaders = n;
+    }
+    st->x = (moat_exchange_t *)1; /* the proxy may finish synchronously: see fo_done */
+    moat_exchange_t *x = moat_proxy_start(c->w, st->rt, site, &r, &front_ops, st);
+    free(ws_headers);
+    if (x == NULL)
+        st->x = NULL; /* fo_done already ran (the 502 page) */
+    else if (st->x == (moat_exchange_t *)1)
+        st->x = x;
+    return st;
+}
+
+static void s_on_data(void *ud, void *stream, int32_t id, moat_slice_t data)
+{
+    moat_h2conn_t *c = ud;
+    stream_t *st = stream;
+    if (st == NULL || st->x == NULL || (st->ws && !st->tunnel)) {
+        /* Nobody takes these bytes: give the window back, drop them. */
+        if (st)
+            st->bytes_in += data.len;
+        moat_h2_consume(c->h2, id, data.len);
+        return;
+    }
+    st->bytes_in += data.len;
+    int r;
+    if (st->tunnel) {
+        r = moat_proxy_tunnel_write(st->x, data);
+    } else {
+        st->body_seen += data.len;
+        if (st->max_body && st->body_seen > st->max_body) {
+            /* A body without content-length grew past max_body: the upstream gets a cut
+             * request and the client a 413 if nothing was answered yet. */
+            abort_exchange(st);
+            moat_h2_consume(c->h2, id, data.len);
+            if (!st->responded)
+                respond_page(st, 413);
+            else
+                moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
+            return;
+        }
+        r = moat_proxy_body(st->x, data);
+    }
+    if (r != 0) {
+        abort_exchange(st);
+        moat_h2_consume(c->h2, id, data.len);
+        moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
+        return;
+    }
+    /* The stream window opens again only as fast as the upstream takes the bytes. */
+    if (st->paused)
+        st->held += data.len;
+    else
+        moat_h2_consume(c->h2, id, data.len);
+}
+
+static void s_on_end(void *ud, void *stream, int32_t id)
+{
+    (void)ud, (void)id;
+    stream_t *st = stream;
+    if (st == NULL || st->x == NULL)
+        return;
+    if (st->tunnel)
+        moat_proxy_tunnel_client_eof(st->x); /* may complete the exchange (fo_done) */
+    else if (!st->ws)
+        moat_proxy_body_end(st->x);
+}
+
+static void s_on_close(void *ud, void *stream, int32_t id, uint32_t code)
+{
+    (void)ud, (void)id;
+    stream_t *st = stream;
+    if (st == NULL)
+        return;
+    if (st->x != NULL) {
+        /* The client reset the stream (or the connection failed) mid-exchange. */
+        abort_exchange(st);
+        if (!st->status)
+            st->status = 499;
+        MOAT_DEBUG("h2 stream %d closed with error %u before the response ended", (int)id, code);
+    }
+    release_rt(st);
+    access_log(st, "", 0);
+    stream_free(st);
+}
+
+static const moat_h2_cb_t session_cb = {
+    .on_request = s_on_request,
+    .on_data = s_on_data,
+    .on_end = s_on_end,
+    .on_close = s_on_close,
+};
+
+/* ---- the front-end ops the proxy calls ---- */
+
+static int fo_send_head(void *front, int status, const moat_header_t *h, size_t n,
+                        int64_t content_length, int has_body)
+{
+    stream_t *st = front;
+    moat_header_t hdrs[128];
+    if (st->ws && status == 101) {
+        /* RFC 8441: the switch is a 200 on the stream; the HTTP/1.1 handshake fields stay
+         * behind (upgrade and connection are dropped by the session as HTTP/2-forbidden). */
+        size_t k = 0;
+        for (size_t i = 0; i < n && k < MOAT_ARRAY_LEN(hdrs); i++)
+            if (!moat_slice_ieq(h[i].name, "sec-websocket-accept"))
+                hdrs[k++] = h[i];
+        h = hdrs;
+        n = k;
+        status = 200;
+        has_body = 1;
+        content_length = -1;
+    }
+    st->status = status;
+    st->responded = 1;
+    int r = moat_h2_respond(st->c->h2, st->id, status, h, n, content_length, has_body);
+    schedule(st->c);
+    return r;
+}
+
+static int fo_send_data(void *front, moat_slice_t data)
+{
+    stream_t *st = front;
+    st->bytes_out += data.len;
+    int r = moat_h2_send_data(st->c->h2, st->id, data);
+    schedule(st->c);
+    return r;
+}
+
+static int fo_send_end(void *front)
+{
+    stream_t *st = front;
+    int r = moat_h2_send_end(st->c->h2, st->id);
+    schedule(st->c);
+    return r;
+}
+
+static size_t fo_queued(void *front)
+{
+    stream_t *st = front;
+    size_t q = moat_h2_stream_queued(st->c->h2, st->id);
+    if (q > MOAT_PROXY_HIGH_WATER)
+        st->want_drain = 1;
+    return q;
+}
+
+static void fo_pause_body(void *front, int pause)
+{
+    stream_t *st = front;
+    st->paused = pause != 0;
+    if (!pause && st->held) {
+        moat_h2_consume(st->c->h2, st->id, st->held);
+        st->held = 0;
+        schedule(st->c);
+    }
+}
+
+static void fo_upgraded(void *front)
+{
+    stream_t *st = front;
+    st->tunnel = 1;
+}
+
+static void fo_done(void *front, int err, const moat_exchange_result_t *res)
+{
+    stream_t *st = front;
+    moat_h2conn_t *c = st->c;
+    st->x = NULL;
+    if (res->status && !(st->ws && res->status == 101))
+        st->status = res->status;
+    access_log(st, res->upstream, res->upstream_ms);
+    release_rt(st);
+    if (err != 0) {
+        /* The response was cut: the client must see a reset, not a short body that looks
+         * whole. */
+        moat_h2_reset(c->h2, st->id, MOAT_H2_INTERNAL_ERROR);
+    } else if (st->held) {
+        moat_h2_consume(c->h2, st->id, st->held);
+        st->held = 0;
+    }
+    schedule(c);
+}
+
+static const moat_front_ops_t front_ops = {
+    .send_head = fo_send_head,
+    .send_data = fo_send_data,
+    .send_end = fo_send_end,
+    .queued = fo_queued,
+    .pause_body = fo_pause_body,
+    .upgraded = fo_upgraded,
+    .done = fo_done,
+};
+
+/* ---- output ---- */
+
+static int write_out(moat_h2conn_t *c, moat_slice_t s)
+{
+    if (moat_sock_write(c->sock, s.base, s.len) != 0) {
+        c->want_close = 1;
+        return -1;
+    }
+    return 0;
+}
+
+static int write_wbuf(moat_h2conn_t *c)
+{
+    if (moat_buf_size(&c->wbuf) == 0)
+        return 0;
+    int r = write_out(c, moat_slice(moat_buf_data(&c->wbuf), moat_buf_size(&c->wbuf)));
+    moat_buf_reset(&c->wbuf);
+    return r;
+}
+
+static void timer_cb(uv_timer_t *t);
+
+static void arm_timer(moat_h2conn_t *c, uint64_t ms)
+{
+    if (c->timer_ms == ms)
+        return;
+    c->timer_ms = ms;
+    if (ms)
+        uv_timer_start(&c->timer, timer_cb, ms, 0);
+    else
+        uv_timer_stop(&c->timer);
+}
+
+/* Run the session's output into the socket until it has nothing more or the socket's queue
+ * is full; wake paused upstreams whose stream queues drained; decide about closing. */
+static void flush(moat_h2conn_t *c)
+{
+    if (c->freed || c->want_close)
+        return;
+    for (int round = 0; round < 64; round++) {
+        for (;;) {
+            if (moat_sock_queued(c->sock) > SOCK_HIGH_WATER) {
+                /* Wait for on_drain; stop reading too, so a client that does not read
+                 * cannot make us queue answers (PING/SETTINGS ACKs) without bound. */
+                c->blocked = 1;
+                moat_sock_read_stop(c->sock);
+                break;
+            }
+            moat_slice_t out;
+            if (moat_h2_send(c->h2, &out) != 0) {
+                c->want_close = 1;
+                return;
+            }
+            if (out.len == 0)
+                break;
+            if (out.len >= GATHER_MAX) {
+                if (write_wbuf(c) != 0 || write_out(c, out) != 0)
+                    return;
+            } else {
+                if (moat_buf_size(&c->wbuf) + out.len > 16384 && write_wbuf(c) != 0)
+                    return;
+                if (moat_buf_append(&c->wbuf, out.base, out.len) != 0) {
+                    c->want_close = 1;
+                    return;
+                }
+            }
+        }
+        if (write_wbuf(c) != 0)
+            return;
+        /* Streams whose queue fell well below the mark get their upstream read again. Their
+         * new bytes are framed in the next round. */
+        int woke = 0;
+        for (stream_t *st = c->streams, *next; st != NULL; st = next) {
+            next = st->next;
+            if (st->want_drain && st->x != NULL &&
+                moat_h2_stream_queued(c->h2, st->id) <= MOAT_PROXY_HIGH_WATER / 2) {
+                st->want_drain = 0;
+                moat_proxy_front_drained(st->x);
+                woke = 1;
+            }
+        }
+        if (!woke)
+            break;
+    }
+    if (moat_h2_open_streams(c->h2) == 0 && moat_buf_size(&c->wbuf) == 0)
+        moat_buf_free(&c->wbuf);
+    int over = !moat_h2_want_read(c->h2) && !moat_h2_want_write(c->h2);
+    if (c->shutting && moat_h2_open_streams(c->h2) == 0 && !moat_h2_want_write(c->h2))
+        over = 1;
+    if (over)
+        c->close_after_flush = 1;
+    if (c->close_after_flush) {
+        if (moat_sock_queued(c->sock) == 0)
+            c->want_close = 1;
+        else
+            arm_timer(c, CLOSE_FLUSH_MS);
+        return;
+    }
+    if (moat_h2_open_streams(c->h2) == 0)
+        arm_timer(c, c->seen_stream ? c->keepalive_ms : FIRST_REQUEST_TIMEOUT_MS);
+    else
+        arm_timer(c, 0);
+}
+
+static void timer_cb(uv_timer_t *t)
+{
+    moat_h2conn_t *c = t->data;
+    c->timer_ms = 0;
+    if (c->freed)
+        return;
+    enter(c);
+    if (c->close_after_flush) {
+        c->want_close = 1; /* the client is not reading its last frames */
+    } else if (moat_h2_open_streams(c->h2) == 0) {
+        MOAT_DEBUG("h2 connection idle: GOAWAY");
+        moat_h2_terminate(c->h2, MOAT_H2_NO_ERROR, "idle");
+        c->close_after_flush = 1;
+        flush(c);
+    }
+    leave(c);
+}
+
+/* ---- public ---- */
 
 void moat_h2conn_init_alpn(void)
 {
+    static const char *const protos[] = {"h2", "http/1.1"};
+    moat_tls_set_alpn(protos, MOAT_ARRAY_LEN(protos));
 }
 
 moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct sockaddr *peer,
                                int port, const moat_h2conn_owner_t *owner, void *owner_data)
 {
-    (void)w, (void)sock, (void)peer, (void)port, (void)owner, (void)owner_data;
-    return NULL;
+    moat_h2conn_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->w = w;
+    c->sock = sock;
+    c->port = port;
+    c->owner = owner;
+    c->owner_data = owner_data;
+    c->keepalive_ms = DEFAULT_KEEPALIVE_MS;
+    memcpy(&c->peer, peer,
+           peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
+    /* Advertise RFC 8441 only when some site accepts websockets over HTTP/2. */
+    moat_runtime_t *rt = moat_runtime_acquire();
+    int ws = 0;
+    for (size_t i = 0; rt != NULL && i < rt->nsites; i++)
+        if (rt->sites[i].site->h2_websocket)
+            ws = 1;
+    if (rt != NULL)
+        moat_runtime_release(rt);
+    moat_h2_settings_t set = {.enable_connect_protocol = ws};
+    c->h2 = moat_h2_new(&set, &session_cb, c);
+    if (c->h2 == NULL) {
+        free(c);
+        return NULL;
+    }
+    uv_timer_init(&w->loop, &c->timer);
+    uv_idle_init(&w->loop, &c->idle);
+    c->timer.data = c->idle.data = c;
+    c->open_handles = 2;
+    /* The client's first bytes may already be here; they and our SETTINGS are handled on
+     * the first loop turn (the owner must not be asked to close from inside this call). */
+    c->input_pending = 1;
+    c->scheduled = 1;
+    uv_idle_start(&c->idle, idle_cb);
+    arm_timer(c, FIRST_REQUEST_TIMEOUT_MS);
+    return c;
 }
 
-void moat_h2conn_on_read(moat_h2conn_t *h)
+void moat_h2conn_on_read(moat_h2conn_t *c)
 {
-    (void)h;
+    if (c->freed)
+        return;
+    enter(c);
+    moat_slice_t in = moat_sock_input(c->sock);
+    if (in.len > 0 && !c->want_close) {
+        ssize_t r = moat_h2_recv(c->h2, in.base, in.len, moat_now_ms());
+        moat_sock_consume(c->sock, in.len);
+        if (r < 0) {
+            /* Try to get the GOAWAY out before closing (not after a flood: the queue is
+             * what the attacker filled). */
+            if (!moat_h2_flooded(c->h2))
+                flush(c);
+            c->want_close = 1;
+        }
+    }
+    flush(c);
+    if (*moat_h2_why(c->h2) && !c->why_logged) {
+        c->why_logged = 1;
+        MOAT_INFO("h2 connection ending: %s", moat_h2_why(c->h2));
+    }
+    leave(c);
 }
 
-void moat_h2conn_on_drain(moat_h2conn_t *h)
+void moat_h2conn_on_drain(moat_h2conn_t *c)
 {
-    (void)h;
+    if (c->freed)
+        return;
+    enter(c);
+    if (c->blocked) {
+        c->blocked = 0;
+        if (!c->close_after_flush)
+            moat_sock_read_start(c->sock);
+    }
+    flush(c);
+    leave(c);
 }
 
-void moat_h2conn_on_eof(moat_h2conn_t *h, int err)
+void moat_h2conn_on_eof(moat_h2conn_t *c, int err)
 {
-    (void)h, (void)err;
+    (void)err;
+    if (c->freed)
+        return;
+    enter(c);
+    c->want_close = 1;
+    leave(c);
 }
 
-void moat_h2conn_shutdown(moat_h2conn_t *h)
+void moat_h2conn_shutdown(moat_h2conn_t *c)
 {
-    (void)h;
+    if (c->freed)
+        return;
+    enter(c);
+    if (!c->shutting) {
+        c->shutting = 1;
+        moat_h2_goaway(c->h2);
+    }
+    flush(c);
+    leave(c);
 }
 
-void moat_h2conn_free(moat_h2conn_t *h)
+void moat_h2conn_free(moat_h2conn_t *c)
 {
-    (void)h;
+    if (c == NULL || c->freed)
+        return;
+    c->freed = 1;
+    for (stream_t *st = c->streams, *next; st != NULL; st = next) {
+        next = st->next;
+        abort_exchange(st);
+        if (!st->status)
+            st->status = 499;
+        access_log(st, "", 0);
+        free(st);
+    }
+    c->streams = NULL;
+    moat_h2_free(c->h2);
+    c->h2 = NULL;
+    moat_buf_free(&c->wbuf);
+    uv_close((uv_handle_t *)&c->timer, handle_closed);
+    uv_close((uv_handle_t *)&c->idle, handle_closed);
 }

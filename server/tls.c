@@ -1,5 +1,6 @@
 /* The BoringSSL server context (include/moat/tls.h). */
 #include "moat/tls.h"
+#include "moat/acme.h"
 #include "moat/certs.h"
 #include "moat/common.h"
 #include "moat/log.h"
@@ -115,6 +116,11 @@ static int ticket_cb(SSL *ssl, uint8_t *key_name, uint8_t *iv, EVP_CIPHER_CTX *c
 
 #define MAX_ALPN 8
 
+/* Per-connection marks (SSL ex_data): the local address, an unknown SNI name to refuse, and a
+ * TLS-ALPN-01 validation connection. */
+static int ex_local_addr = -1, ex_refused = -1, ex_acme = -1;
+static char refused_marker, acme_marker;
+
 /* Protocol names are interned forever so that moat_tls_selected_alpn can hand out stable
  * pointers even after the preference list changes. */
 static const char *interned[32] = {"http/1.1", "h2", "acme-tls/1"};
@@ -150,8 +156,21 @@ void moat_tls_set_alpn(const char *const *protos, size_t n)
 static int alpn_cb(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uint8_t *in,
                    unsigned inlen, void *arg)
 {
-    (void)ssl;
     (void)arg;
+    if (SSL_get_ex_data(ssl, ex_acme) != NULL) {
+        for (unsigned off = 0; off < inlen;) {
+            unsigned l = in[off];
+            if (l == 0 || off + 1 + l > inlen)
+                break;
+            if (l == 10 && memcmp(in + off + 1, "acme-tls/1", 10) == 0) {
+                *out = in + off + 1;
+                *outlen = (uint8_t)l;
+                return SSL_TLSEXT_ERR_OK;
+            }
+            off += 1 + l;
+        }
+        return SSL_TLSEXT_ERR_ALERT_FATAL;
+    }
     int rc = SSL_TLSEXT_ERR_NOACK;
     pthread_rwlock_rdlock(&alpn_lock);
     for (size_t i = 0; i < nalpn_prefs && rc != SSL_TLSEXT_ERR_OK; i++) {
@@ -192,13 +211,33 @@ const char *moat_tls_selected_alpn(const SSL *ssl)
 /* --- certificate selection ---------------------------------------------------------------- */
 
 static pthread_once_t ex_once = PTHREAD_ONCE_INIT;
-static int ex_local_addr = -1, ex_refused = -1;
-static char refused_marker;
 
 static void ex_init(void)
 {
     ex_local_addr = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
     ex_refused = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    ex_acme = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
+
+/* Whether the ClientHello's ALPN list offers `proto`. */
+static int offers_alpn(const SSL_CLIENT_HELLO *ch, const char *proto)
+{
+    const uint8_t *p;
+    size_t len, plen = strlen(proto);
+    if (!SSL_early_callback_ctx_extension_get(
+            ch, TLSEXT_TYPE_application_layer_protocol_negotiation, &p, &len) ||
+        len < 2)
+        return 0;
+    size_t off = 2, end = MOAT_MIN(len, 2 + ((size_t)p[0] << 8 | p[1]));
+    while (off < end) {
+        size_t l = p[off];
+        if (l == 0 || off + 1 + l > end)
+            return 0;
+        if (l == plen && memcmp(p + off + 1, proto, plen) == 0)
+            return 1;
+        off += 1 + l;
+    }
+    return 0;
 }
 
 int moat_tls_set_local_addr(SSL *ssl, const struct sockaddr *sa)
@@ -238,6 +277,16 @@ static enum ssl_select_cert_result_t select_cert_cb(const SSL_CLIENT_HELLO *ch)
 {
     SSL *ssl = ch->ssl;
     const char *sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    /* TLS-ALPN-01 (RFC 8737): a validation connection gets the challenge certificate and
+     * nothing else; it speaks no HTTP. */
+    if (sni != NULL && offers_alpn(ch, "acme-tls/1")) {
+        if (moat_acme_alpn01_install(ssl, sni) == 0) {
+            SSL_set_ex_data(ssl, ex_acme, &acme_marker);
+            MOAT_DEBUG("TLS: answering a tls-alpn-01 challenge for %.64s", sni);
+            return ssl_select_cert_success;
+        }
+        MOAT_DEBUG("TLS: acme-tls/1 for %.64s but no challenge is pending", sni);
+    }
     char ipbuf[INET6_ADDRSTRLEN];
     const char *ip = sni ? NULL : local_ip(ssl, ipbuf, sizeof ipbuf);
     moat_certs_t *c = moat_certs_acquire();
@@ -281,7 +330,7 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
 {
     pthread_once(&ex_once, ex_init);
     pthread_once(&keys_once, keys_init);
-    if (ex_local_addr < 0 || ex_refused < 0) {
+    if (ex_local_addr < 0 || ex_refused < 0 || ex_acme < 0) {
         set_err(err, errlen, "TLS setup failed: no ex_data index");
         return NULL;
     }

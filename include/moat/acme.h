@@ -132,9 +132,9 @@ typedef struct {
     char *chain_pem, *key_pem;
     char *error;
     char *account_url;
-    int64_t retry_after;      /* seconds, 0 none */
-    int rate_limited;         /* the CA said rateLimited */
-    int challenge_failed;     /* validation failed: the other challenge type may work */
+    int64_t retry_after;  /* seconds, 0 none */
+    int rate_limited;     /* the CA said rateLimited */
+    int challenge_failed; /* validation failed: the other challenge type may work */
     moat_acme_chal_t challenge;
 } moat_acme_result_t;
 
@@ -167,14 +167,18 @@ typedef struct {
 
 /* The manager: which sites need ACME, their orders, backoff, locks and storage. `republish` is
  * called after a certificate was stored, to rebuild the certificate snapshot. */
-moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st,
-                                 const moat_acmemgr_opts_t *o, void (*republish)(void *),
-                                 void *data, char *err, size_t errlen);
+moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat_acmemgr_opts_t *o,
+                                 void (*republish)(void *), void *data, char *err, size_t errlen);
 /* Take a (new) configuration: start, keep or cancel jobs. cfg is borrowed for the call only. */
 void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg);
 /* `moat renew`: renew certificates covering name (NULL: all) now; force ignores backoff and
  * freshness. */
 void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force);
+/* `moat renew` writes DATA/renew.request ("NAME or *" on the first line, "force" or "normal"
+ * on the second) and sends SIGUSR1; the control thread then calls this, which reads, removes
+ * and acts on the file. */
+#define MOAT_ACME_RENEW_REQUEST "renew.request"
+void moat_acmemgr_renew_request(moat_acmemgr_t *m, const char *data_dir);
 /* Cancel everything; handles close on the loop, so run it once afterwards. */
 void moat_acmemgr_free(moat_acmemgr_t *m);
 

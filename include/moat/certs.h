@@ -78,10 +78,13 @@ int64_t moat_cert_not_after(const moat_cert_t *cert);
 #define MOAT_CERTS_FILES_WARN_DAYS 14
 
 /* Build a snapshot for every TLS site of `cfg` (sites/addresses with plain_http == 0):
+ *   names that use ACME (moat_certs_site_uses_acme): the stored "acme:<sorted names>"
+ *     certificate until it expires; none while it is pending (their handshakes are refused).
+ *     Issuing and renewing it is server/acmemgr.c's job.
  *   tls=files: load the site's tls_cert/tls_key PEM files and check them (key matches the
  *     leaf, each certificate issued by the next, none expired; a warning when the leaf expires
  *     within 14 days); stored as "files:<first name>" with source "files".
- *   otherwise (auto, internal and, until ACME lands, acme): the stored "internal:<sorted names
+ *   other names (internal, or auto with an internal name): the stored "internal:<sorted names
  *     joined by ,>" certificate while it has more than a third of its life left, else a new
  *     one from the internal CA, stored with an "issued" or "renewed" event.
  * On success *out holds the snapshot (one reference, not published) and *next_check_unix the
@@ -89,6 +92,16 @@ int64_t moat_cert_not_after(const moat_cert_t *cert);
  * or file) nothing is published and the caller keeps its current snapshot. */
 int moat_certmgr_build(moat_storage_t *st, moat_ca_t *ca, const moat_config_t *cfg,
                        moat_certs_t **out, int64_t *next_check_unix, char *err, size_t errlen);
+
+/* Whether `name` of site s gets its certificate over ACME: tls=acme, or tls=auto and a name
+ * that is not internal (moat_host_is_internal; names under .test count as public). */
+int moat_certs_site_uses_acme(const moat_site_t *s, const char *name);
+/* The site's TLS names that use ACME, in the order written: returns the count; *out is an array
+ * of borrowed strings (free() the array). */
+size_t moat_certs_site_acme_names(const moat_site_t *s, const char ***out);
+/* The storage id of the ACME certificate for these names: "acme:" + sorted names joined by ","
+ * (free()). */
+char *moat_certs_acme_id(const char *const *names, size_t n);
 
 /* Check a certificate chain file and key file the way tls=files does, without storing
  * anything. On success *chain_pem and *key_pem (free()) hold the normalized PEM and

@@ -15,6 +15,10 @@ typedef struct {
     int http_port, https_port;
     int workers;
     uint64_t grace_ms;
+    /* ACME: default contact, directory URL (NULL: Let's Encrypt, or its staging CA when
+     * acme_staging), extra trust anchor PEM for the directory's HTTPS. */
+    const char *email, *acme_ca, *acme_ca_root;
+    int acme_staging;
 } moat_run_opts_t;
 
 /* Run until stopped; returns the process exit code (0 after a clean stop, 1 when the

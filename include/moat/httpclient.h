@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MOAT_HTTPC_MAX_BODY (1024 * 1024)
+#define MOAT_HTTPC_MAX_BODY    (1024 * 1024)
 #define MOAT_HTTPC_MAX_HEADERS 64
 
 /* A finished exchange. err is 0 when a complete response arrived (any status), else a
@@ -44,8 +44,8 @@ moat_httpc_t *moat_httpc_new(uv_loop_t *loop, const char *extra_root_pem, uint64
 int moat_httpc_request(moat_httpc_t *h, const char *method, const char *url,
                        const char *content_type, const void *body, size_t len, moat_httpc_cb cb,
                        void *data);
-/* Abort every request in flight (callbacks are not called) and free the client once their
- * handles have closed. */
+/* Abort every request in flight (each callback runs now with err MOAT_ECLOSED) and free the
+ * client once their handles have closed. */
 void moat_httpc_free(moat_httpc_t *h);
 
 #endif

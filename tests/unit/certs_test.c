@@ -250,8 +250,9 @@ static void test_certmgr_internal(void)
     int64_t next = 0, now = (int64_t)time(NULL);
     size_t issued0 = count_events("issued");
     CHECK_INT(moat_certmgr_build(st, ca, &cfg, &c, &next, err, sizeof err), 0);
-    CHECK_INT(moat_certs_count(c), 2);
-    CHECK_INT(count_events("issued"), issued0 + 2);
+    /* tls=acme: pending until the ACME manager stores a certificate, so not in the snapshot. */
+    CHECK_INT(moat_certs_count(c), 1);
+    CHECK_INT(count_events("issued"), issued0 + 1);
     /* Renewal due at two thirds of the validity window [now - 5 min, now + 7 days]. */
     int64_t want = now - 300 + (MOAT_CA_LEAF_LIFETIME + 300) * 2 / 3;
     CHECK(next >= want - 5 && next <= want + 5);
@@ -261,8 +262,7 @@ static void test_certmgr_internal(void)
     CHECK(moat_certs_lookup(c, "only-http.localhost", NULL) == NULL);
     r = moat_certs_lookup(c, NULL, NULL);
     CHECK(r != NULL && strcmp(moat_cert_id(r), "internal:127.0.0.1,localhost") == 0);
-    r = moat_certs_lookup(c, "chat.example.com", NULL);
-    CHECK(r != NULL && strcmp(moat_cert_id(r), "internal:chat.example.com") == 0);
+    CHECK(moat_certs_lookup(c, "chat.example.com", NULL) == NULL);
     moat_cert_record_t rec;
     CHECK_INT(st->ops->get_cert(st, "internal:127.0.0.1,localhost", &rec), 0);
     CHECK_STR(rec.source, "internal");
@@ -272,7 +272,7 @@ static void test_certmgr_internal(void)
 
     /* A second build reuses the stored certificates. */
     CHECK_INT(moat_certmgr_build(st, ca, &cfg, &c, &next, err, sizeof err), 0);
-    CHECK_INT(count_events("issued"), issued0 + 2);
+    CHECK_INT(count_events("issued"), issued0 + 1);
     moat_cert_record_t again;
     CHECK_INT(st->ops->get_cert(st, "internal:127.0.0.1,localhost", &again), 0);
     CHECK_STR(again.cert_pem, rec.cert_pem);

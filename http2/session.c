@@ -1,0 +1,647 @@
+/* The sans-I/O HTTP/2 server session (include/moat/h2.h) on nghttp2 1.52. */
+#include "moat/h2.h"
+
+#include <nghttp2/nghttp2.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Glitch budget: a token bucket. Legitimate clients cancel a stream now and then (a browser
+ * navigating away); an attacker resetting thousands per second (CVE-2023-44487) or sending
+ * invalid frames drains it and gets GOAWAY ENHANCE_YOUR_CALM. nghttp2's own reset limit
+ * (1000 burst, 33/s, GOAWAY INTERNAL_ERROR) stays as a backstop. */
+#define GLITCH_BURST   400
+#define GLITCH_PER_SEC 100
+/* SETTINGS and PING frames from the client (each costs us an ACK). */
+#define CONTROL_BURST   1000
+#define CONTROL_PER_SEC 200
+/* CONTINUATION frames per header block (CVE-2024-27316/28182): 64 KiB of headers fit in
+ * the HEADERS frame plus 4 CONTINUATIONs at the default frame size. */
+#define MAX_CONTINUATIONS 8
+/* Per-field overhead RFC 9113 §6.5.2 counts in the header list size. */
+#define FIELD_OVERHEAD 32
+
+typedef struct h2s h2s_t;
+
+/* A request stream: its header bytes while the head arrives, then the queued response. */
+struct h2s {
+    int32_t id;
+    void *data; /* the owner's, from on_request */
+    h2s_t *next, *prev;
+    moat_buf_t hb;  /* header fields while they arrive: [u32 nlen][u32 vlen][name][value] */
+    size_t hsize;   /* header list size so far (RFC 9113 §6.5.2) */
+    moat_buf_t out; /* response body bytes not yet framed */
+    moat_buf_t nv;  /* lowercased response header names */
+    unsigned dispatched : 1; /* on_request was called */
+    unsigned req_ended : 1;  /* the client sent END_STREAM */
+    unsigned responded : 1;  /* HEADERS submitted */
+    unsigned has_body : 1;   /* a data provider is attached */
+    unsigned out_end : 1;    /* send_end was called */
+    unsigned deferred : 1;   /* the provider returned NGHTTP2_ERR_DEFERRED */
+    unsigned too_big : 1;    /* header list over the limit: ignored and reset */
+    unsigned malformed : 1;  /* a field nghttp2 would silently drop: reset instead */
+    unsigned drain_body : 1; /* read the rest of the request body after the response */
+};
+
+typedef struct {
+    double tokens;
+    uint64_t last_ms;
+} bucket_t;
+
+struct moat_h2 {
+    nghttp2_session *s;
+    const moat_h2_cb_t *cb;
+    void *ud;
+    h2s_t *streams;
+    size_t nstreams;
+    uint32_t max_header_list;
+    uint64_t now_ms;
+    bucket_t glitch, control;
+    const char *why;
+    unsigned goaway : 1;
+    unsigned terminated : 1;
+    unsigned flooded : 1;
+};
+
+static int bucket_take(bucket_t *b, uint64_t now, double burst, double per_sec)
+{
+    if (now > b->last_ms) {
+        b->tokens += (double)(now - b->last_ms) * per_sec / 1000.0;
+        if (b->tokens > burst)
+            b->tokens = burst;
+        b->last_ms = now;
+    }
+    if (b->tokens < 1.0)
+        return -1;
+    b->tokens -= 1.0;
+    return 0;
+}
+
+void moat_h2_terminate(moat_h2_t *h, uint32_t error_code, const char *why)
+{
+    if (h->terminated)
+        return;
+    h->terminated = 1;
+    h->why = why;
+    nghttp2_session_terminate_session(h->s, error_code);
+}
+
+static void glitch(moat_h2_t *h, const char *why)
+{
+    if (bucket_take(&h->glitch, h->now_ms, GLITCH_BURST, GLITCH_PER_SEC) != 0)
+        moat_h2_terminate(h, NGHTTP2_ENHANCE_YOUR_CALM, why);
+}
+
+static h2s_t *stream_of(moat_h2_t *h, int32_t id)
+{
+    return nghttp2_session_get_stream_user_data(h->s, id);
+}
+
+static void stream_free(moat_h2_t *h, h2s_t *st)
+{
+    if (st->prev)
+        st->prev->next = st->next;
+    else
+        h->streams = st->next;
+    if (st->next)
+        st->next->prev = st->prev;
+    h->nstreams--;
+    moat_buf_free(&st->hb);
+    moat_buf_free(&st->out);
+    moat_buf_free(&st->nv);
+    free(st);
+}
+
+/* ---- nghttp2 callbacks ---- */
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    moat_h2_t *h = ud;
+    (void)s;
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    h2s_t *st = calloc(1, sizeof *st);
+    if (st == NULL)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    st->id = f->hd.stream_id;
+    st->next = h->streams;
+    if (h->streams)
+        h->streams->prev = st;
+    h->streams = st;
+    h->nstreams++;
+    nghttp2_session_set_stream_user_data(h->s, st->id, st);
+    return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name,
+                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags, void *ud)
+{
+    moat_h2_t *h = ud;
+    (void)s, (void)flags;
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0; /* trailers are not forwarded: the HTTP/1.1 upstream gets none */
+    h2s_t *st = stream_of(h, f->hd.stream_id);
+    if (st == NULL || st->too_big || st->malformed)
+        return 0;
+    st->hsize += namelen + valuelen + FIELD_OVERHEAD;
+    if (st->hsize > h->max_header_list) {
+        /* An HPACK bomb decodes tiny input into a huge list: stop storing at the limit and
+         * reset the stream; the decoder still runs (its table must stay in sync) but costs
+         * no memory. */
+        st->too_big = 1;
+        moat_buf_free(&st->hb);
+        glitch(h, "header list too large");
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    uint32_t lens[2] = {(uint32_t)namelen, (uint32_t)valuelen};
+    if (moat_buf_append(&st->hb, lens, sizeof lens) != 0 ||
+        moat_buf_append(&st->hb, name, namelen) != 0 ||
+        moat_buf_append(&st->hb, value, valuelen) != 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+}
+
+/* Parse the stored fields into a request and hand it to the owner. */
+static int dispatch(moat_h2_t *h, h2s_t *st, int end_stream)
+{
+    moat_h2_request_t req = {
+        .content_length = -1, .end_stream = end_stream, .head_bytes = st->hsize};
+    size_t nfields = 0, ncookies = 0, cookie_len = 0;
+    const char *p = moat_buf_data(&st->hb), *end = p + moat_buf_size(&st->hb);
+    for (const char *q = p; q < end;) {
+        uint32_t l[2];
+        memcpy(l, q, sizeof l);
+        const char *n = q + sizeof l;
+        nfields++;
+        if (l[0] == 6 && memcmp(n, "cookie", 6) == 0) {
+            ncookies++;
+            cookie_len += l[1] + 2;
+        }
+        q = n + l[0] + l[1];
+    }
+    moat_header_t *hdrs = malloc((nfields + 1) * sizeof *hdrs);
+    char *cookie = ncookies > 1 ? malloc(cookie_len) : NULL;
+    if (hdrs == NULL || (ncookies > 1 && cookie == NULL)) {
+        free(hdrs);
+        free(cookie);
+        return -1;
+    }
+    size_t nh = 0, clen = 0;
+    int cookie_slot = -1;
+    for (const char *q = p; q < end;) {
+        uint32_t l[2];
+        memcpy(l, q, sizeof l);
+        moat_slice_t name = moat_slice(q + sizeof l, l[0]);
+        moat_slice_t value = moat_slice(name.base + l[0], l[1]);
+        q = value.base + l[1];
+        if (name.len && name.base[0] == ':') {
+            if (moat_slice_eq(name, ":method"))
+                req.method = value;
+            else if (moat_slice_eq(name, ":scheme"))
+                req.scheme = value;
+            else if (moat_slice_eq(name, ":authority"))
+                req.authority = value;
+            else if (moat_slice_eq(name, ":path"))
+                req.path = value;
+            else if (moat_slice_eq(name, ":protocol"))
+                req.protocol = value;
+            continue;
+        }
+        if (moat_slice_eq(name, "content-length")) {
+            /* nghttp2 checked it is one valid number. */
+            uint64_t v = 0;
+            for (size_t i = 0; i < value.len; i++)
+                v = v * 10 + (uint64_t)(value.base[i] - '0');
+            req.content_length = (int64_t)v;
+        }
+        if (ncookies > 1 && moat_slice_eq(name, "cookie")) {
+            if (clen) {
+                memcpy(cookie + clen, "; ", 2);
+                clen += 2;
+            }
+            memcpy(cookie + clen, value.base, value.len);
+            clen += value.len;
+            if (cookie_slot >= 0)
+                continue;
+            cookie_slot = (int)nh;
+        }
+        hdrs[nh++] = (moat_header_t){name, value};
+    }
+    if (cookie_slot >= 0)
+        hdrs[cookie_slot].value = moat_slice(cookie, clen);
+    if (req.authority.len == 0)
+        for (size_t i = 0; i < nh; i++)
+            if (moat_slice_eq(hdrs[i].name, "host"))
+                req.authority = hdrs[i].value;
+    req.headers = hdrs;
+    req.nheaders = nh;
+    st->dispatched = 1;
+    st->data = h->cb->on_request(h->ud, st->id, &req);
+    free(hdrs);
+    free(cookie);
+    moat_buf_free(&st->hb);
+    return 0;
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    moat_h2_t *h = ud;
+    (void)s;
+    int es = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+    switch (f->hd.type) {
+    case NGHTTP2_HEADERS: {
+        h2s_t *st = stream_of(h, f->hd.stream_id);
+        if (st == NULL || st->too_big)
+            return 0;
+        if (f->headers.cat == NGHTTP2_HCAT_REQUEST) {
+            if (st->malformed) {
+                nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_PROTOCOL_ERROR);
+                return 0;
+            }
+            if (es)
+                st->req_ended = 1;
+            if (dispatch(h, st, es) != 0)
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+            return 0;
+        }
+        if (es && st->dispatched && !st->req_ended) { /* trailers end the request */
+            st->req_ended = 1;
+            h->cb->on_end(h->ud, st->data, st->id);
+        }
+        return 0;
+    }
+    case NGHTTP2_DATA: {
+        if (f->hd.length == 0 && !es)
+            glitch(h, "empty DATA frames");
+        h2s_t *st = stream_of(h, f->hd.stream_id);
+        if (es && st != NULL && st->dispatched && !st->req_ended) {
+            st->req_ended = 1;
+            h->cb->on_end(h->ud, st->data, st->id);
+        }
+        return 0;
+    }
+    case NGHTTP2_RST_STREAM: glitch(h, "stream resets (rapid reset)"); return 0;
+    case NGHTTP2_SETTINGS:
+    case NGHTTP2_PING:
+        if (!(f->hd.flags & NGHTTP2_FLAG_ACK) &&
+            bucket_take(&h->control, h->now_ms, CONTROL_BURST, CONTROL_PER_SEC) != 0)
+            moat_h2_terminate(h, NGHTTP2_ENHANCE_YOUR_CALM, "SETTINGS/PING flood");
+        return 0;
+    case NGHTTP2_PRIORITY:
+        /* Cheap to accept, but a stream of them costs CPU (CVE-2019-9513). */
+        if (bucket_take(&h->control, h->now_ms, CONTROL_BURST, CONTROL_PER_SEC) != 0)
+            moat_h2_terminate(h, NGHTTP2_ENHANCE_YOUR_CALM, "PRIORITY flood");
+        return 0;
+    default: return 0;
+    }
+}
+
+/* nghttp2 drops a regular field with an invalid name (uppercase, say) and keeps the
+ * request; RFC 9113 §8.2.1 calls the request malformed, and a proxy that forwards what the
+ * client did not quite send invites smuggling: reset the stream. */
+static int on_invalid_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name,
+                             size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                             void *ud)
+{
+    moat_h2_t *h = ud;
+    (void)s, (void)name, (void)namelen, (void)value, (void)valuelen, (void)flags;
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    h2s_t *st = stream_of(h, f->hd.stream_id);
+    if (st != NULL && !st->malformed) {
+        st->malformed = 1;
+        moat_buf_free(&st->hb);
+        glitch(h, "malformed header fields");
+    }
+    return 0;
+}
+
+static int on_invalid_frame_recv(nghttp2_session *s, const nghttp2_frame *f, int err, void *ud)
+{
+    (void)s, (void)f, (void)err;
+    glitch(ud, "invalid frames");
+    return 0;
+}
+
+static int on_data_chunk_recv(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data,
+                              size_t len, void *ud)
+{
+    moat_h2_t *h = ud;
+    (void)flags;
+    /* The connection window is given back at once, so a stalled stream holds only its own
+     * window; the stream window waits for moat_h2_consume. */
+    nghttp2_session_consume_connection(s, len);
+    h2s_t *st = stream_of(h, id);
+    if (st == NULL || !st->dispatched) {
+        nghttp2_session_consume_stream(s, id, len);
+        return 0;
+    }
+    h->cb->on_data(h->ud, st->data, id, moat_slice(data, len));
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t code, void *ud)
+{
+    moat_h2_t *h = ud;
+    h2s_t *st = stream_of(h, id);
+    if (st == NULL)
+        return 0;
+    nghttp2_session_set_stream_user_data(s, id, NULL);
+    if (st->dispatched)
+        h->cb->on_close(h->ud, st->data, id, code);
+    stream_free(h, st);
+    return 0;
+}
+
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    moat_h2_t *h = ud;
+    if ((f->hd.type != NGHTTP2_HEADERS && f->hd.type != NGHTTP2_DATA) ||
+        !(f->hd.flags & NGHTTP2_FLAG_END_STREAM))
+        return 0;
+    h2s_t *st = stream_of(h, f->hd.stream_id);
+    /* The response is complete but the request body is not: tell the client to stop
+     * sending it (RFC 9113 §8.1). Sent after the last response frame, never before. */
+    if (st != NULL && !st->req_ended && !st->drain_body)
+        nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
+    return 0;
+}
+
+static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len, uint32_t *flags,
+                         nghttp2_data_source *src, void *ud)
+{
+    (void)s, (void)src;
+    h2s_t *st = stream_of(ud, id);
+    if (st == NULL)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    size_t n = MOAT_MIN(len, moat_buf_size(&st->out));
+    if (n == 0 && !st->out_end) {
+        st->deferred = 1;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    if (n)
+        memcpy(buf, moat_buf_data(&st->out), n);
+    moat_buf_consume(&st->out, n);
+    if (moat_buf_size(&st->out) == 0) {
+        /* An idle stream (an SSE stream between tokens) holds no buffer. */
+        moat_buf_free(&st->out);
+        if (st->out_end)
+            *flags |= NGHTTP2_DATA_FLAG_EOF;
+    }
+    return (ssize_t)n;
+}
+
+/* ---- public ---- */
+
+moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, void *ud)
+{
+    moat_h2_t *h = calloc(1, sizeof *h);
+    nghttp2_session_callbacks *cbs = NULL;
+    nghttp2_option *opt = NULL;
+    if (h == NULL || nghttp2_session_callbacks_new(&cbs) != 0 || nghttp2_option_new(&opt) != 0)
+        goto fail;
+    h->cb = cb;
+    h->ud = ud;
+    h->max_header_list = set->max_header_list ? set->max_header_list : MOAT_H2_MAX_HEADER_LIST;
+    h->glitch.tokens = GLITCH_BURST;
+    h->control.tokens = CONTROL_BURST;
+    h->why = "";
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+    nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, on_invalid_frame_recv);
+    nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, on_invalid_header);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_max_continuations(opt, MAX_CONTINUATIONS);
+    nghttp2_option_set_max_settings(opt, 32);
+    nghttp2_option_set_max_outbound_ack(opt, 1000);
+    nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
+    /* Closed streams are not kept for priority bookkeeping: memory per connection stays
+     * bounded by the open streams. */
+    nghttp2_option_set_no_closed_streams(opt, 1);
+    nghttp2_option_set_max_deflate_dynamic_table_size(opt, 4096);
+    if (nghttp2_session_server_new2(&h->s, cbs, h, opt) != 0)
+        goto fail;
+    nghttp2_settings_entry iv[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
+         set->max_concurrent_streams ? set->max_concurrent_streams : MOAT_H2_MAX_STREAMS},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+         set->stream_window ? set->stream_window : MOAT_H2_STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, h->max_header_list},
+        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+        {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
+    };
+    size_t niv = MOAT_ARRAY_LEN(iv) - (set->enable_connect_protocol ? 0 : 1);
+    if (nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, iv, niv) != 0 ||
+        nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, MOAT_H2_CONN_WINDOW) != 0)
+        goto fail;
+    nghttp2_session_callbacks_del(cbs);
+    nghttp2_option_del(opt);
+    return h;
+fail:
+    if (cbs)
+        nghttp2_session_callbacks_del(cbs);
+    if (opt)
+        nghttp2_option_del(opt);
+    if (h && h->s)
+        nghttp2_session_del(h->s);
+    free(h);
+    return NULL;
+}
+
+void moat_h2_free(moat_h2_t *h)
+{
+    if (h == NULL)
+        return;
+    nghttp2_session_del(h->s);
+    while (h->streams)
+        stream_free(h, h->streams);
+    free(h);
+}
+
+ssize_t moat_h2_recv(moat_h2_t *h, const void *data, size_t len, uint64_t now_ms)
+{
+    if (h->glitch.last_ms == 0)
+        h->glitch.last_ms = h->control.last_ms = now_ms;
+    h->now_ms = now_ms;
+    ssize_t r = nghttp2_session_mem_recv(h->s, data, len);
+    if (r < 0) {
+        if (h->why[0] == 0)
+            h->why = r == NGHTTP2_ERR_FLOODED ? "flood of frames that need an answer"
+                                              : nghttp2_strerror((int)r);
+        h->flooded = r == NGHTTP2_ERR_FLOODED;
+        if (!h->flooded && r != NGHTTP2_ERR_BAD_CLIENT_MAGIC)
+            moat_h2_terminate(h, NGHTTP2_PROTOCOL_ERROR, h->why);
+    }
+    return r;
+}
+
+int moat_h2_send(moat_h2_t *h, moat_slice_t *out)
+{
+    const uint8_t *p = NULL;
+    ssize_t n = nghttp2_session_mem_send(h->s, &p);
+    if (n < 0) {
+        *out = moat_slice(NULL, 0);
+        return (int)n;
+    }
+    *out = moat_slice(p, (size_t)n);
+    return 0;
+}
+
+int moat_h2_flooded(const moat_h2_t *h)
+{
+    return h->flooded;
+}
+
+int moat_h2_want_read(moat_h2_t *h)
+{
+    return nghttp2_session_want_read(h->s);
+}
+
+int moat_h2_want_write(moat_h2_t *h)
+{
+    return nghttp2_session_want_write(h->s);
+}
+
+size_t moat_h2_open_streams(const moat_h2_t *h)
+{
+    return h->nstreams;
+}
+
+const char *moat_h2_why(const moat_h2_t *h)
+{
+    return h->why;
+}
+
+/* Fields a response must not carry over HTTP/2 (RFC 9113 §8.2.2). */
+static int forbidden(moat_slice_t n)
+{
+    static const char *const names[] = {"connection",        "keep-alive", "proxy-connection",
+                                        "transfer-encoding", "upgrade",    "te",
+                                        "content-length"};
+    for (size_t i = 0; i < MOAT_ARRAY_LEN(names); i++)
+        if (moat_slice_ieq(n, names[i]))
+            return 1;
+    return 0;
+}
+
+int moat_h2_respond(moat_h2_t *h, int32_t id, int status, const moat_header_t *headers, size_t n,
+                    int64_t content_length, int has_body)
+{
+    h2s_t *st = stream_of(h, id);
+    if (st == NULL || st->responded)
+        return MOAT_ECLOSED;
+    char sbuf[8], clbuf[24];
+    snprintf(sbuf, sizeof sbuf, "%03d", status % 1000);
+    /* Names lowercased into one per-stream buffer (nghttp2 requires lowercase). */
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += headers[i].name.len;
+    moat_buf_reset(&st->nv);
+    char *lower = total ? moat_buf_reserve(&st->nv, total) : NULL;
+    nghttp2_nv *nv = malloc((n + 2) * sizeof *nv);
+    if ((total && lower == NULL) || nv == NULL) {
+        free(nv);
+        return MOAT_ENOMEM;
+    }
+    size_t k = 0, off = 0;
+    nv[k++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)sbuf, 7, 3, NGHTTP2_NV_FLAG_NONE};
+    for (size_t i = 0; i < n; i++) {
+        moat_slice_t nm = headers[i].name;
+        if (nm.len == 0 || forbidden(nm))
+            continue;
+        for (size_t j = 0; j < nm.len; j++) {
+            char c = nm.base[j];
+            lower[off + j] = c >= 'A' && c <= 'Z' ? (char)(c + 32) : c;
+        }
+        nv[k++] = (nghttp2_nv){(uint8_t *)lower + off, (uint8_t *)headers[i].value.base, nm.len,
+                               headers[i].value.len, NGHTTP2_NV_FLAG_NONE};
+        off += nm.len;
+    }
+    if (content_length >= 0 && has_body) {
+        int l = snprintf(clbuf, sizeof clbuf, "%lld", (long long)content_length);
+        nv[k++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clbuf, 14, (size_t)l,
+                               NGHTTP2_NV_FLAG_NONE};
+    }
+    nghttp2_data_provider prd = {.source.ptr = st, .read_callback = read_body};
+    /* nghttp2 copies the name/value pairs here, so nv and the lowercased names are free to
+     * go once this returns. */
+    int r = nghttp2_submit_response(h->s, id, nv, k, has_body ? &prd : NULL);
+    free(nv);
+    moat_buf_free(&st->nv);
+    if (r != 0)
+        return MOAT_EINVAL;
+    st->responded = 1;
+    st->has_body = has_body != 0;
+    if (!has_body)
+        st->out_end = 1;
+    return 0;
+}
+
+static void resume(moat_h2_t *h, h2s_t *st)
+{
+    if (st->deferred) {
+        st->deferred = 0;
+        nghttp2_session_resume_data(h->s, st->id);
+    }
+}
+
+int moat_h2_send_data(moat_h2_t *h, int32_t id, moat_slice_t data)
+{
+    h2s_t *st = stream_of(h, id);
+    if (st == NULL || !st->has_body || st->out_end)
+        return MOAT_ECLOSED;
+    if (data.len == 0)
+        return 0;
+    if (moat_buf_append(&st->out, data.base, data.len) != 0)
+        return MOAT_ENOMEM;
+    resume(h, st);
+    return 0;
+}
+
+int moat_h2_send_end(moat_h2_t *h, int32_t id)
+{
+    h2s_t *st = stream_of(h, id);
+    if (st == NULL)
+        return MOAT_ECLOSED;
+    if (st->out_end)
+        return 0;
+    st->out_end = 1;
+    resume(h, st);
+    return 0;
+}
+
+size_t moat_h2_stream_queued(moat_h2_t *h, int32_t id)
+{
+    h2s_t *st = stream_of(h, id);
+    return st ? moat_buf_size(&st->out) : 0;
+}
+
+void moat_h2_consume(moat_h2_t *h, int32_t id, size_t n)
+{
+    if (n)
+        nghttp2_session_consume_stream(h->s, id, n);
+}
+
+void moat_h2_drain_body(moat_h2_t *h, int32_t id)
+{
+    h2s_t *st = stream_of(h, id);
+    if (st != NULL)
+        st->drain_body = 1;
+}
+
+void moat_h2_reset(moat_h2_t *h, int32_t id, uint32_t error_code)
+{
+    nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, id, error_code);
+}
+
+void moat_h2_goaway(moat_h2_t *h)
+{
+    if (h->goaway || h->terminated)
+        return;
+    h->goaway = 1;
+    nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(h->s),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+}

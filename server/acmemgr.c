@@ -1,0 +1,684 @@
+/* The ACME manager (include/moat/acme.h), on the control thread: one job per site line whose
+ * names use ACME. A job sleeps on its timer until the certificate is due (a third of its life
+ * left) or its backoff ends, takes the storage lock for its id, runs an order and stores the
+ * result; the control thread then rebuilds and publishes the certificate snapshot.
+ *
+ * Storage (kv table):
+ *   acme-account-key:<CA>|<email>  the ES256 account key (PEM)
+ *   acme-backoff:<id>              "<failures> <next attempt unix>"
+ *   acme-error:<id>                the last failure, as logged
+ *   acme-lock:<id>                 "<owner> <expiry unix>"; refreshed while the order runs
+ *   acme-challenge:<id>            the challenge type that last worked
+ *   acme-token:<token>             a pending key authorization (HTTP-01 / TLS-ALPN-01) */
+#include "moat/acme.h"
+#include "moat/certs.h"
+#include "moat/config.h"
+#include "moat/httpclient.h"
+#include "moat/log.h"
+#include "moat/storage.h"
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define LOCK_TTL          120
+#define LOCK_HEARTBEAT_MS 30000
+#define LOCK_RETRY_MS     2000
+#define HTTP_TIMEOUT_MS   30000
+
+typedef struct job job_t;
+
+struct moat_acmemgr {
+    uv_loop_t *loop;
+    moat_storage_t *st;
+    char *email, *ca_url;
+    moat_httpc_t *http;
+    void (*republish)(void *);
+    void *republish_data;
+    job_t *jobs;
+    struct after *afters;
+    char owner[96];
+};
+
+struct job {
+    moat_acmemgr_t *m;
+    job_t *next;
+    char *id;
+    char **names;
+    size_t nnames;
+    char *email, *preferred, *eab_kid, *eab_hmac;
+    char **cas;
+    size_t ncas, ca_i;
+    uv_timer_t timer;
+    moat_acme_order_t *order;
+    moat_acme_chal_t chal;
+    int fallback_tried, force, seen, renewal;
+    int64_t known_not_after;
+    uint64_t t_start;
+};
+
+/* --- io for orders ------------------------------------------------------------------------- */
+
+struct after {
+    uv_timer_t t;
+    void (*cb)(void *);
+    void *arg;
+    struct after *prev, *next;
+    moat_acmemgr_t *m;
+};
+
+static void after_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void after_unlink(struct after *a)
+{
+    if (a->prev)
+        a->prev->next = a->next;
+    else
+        a->m->afters = a->next;
+    if (a->next)
+        a->next->prev = a->prev;
+}
+
+static void after_fire(uv_timer_t *t)
+{
+    struct after *a = t->data;
+    after_unlink(a);
+    uv_close((uv_handle_t *)&a->t, after_closed);
+    a->cb(a->arg);
+}
+
+static void io_after(void *data, uint64_t ms, void (*cb)(void *), void *arg)
+{
+    moat_acmemgr_t *m = data;
+    struct after *a = moat_xcalloc(1, sizeof *a);
+    a->cb = cb;
+    a->arg = arg;
+    a->m = m;
+    a->next = m->afters;
+    if (m->afters)
+        m->afters->prev = a;
+    m->afters = a;
+    uv_timer_init(m->loop, &a->t);
+    a->t.data = a;
+    uv_timer_start(&a->t, after_fire, ms, 0);
+}
+
+static int io_request(void *data, const char *method, const char *url, const char *ctype,
+                      const char *body, moat_httpc_cb cb, void *cb_data)
+{
+    moat_acmemgr_t *m = data;
+    return moat_httpc_request(m->http, method, url, ctype, body, body ? strlen(body) : 0, cb,
+                              cb_data);
+}
+
+static void io_challenge(void *data, moat_acme_chal_t type, const char *name, const char *token,
+                         const char *key_auth)
+{
+    moat_acmemgr_t *m = data;
+    /* Kept in storage too, so another instance sharing it could answer. */
+    char key[512];
+    snprintf(key, sizeof key, "acme-token:%s", token);
+    if (m->st->ops->kv_put(m->st, key, key_auth) != 0)
+        MOAT_WARN("acme: cannot store the challenge token: %s", moat_storage_last_error(m->st));
+    if (type == MOAT_ACME_HTTP01)
+        moat_acme_http01_set(token, key_auth);
+    else
+        moat_acme_alpn01_set(name, key_auth);
+}
+
+/* --- storage helpers ----------------------------------------------------------------------- */
+
+static int kv_get_i64(moat_storage_t *st, const char *key, int64_t *a, int64_t *b)
+{
+    char *v = NULL;
+    if (st->ops->kv_get(st, key, &v) != 0)
+        return -1;
+    long long x = 0, y = 0;
+    int n = sscanf(v, "%lld %lld", &x, &y);
+    free(v);
+    *a = x;
+    *b = y;
+    return n == 2 ? 0 : -1;
+}
+
+static void kv_key(char *out, size_t cap, const char *prefix, const char *id)
+{
+    snprintf(out, cap, "%s:%s", prefix, id);
+}
+
+/* Take (or refresh) the issuing lock for a job. 1 taken, 0 held by someone else, < 0 error. */
+static int lock_take(moat_acmemgr_t *m, const char *id)
+{
+    moat_storage_t *st = m->st;
+    char key[600], *v = NULL;
+    kv_key(key, sizeof key, "acme-lock", id);
+    int64_t now = (int64_t)time(NULL);
+    if (st->ops->begin(st) != 0)
+        return MOAT_ESTORAGE;
+    int rc = st->ops->kv_get(st, key, &v);
+    if (rc == 0) {
+        char owner[96] = "";
+        long long exp = 0;
+        if (sscanf(v, "%95s %lld", owner, &exp) == 2 && strcmp(owner, m->owner) != 0 && exp > now) {
+            free(v);
+            st->ops->commit(st);
+            return 0;
+        }
+        free(v);
+    } else if (rc != MOAT_ENOT_FOUND) {
+        st->ops->rollback(st);
+        return rc;
+    }
+    char val[160];
+    snprintf(val, sizeof val, "%s %lld", m->owner, (long long)(now + LOCK_TTL));
+    rc = st->ops->kv_put(st, key, val);
+    if (rc == 0)
+        rc = st->ops->commit(st);
+    if (rc != 0) {
+        st->ops->rollback(st);
+        return rc;
+    }
+    return 1;
+}
+
+static void lock_release(moat_acmemgr_t *m, const char *id)
+{
+    char key[600], *v = NULL;
+    kv_key(key, sizeof key, "acme-lock", id);
+    if (m->st->ops->kv_get(m->st, key, &v) == 0) {
+        if (strncmp(v, m->owner, strlen(m->owner)) == 0 && v[strlen(m->owner)] == ' ')
+            m->st->ops->kv_put(m->st, key, NULL);
+        free(v);
+    }
+}
+
+static void fmt_time(int64_t t, char *out, size_t cap)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(out, cap, "%Y-%m-%d %H:%M:%S UTC", &tm);
+}
+
+/* --- jobs ---------------------------------------------------------------------------------- */
+
+static void job_check(job_t *j);
+
+static void on_job_timer(uv_timer_t *t)
+{
+    job_t *j = t->data;
+    if (j->order != NULL) {
+        /* Heartbeat while the order runs: keep the lock from looking stale. */
+        lock_take(j->m, j->id);
+        uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+        return;
+    }
+    job_check(j);
+}
+
+static void job_at(job_t *j, int64_t when)
+{
+    int64_t now = (int64_t)time(NULL);
+    int64_t d = when > now ? when - now : 0;
+    if (d > 86400)
+        d = 86400; /* look again at least daily (the clock may jump) */
+    uv_timer_start(&j->timer, on_job_timer, (uint64_t)d * 1000, 0);
+}
+
+static const char *chal_name(moat_acme_chal_t c)
+{
+    return c == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01";
+}
+
+static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *email)
+{
+    char key[1024], *pem = NULL;
+    snprintf(key, sizeof key, "acme-account-key:%s|%s", ca, email ? email : "");
+    EVP_PKEY *k = NULL;
+    if (m->st->ops->kv_get(m->st, key, &pem) == 0) {
+        k = moat_acme_key_from_pem(pem);
+        free(pem);
+        if (k)
+            return k;
+        MOAT_WARN("acme: the stored account key for %s cannot be read; making a new one", ca);
+    }
+    k = moat_acme_key_new();
+    pem = k ? moat_acme_key_pem(k) : NULL;
+    if (pem == NULL || m->st->ops->kv_put(m->st, key, pem) != 0) {
+        MOAT_ERROR("acme: cannot store a new account key: %s", moat_storage_last_error(m->st));
+        EVP_PKEY_free(k);
+        k = NULL;
+    }
+    if (pem) {
+        memset(pem, 0, strlen(pem));
+        free(pem);
+    }
+    return k;
+}
+
+static void on_order_done(void *data, moat_acme_result_t *res);
+
+static void job_start_order(job_t *j)
+{
+    moat_acmemgr_t *m = j->m;
+    const char *ca = j->cas[j->ca_i % j->ncas];
+    EVP_PKEY *k = account_key(m, ca, j->email);
+    if (k == NULL) {
+        job_at(j, (int64_t)time(NULL) + MOAT_ACME_BACKOFF_MIN);
+        return;
+    }
+    moat_acme_io_t io = {
+        .data = m, .request = io_request, .after = io_after, .challenge = io_challenge};
+    moat_acme_order_opts_t o = {
+        .directory_url = ca,
+        .names = (const char *const *)j->names,
+        .nnames = j->nnames,
+        .account_key = k,
+        .email = j->email,
+        .eab_kid = j->eab_kid,
+        .eab_hmac = j->eab_hmac,
+        .preferred_chain = j->preferred,
+        .challenge = j->chal,
+    };
+    MOAT_INFO("acme: %s a certificate for %s from %s (%s)", j->renewal ? "renewing" : "requesting",
+              j->id + 5, ca, chal_name(j->chal));
+    j->t_start = uv_now(m->loop);
+    uv_update_time(m->loop);
+    j->t_start = uv_now(m->loop);
+    j->order = moat_acme_order_start(&io, &o, on_order_done, j);
+    EVP_PKEY_free(k);
+    uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+}
+
+static void job_check(job_t *j)
+{
+    moat_acmemgr_t *m = j->m;
+    moat_storage_t *st = m->st;
+    if (j->order != NULL)
+        return;
+    int64_t now = (int64_t)time(NULL);
+    moat_cert_record_t rec;
+    int have = st->ops->get_cert(st, j->id, &rec) == 0;
+    int64_t renew = 0;
+    j->renewal = have;
+    if (have) {
+        renew = moat_acme_renew_at(rec.not_before, rec.not_after, 0, 0, 0);
+        if (rec.not_after != j->known_not_after) {
+            /* Another process sharing the store got a new certificate: serve it. */
+            j->known_not_after = rec.not_after;
+            if (m->republish)
+                m->republish(m->republish_data);
+        }
+        moat_cert_record_clear(&rec);
+        if (now < renew && !j->force) {
+            job_at(j, renew);
+            return;
+        }
+    }
+    char key[600];
+    int64_t failures = 0, next = 0;
+    kv_key(key, sizeof key, "acme-backoff", j->id);
+    if (!j->force && kv_get_i64(st, key, &failures, &next) == 0 && next > now) {
+        char when[64];
+        fmt_time(next, when, sizeof when);
+        MOAT_INFO("acme: %s: waiting after %lld failure(s); next attempt at %s", j->id + 5,
+                  (long long)failures, when);
+        job_at(j, next);
+        return;
+    }
+    int lr = lock_take(m, j->id);
+    if (lr <= 0) {
+        if (lr == 0)
+            MOAT_INFO("acme: %s: another moat process is issuing it; looking again shortly",
+                      j->id + 5);
+        else
+            MOAT_ERROR("acme: %s: cannot take the issuing lock: %s", j->id + 5,
+                       moat_storage_last_error(st));
+        uv_timer_start(&j->timer, on_job_timer, LOCK_RETRY_MS, 0);
+        return;
+    }
+    /* Between our look and the lock another process may have finished: look again. */
+    if (st->ops->get_cert(st, j->id, &rec) == 0) {
+        int fresh = now < moat_acme_renew_at(rec.not_before, rec.not_after, 0, 0, 0);
+        int64_t na = rec.not_after;
+        moat_cert_record_clear(&rec);
+        if (fresh && !j->force) {
+            lock_release(m, j->id);
+            if (na != j->known_not_after) {
+                j->known_not_after = na;
+                if (m->republish)
+                    m->republish(m->republish_data);
+            }
+            job_check(j);
+            return;
+        }
+    }
+    j->force = 0;
+    j->fallback_tried = 0;
+    char *pref = NULL;
+    kv_key(key, sizeof key, "acme-challenge", j->id);
+    if (st->ops->kv_get(st, key, &pref) == 0) {
+        j->chal = strcmp(pref, "tls-alpn-01") == 0 ? MOAT_ACME_TLSALPN01 : MOAT_ACME_HTTP01;
+        free(pref);
+    }
+    job_start_order(j);
+}
+
+static int parse_leaf(const char *pem, int64_t *nb, int64_t *na, char *issuer, size_t cap)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    X509 *x = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    ERR_clear_error();
+    if (x == NULL)
+        return MOAT_EPARSE;
+    int days, secs;
+    ASN1_TIME *epoch = ASN1_TIME_set(NULL, 0);
+    *nb = ASN1_TIME_diff(&days, &secs, epoch, X509_get0_notBefore(x)) ? (int64_t)days * 86400 + secs
+                                                                      : 0;
+    *na = ASN1_TIME_diff(&days, &secs, epoch, X509_get0_notAfter(x)) ? (int64_t)days * 86400 + secs
+                                                                     : 0;
+    ASN1_TIME_free(epoch);
+    issuer[0] = '\0';
+    X509_NAME_get_text_by_NID(X509_get_issuer_name(x), NID_commonName, issuer, (int)cap);
+    X509_free(x);
+    return 0;
+}
+
+static int store_cert(job_t *j, moat_acme_result_t *res)
+{
+    moat_acmemgr_t *m = j->m;
+    moat_storage_t *st = m->st;
+    int64_t nb, na;
+    char issuer[256];
+    if (parse_leaf(res->chain_pem, &nb, &na, issuer, sizeof issuer) != 0) {
+        MOAT_ERROR("acme: %s: the CA's certificate cannot be parsed", j->id + 5);
+        return MOAT_EPARSE;
+    }
+    moat_cert_record_t rec = {
+        .id = j->id,
+        .names = j->id + 5,
+        .issuer = issuer,
+        .source = (char *)"acme",
+        .not_before = nb,
+        .not_after = na,
+        .cert_pem = res->chain_pem,
+        .key_pem = res->key_pem,
+    };
+    char key[600], detail[512];
+    snprintf(detail, sizeof detail, "%s via %s", issuer, chal_name(res->challenge));
+    int rc = st->ops->begin(st);
+    if (rc == 0)
+        rc = st->ops->put_cert(st, &rec);
+    if (rc == 0)
+        rc = st->ops->add_event(st, j->renewal ? "renewed" : "issued", j->id + 5, detail);
+    kv_key(key, sizeof key, "acme-backoff", j->id);
+    if (rc == 0)
+        rc = st->ops->kv_put(st, key, NULL);
+    kv_key(key, sizeof key, "acme-error", j->id);
+    if (rc == 0)
+        rc = st->ops->kv_put(st, key, NULL);
+    kv_key(key, sizeof key, "acme-challenge", j->id);
+    if (rc == 0)
+        rc = st->ops->kv_put(st, key, chal_name(res->challenge));
+    if (rc == 0)
+        rc = st->ops->commit(st);
+    if (rc != 0) {
+        st->ops->rollback(st);
+        MOAT_ERROR("acme: %s: cannot store the certificate: %s", j->id + 5,
+                   moat_storage_last_error(st));
+        return rc;
+    }
+    char until[64];
+    fmt_time(na, until, sizeof until);
+    uv_update_time(m->loop);
+    MOAT_INFO("acme: %s a certificate for %s from \"%s\" via %s in %.3f s, valid until %s",
+              j->renewal ? "renewed" : "issued", j->id + 5, issuer, chal_name(res->challenge),
+              (double)(uv_now(m->loop) - j->t_start) / 1000.0, until);
+    j->known_not_after = na;
+    return 0;
+}
+
+static void on_order_done(void *data, moat_acme_result_t *res)
+{
+    job_t *j = data;
+    moat_acmemgr_t *m = j->m;
+    j->order = NULL;
+    if (res->rc == 0 && store_cert(j, res) == 0) {
+        lock_release(m, j->id);
+        if (m->republish)
+            m->republish(m->republish_data);
+        job_check(j);
+        return;
+    }
+    if (res->rc != 0 && res->challenge_failed && !j->fallback_tried) {
+        /* The other challenge may work where this one cannot (port 80 blocked, a TLS
+         * terminator in front): try it at once rather than after a backoff. */
+        j->fallback_tried = 1;
+        MOAT_WARN("acme: %s: %s; trying %s instead", j->id + 5, res->error, chal_name(!j->chal));
+        j->chal = (moat_acme_chal_t)!j->chal;
+        job_start_order(j);
+        return;
+    }
+    char key[600], val[64];
+    int64_t failures = 0, next = 0, now = (int64_t)time(NULL);
+    kv_key(key, sizeof key, "acme-backoff", j->id);
+    kv_get_i64(m->st, key, &failures, &next);
+    failures++;
+    int64_t delay = moat_acme_backoff((int)failures, res->retry_after, res->rate_limited);
+    next = now + delay;
+    snprintf(val, sizeof val, "%lld %lld", (long long)failures, (long long)next);
+    m->st->ops->kv_put(m->st, key, val);
+    const char *why = res->error ? res->error : moat_strerror(res->rc);
+    kv_key(key, sizeof key, "acme-error", j->id);
+    m->st->ops->kv_put(m->st, key, why);
+    m->st->ops->add_event(m->st, "acme-failed", j->id + 5, why);
+    lock_release(m, j->id);
+    char when[64];
+    fmt_time(next, when, sizeof when);
+    MOAT_ERROR("acme: %s: %s; attempt %lld failed, next attempt in %lld s at %s%s", j->id + 5, why,
+               (long long)failures, (long long)delay, when, j->ncas > 1 ? " with the next CA" : "");
+    j->ca_i++;
+    job_at(j, next);
+}
+
+static void job_closed(uv_handle_t *h)
+{
+    job_t *j = h->data;
+    for (size_t i = 0; i < j->nnames; i++)
+        free(j->names[i]);
+    free(j->names);
+    for (size_t i = 0; i < j->ncas; i++)
+        free(j->cas[i]);
+    free(j->cas);
+    free(j->id);
+    free(j->email);
+    free(j->preferred);
+    free(j->eab_kid);
+    free(j->eab_hmac);
+    free(j);
+}
+
+static void job_free(job_t *j)
+{
+    if (j->order) {
+        moat_acme_order_cancel(j->order);
+        j->order = NULL;
+        lock_release(j->m, j->id);
+    }
+    uv_close((uv_handle_t *)&j->timer, job_closed);
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s && *s ? moat_xstrdup(s) : NULL;
+}
+
+void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg)
+{
+    for (job_t *j = m->jobs; j; j = j->next)
+        j->seen = 0;
+    for (size_t i = 0; i < cfg->nsites; i++) {
+        const moat_site_t *s = &cfg->sites[i];
+        const char **names;
+        size_t n = moat_certs_site_acme_names(s, &names);
+        if (n == 0) {
+            free(names);
+            continue;
+        }
+        char *id = moat_certs_acme_id(names, n);
+        job_t *j;
+        for (j = m->jobs; j && strcmp(j->id, id) != 0; j = j->next)
+            ;
+        if (j != NULL) {
+            /* Same names: keep the job (and any order in flight); take new settings. */
+            j->seen = 1;
+            free(id);
+            free(names);
+            continue;
+        }
+        j = moat_xcalloc(1, sizeof *j);
+        j->m = m;
+        j->id = id;
+        j->seen = 1;
+        j->names = moat_xcalloc(n, sizeof *j->names);
+        for (size_t k = 0; k < n; k++)
+            j->names[k] = moat_xstrdup(names[k]);
+        j->nnames = n;
+        free(names);
+        j->email = dup_or_null(s->email ? s->email : m->email);
+        j->preferred = dup_or_null(s->preferred_chain);
+        j->eab_kid = dup_or_null(s->eab_kid);
+        j->eab_hmac = dup_or_null(s->eab_hmac);
+        j->ncas = s->ncas ? s->ncas : 1;
+        j->cas = moat_xcalloc(j->ncas, sizeof *j->cas);
+        for (size_t k = 0; k < j->ncas; k++)
+            j->cas[k] = moat_xstrdup(s->ncas ? s->cas[k] : m->ca_url);
+        /* known_not_after stays 0: the first check republishes when a certificate is stored,
+         * in case another process stored it after our snapshot was built. */
+        uv_timer_init(m->loop, &j->timer);
+        j->timer.data = j;
+        j->next = m->jobs;
+        m->jobs = j;
+        /* Start from the loop, after the listeners are up, so validation can reach us. */
+        uv_timer_start(&j->timer, on_job_timer, 0, 0);
+    }
+    for (job_t **pp = &m->jobs; *pp;) {
+        job_t *j = *pp;
+        if (!j->seen) {
+            *pp = j->next;
+            MOAT_INFO("acme: %s is no longer in the site file", j->id + 5);
+            job_free(j);
+        } else {
+            pp = &j->next;
+        }
+    }
+}
+
+void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force)
+{
+    int any = 0;
+    for (job_t *j = m->jobs; j; j = j->next) {
+        int match = name == NULL;
+        for (size_t k = 0; !match && k < j->nnames; k++)
+            match = strcasecmp(j->names[k], name) == 0;
+        if (!match)
+            continue;
+        any = 1;
+        if (j->order) {
+            MOAT_INFO("acme: %s: an order is already in progress", j->id + 5);
+            continue;
+        }
+        MOAT_INFO("acme: %s: renewal asked for%s", j->id + 5, force ? " (forced)" : "");
+        j->force = force;
+        uv_timer_start(&j->timer, on_job_timer, 0, 0);
+    }
+    if (!any)
+        MOAT_WARN("acme: renew: no ACME certificate covers %s", name ? name : "any name");
+}
+
+void moat_acmemgr_renew_request(moat_acmemgr_t *m, const char *data_dir)
+{
+    char path[4096], name[300] = "", mode[32] = "";
+    snprintf(path, sizeof path, "%s/%s", data_dir, MOAT_ACME_RENEW_REQUEST);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        MOAT_WARN("renew: %s: %s", path, strerror(errno));
+        return;
+    }
+    int ok = fscanf(f, "%299s %31s", name, mode) == 2;
+    fclose(f);
+    unlink(path);
+    if (!ok) {
+        MOAT_WARN("renew: %s is malformed", path);
+        return;
+    }
+    moat_acmemgr_renew(m, strcmp(name, "*") == 0 ? NULL : name, strcmp(mode, "force") == 0);
+}
+
+moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat_acmemgr_opts_t *o,
+                                 void (*republish)(void *), void *data, char *err, size_t errlen)
+{
+    const char *ca = o->ca_url    ? o->ca_url
+                     : o->staging ? MOAT_ACME_LE_STAGING
+                                  : MOAT_ACME_LE_PRODUCTION;
+    moat_httpc_t *h = moat_httpc_new(loop, o->ca_root, HTTP_TIMEOUT_MS, err, errlen);
+    if (h == NULL)
+        return NULL;
+    moat_acmemgr_t *m = moat_xcalloc(1, sizeof *m);
+    m->loop = loop;
+    m->st = st;
+    m->http = h;
+    m->email = dup_or_null(o->email);
+    m->ca_url = moat_xstrdup(ca);
+    m->republish = republish;
+    m->republish_data = data;
+    char host[64] = "";
+    gethostname(host, sizeof host - 1);
+    unsigned rnd = 0;
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (f) {
+        if (fread(&rnd, sizeof rnd, 1, f) != 1)
+            rnd = 0;
+        fclose(f);
+    }
+    snprintf(m->owner, sizeof m->owner, "%.40s/%d/%08x", host, (int)getpid(), rnd);
+    return m;
+}
+
+void moat_acmemgr_free(moat_acmemgr_t *m)
+{
+    if (m == NULL)
+        return;
+    while (m->jobs) {
+        job_t *j = m->jobs;
+        m->jobs = j->next;
+        job_free(j);
+    }
+    /* Cancelled orders free themselves once their pending timers and requests report back:
+     * fire the timers now and let the HTTP client abort its requests. */
+    while (m->afters) {
+        struct after *a = m->afters;
+        uv_timer_stop(&a->t);
+        after_unlink(a);
+        uv_close((uv_handle_t *)&a->t, after_closed);
+        a->cb(a->arg);
+    }
+    moat_httpc_free(m->http);
+    moat_acme_challenges_clear();
+    free(m->email);
+    free(m->ca_url);
+    free(m);
+}

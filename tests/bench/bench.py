@@ -1,0 +1,710 @@
+#!/usr/bin/python3
+"""Side-by-side benchmark: nginx, h2o, Caddy and moat as TLS reverse proxies (one worker each)
+in front of the same upstreams on loopback.  The proxy is pinned to CPU 0, the load generators
+and upstreams to CPU 1, so the figures compare per-core efficiency.  Every measurement runs
+BENCH_REPEAT times (default 3); the table shows the median.  run.sh installs the tools and
+builds moat, then calls this.
+
+    bench.py --moat PATH [--proxies nginx,h2o,caddy,moat] [--metrics h2,h1,...] [--out DIR]
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = "/usr/bin/python3"
+SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "5000"))
+BIG = int(os.environ.get("BENCH_BIG_BYTES", str(1 << 30)))
+PROXY_CPU, CLIENT_CPU = "0", "1"
+# Raise the soft open-files limit to the hard one; every child inherits it.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+NOFILE = _hard
+ALL_PROXIES = ["nginx", "h2o", "caddy", "moat"]
+ALL_METRICS = ["h2", "h1", "newconn", "idle", "p99", "sse", "upload", "download"]
+
+
+def log(msg):
+    print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
+
+
+def free_port():
+    while True:
+        p = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+                return p
+            except OSError:
+                continue
+
+
+def on_client_cpu(argv):
+    return ["taskset", "-c", CLIENT_CPU] + argv
+
+
+def run(argv, timeout=None, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# ---- process memory ------------------------------------------------------------------------
+
+
+def tree(pid):
+    """pid and all its descendants (nginx's worker is the master's child)."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def rss_kib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/status" % p) as f:
+                for ln in f:
+                    if ln.startswith("VmRSS:"):
+                        total += int(ln.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class RssSampler(threading.Thread):
+    """Samples the proxy's RSS every 20 ms while a transfer runs; peak minus start is the growth."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.stop, self.peak = pid, threading.Event(), 0
+        self.start_kib = rss_kib(pid)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid))
+            time.sleep(0.02)
+
+    def growth_mib(self):
+        self.stop.set()
+        self.join()
+        self.peak = max(self.peak, rss_kib(self.pid))
+        return (self.peak - self.start_kib) / 1024.0
+
+
+# ---- proxies -------------------------------------------------------------------------------
+
+
+class Proxy:
+    """One proxy under test.  start() writes its config for (port, upstream) and runs it pinned
+    to the proxy CPU; stop() ends it.  Each start is a fresh process."""
+
+    name = "?"
+    wrapper = []  # e.g. valgrind, for profiling runs
+
+    def __init__(self, work, cert, key):
+        self.work, self.cert, self.key = work, cert, key
+        self.proc = None
+        self.port = None
+
+    def argv(self, d, port, upstream):
+        raise NotImplementedError
+
+    def env(self, d):
+        return None
+
+    def start(self, upstream):
+        d = tempfile.mkdtemp(prefix=self.name + "-", dir=self.work)
+        self.port = free_port()
+        argv = self.argv(d, self.port, upstream)
+        self.log = open(os.path.join(d, "stderr.log"), "w")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", PROXY_CPU] + self.wrapper + argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env(d),
+            start_new_session=True,
+        )
+        deadline = time.time() + (120 if self.wrapper else 20)
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited at start: see %s" % (self.name, self.log.name))
+            r = run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}",
+                     "https://localhost:%d/" % self.port], timeout=10)
+            if r.stdout.strip() == "200":
+                # Warm the code paths and the upstream pool before any figure is taken.
+                run(on_client_cpu(["h2load", "--h1", "-n", "200", "-c", "4", self.url()]), timeout=30)
+                return
+            time.sleep(0.2)
+        raise RuntimeError("%s did not answer 200 within 20 s: see %s" % (self.name, self.log.name))
+
+    def url(self, path="/"):
+        return "https://localhost:%d%s" % (self.port, path)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def speaks_h2(self):
+        r = run(["curl", "-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version}", self.url()],
+                timeout=10)
+        return r.stdout.strip() == "2"
+
+
+class Nginx(Proxy):
+    name = "nginx"
+
+    def argv(self, d, port, upstream):
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+worker_processes 1;
+worker_rlimit_nofile {NOFILE};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2 backlog=4096;
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        keepalive_requests 10000000;
+        keepalive_timeout 300s;
+        client_header_timeout 120s;
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            # Buffer responses in memory only (SSE turns it off with X-Accel-Buffering: no);
+            # stream request bodies instead of spooling them to disk.
+            proxy_max_temp_file_size 0;
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+""")
+        return ["nginx", "-p", d, "-e", os.path.join(d, "error.log"), "-c", conf]
+
+
+class H2o(Proxy):
+    name = "h2o"
+
+    def argv(self, d, port, upstream):
+        os.chmod(d, 0o777)  # h2o drops to nobody before writing its pid file
+        conf = os.path.join(d, "h2o.conf")
+        with open(conf, "w") as f:
+            f.write(f"""num-threads: 1
+max-connections: 20000
+limit-request-body: 17179869184
+http1-request-timeout: 120
+http2-idle-timeout: 120
+pid-file: {d}/h2o.pid
+error-log: {d}/error.log
+hosts:
+  "localhost:{port}":
+    listen:
+      host: 127.0.0.1
+      port: {port}
+      ssl:
+        certificate-file: {self.cert}
+        key-file: {self.key}
+        ocsp-update-interval: 0
+    paths:
+      "/":
+        proxy.reverse.url: http://127.0.0.1:{upstream}/
+        proxy.preserve-host: ON
+        proxy.timeout.io: 300000
+""")
+        return ["h2o", "-c", conf]
+
+
+class Caddy(Proxy):
+    name = "caddy"
+
+    def env(self, d):
+        # One worker: the Go runtime on one OS thread running Go code.
+        e = dict(os.environ, GOMAXPROCS="1", HOME=d, XDG_DATA_HOME=d, XDG_CONFIG_HOME=d)
+        return e
+
+    def argv(self, d, port, upstream):
+        conf = os.path.join(d, "Caddyfile")
+        with open(conf, "w") as f:
+            f.write(f"""{{
+    admin off
+    auto_https off
+    http_port {free_port()}
+    https_port {port}
+    servers {{
+        protocols h1 h2
+    }}
+}}
+https://localhost:{port} {{
+    bind 127.0.0.1
+    tls {self.cert} {self.key}
+    reverse_proxy 127.0.0.1:{upstream} {{
+        flush_interval -1
+    }}
+}}
+""")
+        return ["caddy", "run", "--config", conf, "--adapter", "caddyfile"]
+
+
+class Moat(Proxy):
+    name = "moat"
+    binary = "moat"
+    workers = 1
+
+    def argv(self, d, port, upstream):
+        return [self.binary, "run", "localhost", "127.0.0.1:%d" % upstream,
+                "tls=%s,%s" % (self.cert, self.key), "--data", os.path.join(d, "data"),
+                "--http-port", str(free_port()), "--https-port", str(port),
+                "--listen", "127.0.0.1", "--workers", str(self.workers), "--grace", "1",
+                "--access-log", "/dev/null", "--log-level", "warn"]
+
+
+# ---- upstreams (on the client CPU) ---------------------------------------------------------
+
+
+def start_upstreams(work):
+    """nginx serving a small static 200 and a 1 GiB file (the fast upstream), and upstream.py for
+    SSE and the upload sink.  Both pinned to the client CPU."""
+    d = os.path.join(work, "upstream")
+    os.makedirs(d, exist_ok=True)
+    big = os.path.join(d, "big")
+    with open(big, "wb") as f:
+        f.truncate(BIG)  # sparse: reads come from the page cache's zero page, no disk
+    port, py_port = free_port(), free_port()
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+worker_rlimit_nofile {NOFILE};
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /big {{ root {d}; default_type application/octet-stream; }}
+        location / {{ default_type text/plain; return 200 "hello from bench\\n"; }}
+    }}
+}}
+""")
+    procs = [
+        subprocess.Popen(on_client_cpu(["nginx", "-p", d, "-e", os.path.join(d, "error.log"),
+                                        "-c", conf]), start_new_session=True),
+        subprocess.Popen(on_client_cpu([PY, os.path.join(HERE, "upstream.py"), str(py_port)]),
+                         start_new_session=True),
+    ]
+    for p in (port, py_port):
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", p)) == 0:
+                    break
+            time.sleep(0.1)
+    return procs, port, py_port
+
+
+# ---- measurements --------------------------------------------------------------------------
+
+
+def h2load(px, h1):
+    args = ["h2load", "-t1", "-c64", "-D", "%g" % SECONDS, "--warm-up-time", "1"]
+    args += ["--h1"] if h1 else ["-m10"]
+    r = run(on_client_cpu(args + [px.url()]), timeout=SECONDS + 30)
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", r.stdout)
+    codes = re.search(r"status codes: (\d+) 2xx", r.stdout)
+    if not m:
+        raise RuntimeError("h2load output not understood:\n" + r.stdout[-800:] + r.stderr[-400:])
+    ok = codes and int(codes.group(1)) > 0
+    return float(m.group(1)) if ok else None
+
+
+def wrk_parse(out):
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError("wrk output not understood:\n" + out[-800:])
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return float(m.group(1)), int(non2xx.group(1)) if non2xx else 0, errs.group(0) if errs else ""
+
+
+def newconn(px):
+    """Full TLS handshakes (wrk does not resume sessions), one request each."""
+    r = run(on_client_cpu(["wrk", "-t1", "-c16", "-d", "%gs" % SECONDS, "-H", "Connection: close",
+                           px.url()]), timeout=SECONDS + 30)
+    rate, non2xx, _ = wrk_parse(r.stdout)
+    return rate if non2xx == 0 else None
+
+
+def p99(px, work):
+    """~1,000 requests/s: 10 connections, each waiting 10 ms before every request."""
+    lua = os.path.join(work, "delay.lua")
+    with open(lua, "w") as f:
+        f.write("function delay()\n    return 10\nend\n")
+    r = run(on_client_cpu(["wrk", "-t1", "-c10", "-d", "%gs" % SECONDS, "--latency", "-s", lua,
+                           px.url()]), timeout=SECONDS + 30)
+    wrk_parse(r.stdout)
+    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", r.stdout, re.M)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return float(m.group(1)) * scale[m.group(2)]
+
+
+def established(port):
+    """Established TCP connections whose local port is port (the proxy's side)."""
+    n = 0
+    want = ":%04X" % port
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for ln in f:
+                    parts = ln.split(None, 4)
+                    if parts[1].endswith(want) and parts[3] == "01":
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
+def build_idle_client(work):
+    """idle_conns.c against BoringSSL (never OpenSSL's libssl), into the output folder."""
+    out = os.path.join(work, "idle_conns")
+    lib = "/usr/lib/x86_64-linux-gnu/android"
+    r = run(["gcc", "-O2", "-std=c11", "-Wall", "-D_GNU_SOURCE", "-isystem", "/usr/include/android",
+             os.path.join(HERE, "idle_conns.c"), "-o", out, "-L" + lib, "-Wl,-rpath," + lib,
+             "-lssl", "-lcrypto"])
+    if r.returncode != 0:
+        sys.exit("cannot build idle_conns.c:\n" + r.stderr)
+    return out
+
+
+def idle(px, client):
+    """Fresh proxy per call; KiB of proxy RSS per idle TLS connection: IDLE_CONNS connections
+    with finished handshakes and no request, at most 64 handshakes in flight."""
+    base = rss_kib(px.proc.pid)
+    c = subprocess.Popen(on_client_cpu([client, str(px.port), str(IDLE_CONNS), "64"]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        res = json.loads(c.stdout.readline())
+        time.sleep(1.0)  # let the last handshakes' transient state go
+        after = rss_kib(px.proc.pid)
+        n = established(px.port)
+    finally:
+        try:
+            c.stdin.write("\n")
+            c.stdin.close()
+        except BrokenPipeError:
+            pass
+        c.wait(timeout=30)
+    if res["open"] < IDLE_CONNS * 0.98 or n < IDLE_CONNS * 0.98:
+        log("%s: only %d/%d idle connections open (%d established)" %
+            (px.name, res["open"], IDLE_CONNS, n))
+        return None
+    return (after - base) / res["open"]
+
+
+def sse(px):
+    r = run(on_client_cpu([PY, os.path.join(HERE, "sse_client.py"), str(px.port), "300", "10"]),
+            timeout=60)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if r.returncode != 0:
+        log("%s: sse incomplete: %s" % (px.name, res))
+        return None
+    return res["p50_us"] / 1000.0, res["p99_us"] / 1000.0
+
+
+def transfer(px, up, bigfile):
+    """1 GiB through the proxy in one direction; MiB/s and the proxy's peak RSS growth."""
+    sampler = RssSampler(px.proc.pid)
+    sampler.start()
+    if up:
+        argv = ["curl", "-sk", "--http1.1", "-H", "Expect:", "-T", bigfile, "-o", "/dev/null",
+                "-w", "%{http_code} %{speed_upload} %{size_upload}", px.url("/upload")]
+    else:
+        argv = ["curl", "-sk", "--http1.1", "-o", "/dev/null",
+                "-w", "%{http_code} %{speed_download} %{size_download}", px.url("/big")]
+    r = run(on_client_cpu(argv), timeout=120)
+    growth = sampler.growth_mib()
+    code, speed, size = r.stdout.split()
+    if code != "200" or int(float(size)) != BIG:
+        log("%s: %s failed: %s %s" % (px.name, "upload" if up else "download", r.stdout, r.stderr))
+        return None
+    return float(speed) / (1 << 20), growth
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def measure(px, metrics, up_fast, up_py, work, bigfile, idle_client):
+    res = {}
+
+    def rep(key, fn):
+        vals = []
+        for _ in range(REPEAT):
+            try:
+                vals.append(fn())
+            except Exception as e:  # noqa: BLE001 - one bad run must not lose the table
+                log("%s %s: %s" % (px.name, key, e))
+                vals.append(None)
+        log("%s %s: %s" % (px.name, key, vals))
+        return vals
+
+    if "idle" in metrics:
+        vals = []
+        for _ in range(REPEAT):
+            px.start(up_fast)
+            try:
+                vals.append(idle(px, idle_client))
+            finally:
+                px.stop()
+        log("%s idle: %s" % (px.name, vals))
+        res["idle"] = median(vals)
+    fast = [m for m in metrics if m in ("h2", "h1", "newconn", "p99", "download")]
+    if fast:
+        px.start(up_fast)
+        try:
+            if "h2" in fast:
+                res["h2"] = median(rep("h2", lambda: h2load(px, False))) if px.speaks_h2() else "n/a"
+            if "h1" in fast:
+                res["h1"] = median(rep("h1", lambda: h2load(px, True)))
+            if "newconn" in fast:
+                res["newconn"] = median(rep("newconn", lambda: newconn(px)))
+            if "p99" in fast:
+                res["p99"] = median(rep("p99", lambda: p99(px, work)))
+            if "download" in fast:
+                v = [x for x in rep("download", lambda: transfer(px, False, bigfile)) if x]
+                res["down_speed"] = median([x[0] for x in v])
+                res["down_rss"] = median([x[1] for x in v])
+        finally:
+            px.stop()
+    slow = [m for m in metrics if m in ("sse", "upload")]
+    if slow:
+        px.start(up_py)
+        try:
+            if "sse" in slow:
+                v = [x for x in rep("sse", lambda: sse(px)) if x]
+                res["sse_p50"] = median([x[0] for x in v])
+                res["sse_p99"] = median([x[1] for x in v])
+            if "upload" in slow:
+                v = [x for x in rep("upload", lambda: transfer(px, True, bigfile)) if x]
+                res["up_speed"] = median([x[0] for x in v])
+                res["up_rss"] = median([x[1] for x in v])
+        finally:
+            px.stop()
+    return res
+
+
+ROWS = [
+    # key, label, higher is better, format, target (text)
+    ("h2", "h2 req/s (c64 m10)", True, "%.0f", ">= 1.2x h2o"),
+    ("h1", "h1-over-TLS req/s (c64)", True, "%.0f", ">= 1.2x h2o"),
+    ("newconn", "new TLS conn/s (1 req each)", True, "%.0f", ">= 1.0x h2o"),
+    ("idle", "KiB per idle TLS conn", False, "%.1f", "<= 8 KiB"),
+    ("p99", "p99 ms @ ~1k req/s", False, "%.2f", "-"),
+    ("sse_p50", "SSE relay delay p50 ms", False, "%.3f", "-"),
+    ("sse_p99", "SSE relay delay p99 ms", False, "%.3f", "< 1 ms"),
+    ("up_speed", "1 GiB upload MiB/s", True, "%.0f", "-"),
+    ("up_rss", "  upload RSS growth MiB", False, "%.1f", "< 16 MiB"),
+    ("down_speed", "1 GiB download MiB/s", True, "%.0f", "-"),
+    ("down_rss", "  download RSS growth MiB", False, "%.1f", "< 16 MiB"),
+]
+
+
+def table(results, proxies):
+    names = {"nginx": "nginx", "h2o": "h2o", "caddy": "Caddy", "moat": "moat"}
+    ref = [p for p in ("h2o", "nginx", "caddy") if p in proxies and "moat" in proxies]
+    head = ["metric"] + [names[p] for p in proxies] + ["moat/" + names[p] for p in ref] + ["target"]
+    lines = []
+    for key, label, _, fmt, target in ROWS:
+        if not any(key in results.get(p, {}) for p in proxies):
+            continue
+        row = [label]
+        for p in proxies:
+            v = results.get(p, {}).get(key)
+            row.append(v if isinstance(v, str) else ("-" if v is None else fmt % v))
+        mv = results.get("moat", {}).get(key)
+        for p in ref:
+            v = results.get(p, {}).get(key)
+            ok = isinstance(mv, (int, float)) and isinstance(v, (int, float)) and v > 0
+            row.append("%.2f" % (mv / v) if ok else "n/a")
+        row.append(target)
+        lines.append(row)
+    widths = [max(len(str(r[i])) for r in lines + [head]) for i in range(len(head))]
+    out = []
+    for r in [head, ["-" * w for w in widths]] + lines:
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def profile(kind, work, cert, key, up_fast):
+    """The h1 proxied path of moat under perf (cpu-clock samples, since this VM has no hardware
+    counters), callgrind (instruction counts) or strace -c (syscalls per request)."""
+    px = Moat(work, cert, key)
+    n = int(os.environ.get("BENCH_PROFILE_REQUESTS", "20000"))
+    if kind == "callgrind":
+        px.wrapper = ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s/callgrind.out" % work]
+    px.start(up_fast)
+    try:
+        load = on_client_cpu(["h2load", "--h1", "-t1", "-c64", "-n", str(n), px.url()])
+        if kind == "perf":
+            rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "4000", "-g", "-o",
+                                    os.path.join(work, "perf.data"), "-p", str(px.proc.pid)],
+                                   stderr=subprocess.DEVNULL)
+        elif kind == "strace":
+            rec = subprocess.Popen(["strace", "-c", "-f", "-o", os.path.join(work, "strace.txt"),
+                                    "-p", str(px.proc.pid)])
+            time.sleep(1)
+        elif kind == "callgrind":
+            rec = None
+            run(["callgrind_control", "-z", str(px.proc.pid)])  # count the measured run only
+        r = run(load, timeout=600)
+        print(re.search(r"finished in .*", r.stdout).group(0), "|",
+              re.search(r"status codes: .*", r.stdout).group(0))
+        if rec:
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=60)
+        if kind == "callgrind":
+            run(["callgrind_control", "-d", str(px.proc.pid)])
+    finally:
+        px.stop()
+    log("%s output in %s (%d requests)" % (kind, work, n))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", choices=["perf", "callgrind", "strace"], default=None)
+    ap.add_argument("--moat", required=True)
+    ap.add_argument("--moat-workers", type=int, default=1)
+    ap.add_argument("--proxies", default=",".join(ALL_PROXIES))
+    ap.add_argument("--metrics", default=",".join(ALL_METRICS))
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    # Stopping the bench (Ctrl-C, kill) must still stop every proxy and upstream it started:
+    # turn both signals into exceptions so the finally blocks run.  A shell's background job
+    # inherits SIGINT ignored, hence the explicit handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    proxies = a.proxies.split(",")
+    metrics = a.metrics.split(",")
+    Moat.binary = os.path.abspath(a.moat)
+    Moat.workers = a.moat_workers
+    work = a.out or tempfile.mkdtemp(prefix="moat-bench-")
+    os.makedirs(work, exist_ok=True)
+    os.chmod(work, 0o755)  # nginx and h2o workers run as nobody
+    cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+    # One ECDSA P-256 certificate for every proxy, so the handshakes cost the same work.
+    r = run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+    if r.returncode != 0:
+        sys.exit("openssl: " + r.stderr)
+    idle_client = build_idle_client(work) if "idle" in metrics else None
+    procs, up_fast, up_py = start_upstreams(work)
+    bigfile = os.path.join(work, "upstream", "big")
+    if a.profile:
+        try:
+            profile(a.profile, work, cert, key, up_fast)
+        finally:
+            for pr in procs:
+                os.killpg(pr.pid, signal.SIGTERM)
+                pr.wait()
+        return
+    results = {}
+    load_start = loadavg()
+    t0 = time.time()
+    classes = {"nginx": Nginx, "h2o": H2o, "caddy": Caddy, "moat": Moat}
+    try:
+        for p in proxies:
+            px = classes[p](work, cert, key)
+            log("%s: start (load %s)" % (p, loadavg()))
+            try:
+                results[p] = measure(px, metrics, up_fast, up_py, work, bigfile, idle_client)
+            except Exception as e:  # noqa: BLE001 - report the others anyway
+                log("%s: %s" % (p, e))
+                results[p] = {}
+            finally:
+                px.stop()
+    finally:
+        for pr in procs:
+            os.killpg(pr.pid, signal.SIGTERM)
+            pr.wait()
+    tbl = table(results, proxies)
+    info = ("%d-core machine; proxy on CPU %s, clients+upstreams on CPU %s; median of %d runs of "
+            "%gs; load average %s at start, %s at end; %.0f s total" %
+            (os.cpu_count(), PROXY_CPU, CLIENT_CPU, REPEAT, SECONDS, load_start, loadavg(),
+             time.time() - t0))
+    print(tbl)
+    print(info)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({"results": results, "info": info}, f, indent=1)
+    with open(os.path.join(work, "table.txt"), "w") as f:
+        f.write(tbl + "\n" + info + "\n")
+    log("results in %s" % work)
+    if os.environ.get("BENCH_KEEP") != "1":
+        shutil.rmtree(os.path.join(work, "upstream"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

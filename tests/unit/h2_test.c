@@ -1,0 +1,525 @@
+/* Unit tests for the sans-I/O HTTP/2 session (http2/session.c), driven in memory by an
+ * nghttp2 client session. */
+#include "moat/h2.h"
+#include "test.h"
+
+#include <nghttp2/nghttp2.h>
+#include <stdlib.h>
+
+/* ---- the server side's view ---- */
+
+typedef struct {
+    int requests, ends, closes, datas;
+    int32_t last_id;
+    uint32_t last_close_code;
+    char method[32], path[64], authority[64], protocol[32], cookie[128], upper[8];
+    int64_t content_length;
+    int end_stream;
+    size_t nheaders, body;
+    int hold; /* do not consume request bytes */
+    moat_h2_t *h;
+} srv_t;
+
+static void *on_request(void *ud, int32_t id, const moat_h2_request_t *r)
+{
+    srv_t *s = ud;
+    s->requests++;
+    s->last_id = id;
+    snprintf(s->method, sizeof s->method, "%.*s", (int)r->method.len, r->method.base);
+    snprintf(s->path, sizeof s->path, "%.*s", (int)r->path.len, r->path.base);
+    snprintf(s->authority, sizeof s->authority, "%.*s", (int)r->authority.len, r->authority.base);
+    snprintf(s->protocol, sizeof s->protocol, "%.*s", (int)r->protocol.len, r->protocol.base);
+    s->cookie[0] = 0;
+    for (size_t i = 0; i < r->nheaders; i++)
+        if (moat_slice_eq(r->headers[i].name, "cookie"))
+            snprintf(s->cookie, sizeof s->cookie, "%.*s", (int)r->headers[i].value.len,
+                     r->headers[i].value.base);
+    s->nheaders = r->nheaders;
+    s->content_length = r->content_length;
+    s->end_stream = r->end_stream;
+    return s;
+}
+
+static void on_data(void *ud, void *st, int32_t id, moat_slice_t d)
+{
+    srv_t *s = ud;
+    (void)st;
+    s->datas++;
+    s->body += d.len;
+    if (!s->hold)
+        moat_h2_consume(s->h, id, d.len);
+}
+
+static void on_end(void *ud, void *st, int32_t id)
+{
+    (void)st, (void)id;
+    ((srv_t *)ud)->ends++;
+}
+
+static void on_close(void *ud, void *st, int32_t id, uint32_t code)
+{
+    srv_t *s = ud;
+    (void)st, (void)id;
+    s->closes++;
+    s->last_close_code = code;
+}
+
+static const moat_h2_cb_t srv_cb = {on_request, on_data, on_end, on_close};
+
+/* ---- the client ---- */
+
+typedef struct {
+    nghttp2_session *s;
+    int goaway, rst;
+    uint32_t goaway_code, rst_code;
+    int status, connect_protocol;
+    size_t body;
+    int end;
+    char hdr_names[512];
+    const uint8_t *upload;
+    size_t upload_left;
+} cli_t;
+
+static int c_on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    cli_t *c = ud;
+    if (f->hd.type == NGHTTP2_GOAWAY) {
+        c->goaway++;
+        c->goaway_code = f->goaway.error_code;
+    } else if (f->hd.type == NGHTTP2_RST_STREAM) {
+        c->rst++;
+        c->rst_code = f->rst_stream.error_code;
+    } else if (f->hd.type == NGHTTP2_SETTINGS && !(f->hd.flags & NGHTTP2_FLAG_ACK)) {
+        c->connect_protocol =
+            (int)nghttp2_session_get_remote_settings(s, NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL);
+    }
+    if ((f->hd.type == NGHTTP2_DATA || f->hd.type == NGHTTP2_HEADERS) &&
+        (f->hd.flags & NGHTTP2_FLAG_END_STREAM))
+        c->end++;
+    return 0;
+}
+
+static int c_on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *n, size_t nl,
+                       const uint8_t *v, size_t vl, uint8_t flags, void *ud)
+{
+    cli_t *c = ud;
+    (void)s, (void)f, (void)flags;
+    if (nl == 7 && memcmp(n, ":status", 7) == 0)
+        c->status = atoi((const char *)v) ? (int)strtol((const char *)v, NULL, 10) : 0;
+    else if (strlen(c->hdr_names) + nl + 2 < sizeof c->hdr_names)
+        strncat(strncat(c->hdr_names, (const char *)n, nl), " ", 2);
+    (void)vl;
+    return 0;
+}
+
+static int c_on_data(nghttp2_session *s, uint8_t fl, int32_t id, const uint8_t *d, size_t len,
+                     void *ud)
+{
+    (void)s, (void)fl, (void)id, (void)d;
+    ((cli_t *)ud)->body += len;
+    return 0;
+}
+
+static ssize_t c_read_upload(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len,
+                             uint32_t *flags, nghttp2_data_source *src, void *ud)
+{
+    cli_t *c = ud;
+    (void)s, (void)id, (void)src;
+    size_t n = MOAT_MIN(len, c->upload_left);
+    memset(buf, 'u', n);
+    c->upload_left -= n;
+    if (c->upload_left == 0)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return (ssize_t)n;
+}
+
+static void cli_init(cli_t *c)
+{
+    memset(c, 0, sizeof *c);
+    nghttp2_option *opt;
+    nghttp2_option_new(&opt);
+    /* Let the client send header blocks larger than the server accepts. */
+    nghttp2_option_set_max_send_header_block_length(opt, 1 << 20);
+    nghttp2_session_callbacks *cb;
+    nghttp2_session_callbacks_new(&cb);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, c_on_frame_recv);
+    nghttp2_session_callbacks_set_on_header_callback(cb, c_on_header);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, c_on_data);
+    nghttp2_session_client_new2(&c->s, cb, c, opt);
+    nghttp2_option_del(opt);
+    nghttp2_session_callbacks_del(cb);
+    nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, NULL, 0);
+}
+
+/* Move bytes both ways until neither side has anything to say. Returns the last server
+ * receive result (negative when the server ended the connection). */
+static ssize_t pump(cli_t *c, moat_h2_t *h, int server_writes)
+{
+    ssize_t last = 0;
+    for (int i = 0; i < 10000; i++) {
+        int moved = 0;
+        const uint8_t *p;
+        ssize_t n;
+        while ((n = nghttp2_session_mem_send(c->s, &p)) > 0) {
+            moved = 1;
+            last = moat_h2_recv(h, p, (size_t)n, 1000 + (uint64_t)i);
+            if (last < 0)
+                return last;
+        }
+        if (server_writes) {
+            moat_slice_t out;
+            while (moat_h2_send(h, &out) == 0 && out.len > 0) {
+                moved = 1;
+                nghttp2_session_mem_recv(c->s, (const uint8_t *)out.base, out.len);
+            }
+        }
+        if (!moved)
+            break;
+    }
+    return last;
+}
+
+/* Frames the server wrote, parsed from its raw output (for requests the client library would
+ * refuse to send, answered on streams it does not know). */
+typedef struct {
+    int rst, goaway;
+    uint32_t rst_code, goaway_code;
+} seen_t;
+
+static void drain_raw(moat_h2_t *h, seen_t *seen)
+{
+    moat_slice_t out;
+    static uint8_t acc[1 << 16];
+    size_t n = 0;
+    while (moat_h2_send(h, &out) == 0 && out.len > 0 && n + out.len <= sizeof acc) {
+        memcpy(acc + n, out.base, out.len);
+        n += out.len;
+    }
+    for (size_t o = 0; o + 9 <= n;) {
+        size_t len = (size_t)acc[o] << 16 | (size_t)acc[o + 1] << 8 | acc[o + 2];
+        uint8_t type = acc[o + 3];
+        const uint8_t *p = acc + o + 9;
+        if (type == NGHTTP2_RST_STREAM) {
+            seen->rst++;
+            seen->rst_code = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | p[2] << 8 | p[3];
+        } else if (type == NGHTTP2_GOAWAY) {
+            seen->goaway++;
+            seen->goaway_code = (uint32_t)p[4] << 24 | (uint32_t)p[5] << 16 | p[6] << 8 | p[7];
+        }
+        o += 9 + len;
+    }
+}
+
+/* A HEADERS frame (END_STREAM|END_HEADERS) with fields encoded as given, byte for byte. */
+static void send_raw_headers(moat_h2_t *h, int32_t id, const nghttp2_nv *nv, size_t n)
+{
+    nghttp2_hd_deflater *d;
+    nghttp2_hd_deflate_new(&d, 4096);
+    uint8_t buf[4096 + 9];
+    ssize_t len = nghttp2_hd_deflate_hd(d, buf + 9, sizeof buf - 9, nv, n);
+    nghttp2_hd_deflate_del(d);
+    buf[0] = 0, buf[1] = (uint8_t)(len >> 8), buf[2] = (uint8_t)len;
+    buf[3] = NGHTTP2_HEADERS, buf[4] = NGHTTP2_FLAG_END_STREAM | NGHTTP2_FLAG_END_HEADERS;
+    buf[5] = 0, buf[6] = 0, buf[7] = 0, buf[8] = (uint8_t)id;
+    moat_h2_recv(h, buf, (size_t)len + 9, 5000);
+}
+
+#define NV(n, v)                                                                                   \
+    {                                                                                              \
+        (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, sizeof(v) - 1, 0                            \
+    }
+
+static void setup(srv_t *s, cli_t *c, int connect_protocol)
+{
+    memset(s, 0, sizeof *s);
+    moat_h2_settings_t set = {.enable_connect_protocol = connect_protocol};
+    s->h = moat_h2_new(&set, &srv_cb, s);
+    cli_init(c);
+    pump(c, s->h, 1);
+}
+
+static void teardown(srv_t *s, cli_t *c)
+{
+    moat_h2_free(s->h);
+    nghttp2_session_del(c->s);
+}
+
+static void test_request_response(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    CHECK_INT(c.connect_protocol, 0);
+    nghttp2_nv nv[] = {NV(":method", "GET"),  NV(":scheme", "https"), NV(":authority", "a.test"),
+                       NV(":path", "/x?y=1"), NV("cookie", "a=1"),    NV("accept", "*/*"),
+                       NV("cookie", "b=2"),   NV("cookie", "c=3")};
+    int32_t id = nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 1);
+    CHECK_STR(s.method, "GET");
+    CHECK_STR(s.path, "/x?y=1");
+    CHECK_STR(s.authority, "a.test");
+    CHECK_STR(s.cookie, "a=1; b=2; c=3"); /* RFC 9113 §8.2.3 */
+    CHECK_INT(s.nheaders, 2);             /* one cookie field + accept */
+    CHECK_INT(s.end_stream, 1);
+    CHECK_INT(s.content_length, -1);
+    CHECK_INT(moat_h2_open_streams(s.h), 1);
+    moat_header_t rh[] = {{MOAT_SLICE_LIT("Content-Type"), MOAT_SLICE_LIT("text/plain")},
+                          {MOAT_SLICE_LIT("Connection"), MOAT_SLICE_LIT("close")},
+                          {MOAT_SLICE_LIT("X-Mixed-Case"), MOAT_SLICE_LIT("v")}};
+    CHECK_INT(moat_h2_respond(s.h, id, 200, rh, 3, -1, 1), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(c.status, 200);
+    CHECK_STR(c.hdr_names, "content-type x-mixed-case ");
+    CHECK_INT(c.end, 0); /* body deferred until data arrives */
+    CHECK_INT(moat_h2_send_data(s.h, id, MOAT_SLICE_LIT("hello ")), 0);
+    CHECK_INT(moat_h2_stream_queued(s.h, id), 6);
+    pump(&c, s.h, 1);
+    CHECK_INT(c.body, 6);
+    CHECK_INT(moat_h2_stream_queued(s.h, id), 0);
+    CHECK_INT(moat_h2_send_data(s.h, id, MOAT_SLICE_LIT("world")), 0);
+    CHECK_INT(moat_h2_send_end(s.h, id), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(c.body, 11);
+    CHECK_INT(c.end, 1);
+    CHECK_INT(s.closes, 1);
+    CHECK_INT(s.last_close_code, 0);
+    CHECK_INT(moat_h2_open_streams(s.h), 0);
+    CHECK(moat_h2_send_data(s.h, id, MOAT_SLICE_LIT("x")) == MOAT_ECLOSED);
+    teardown(&s, &c);
+}
+
+static void test_flow_control_backpressure(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    s.hold = 1;
+    /* Give the client a big connection window so only the stream window can stop it. */
+    nghttp2_nv nv[] = {NV(":method", "POST"), NV(":scheme", "https"), NV(":authority", "a"),
+                       NV(":path", "/up")};
+    c.upload_left = 1024 * 1024;
+    nghttp2_data_provider prd = {.read_callback = c_read_upload};
+    int32_t id = nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), &prd, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 1);
+    CHECK_INT(s.end_stream, 0);
+    /* Nothing consumed: the client stops at the stream window. */
+    CHECK_INT(s.body, MOAT_H2_STREAM_WINDOW);
+    CHECK_INT(nghttp2_session_get_stream_remote_window_size(c.s, id), 0);
+    moat_h2_consume(s.h, id, s.body);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.body, 2 * MOAT_H2_STREAM_WINDOW);
+    s.hold = 0;
+    moat_h2_consume(s.h, id, MOAT_H2_STREAM_WINDOW);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.body, 1024 * 1024);
+    CHECK_INT(s.ends, 1);
+    teardown(&s, &c);
+}
+
+static void test_invalid_headers_rejected(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    /* NO_INDEX: the encoder's table stays empty, so each block decodes on its own. */
+#define NVR(n, v)                                                                                  \
+    {(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, sizeof(v) - 1, NGHTTP2_NV_FLAG_NO_INDEX}
+    nghttp2_nv upper[] = {NVR(":method", "GET"), NVR(":scheme", "https"), NVR(":authority", "a"),
+                          NVR(":path", "/"), NVR("X-Upper", "1")};
+    send_raw_headers(s.h, 1, upper, MOAT_ARRAY_LEN(upper));
+    drain_raw(s.h, &seen);
+    CHECK_INT(s.requests, 0);
+    CHECK_INT(seen.rst, 1);
+    CHECK_INT(seen.rst_code, NGHTTP2_PROTOCOL_ERROR);
+    nghttp2_nv conn[] = {NVR(":method", "GET"), NVR(":scheme", "https"), NVR(":authority", "a"),
+                         NVR(":path", "/"), NVR("connection", "keep-alive")};
+    send_raw_headers(s.h, 3, conn, MOAT_ARRAY_LEN(conn));
+    drain_raw(s.h, &seen);
+    CHECK_INT(s.requests, 0);
+    CHECK_INT(seen.rst, 2);
+    nghttp2_nv te[] = {NVR(":method", "GET"), NVR(":scheme", "https"), NVR(":authority", "a"),
+                       NVR(":path", "/"), NVR("te", "gzip")};
+    send_raw_headers(s.h, 5, te, MOAT_ARRAY_LEN(te));
+    drain_raw(s.h, &seen);
+    CHECK_INT(s.requests, 0);
+    CHECK_INT(seen.rst, 3);
+    nghttp2_nv nopath[] = {NVR(":method", "GET"), NVR(":scheme", "https"), NVR(":authority", "a")};
+    send_raw_headers(s.h, 7, nopath, MOAT_ARRAY_LEN(nopath));
+    drain_raw(s.h, &seen);
+    CHECK_INT(s.requests, 0);
+    CHECK_INT(seen.rst, 4);
+    nghttp2_nv ok[] = {NVR(":method", "GET"), NVR(":scheme", "https"), NVR(":authority", "a"),
+                       NVR(":path", "/"), NVR("te", "trailers")};
+    send_raw_headers(s.h, 9, ok, MOAT_ARRAY_LEN(ok));
+    drain_raw(s.h, &seen);
+    CHECK_INT(s.requests, 1);
+    CHECK_INT(seen.goaway, 0);
+    teardown(&s, &c);
+}
+
+static void test_content_length_mismatch(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    nghttp2_nv nv[] = {NV(":method", "POST"), NV(":scheme", "https"), NV(":authority", "a"),
+                       NV(":path", "/"), NV("content-length", "10")};
+    c.upload_left = 4;
+    nghttp2_data_provider prd = {.read_callback = c_read_upload};
+    nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), &prd, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 1);
+    CHECK_INT(s.content_length, 10);
+    CHECK_INT(s.ends, 0); /* never a whole body */
+    CHECK_INT(s.closes, 1);
+    CHECK_INT(s.last_close_code, NGHTTP2_PROTOCOL_ERROR);
+    teardown(&s, &c);
+}
+
+static void test_extended_connect(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 1);
+    CHECK_INT(c.connect_protocol, 1);
+    nghttp2_nv nv[] = {NV(":method", "CONNECT"), NV(":protocol", "websocket"),
+                       NV(":scheme", "https"),   NV(":authority", "a"),
+                       NV(":path", "/ws"),       NV("sec-websocket-version", "13")};
+    nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 1);
+    CHECK_STR(s.method, "CONNECT");
+    CHECK_STR(s.protocol, "websocket");
+    CHECK_STR(s.path, "/ws");
+    teardown(&s, &c);
+}
+
+static void test_rapid_reset(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    nghttp2_nv nv[] = {NV(":method", "GET"), NV(":scheme", "https"), NV(":authority", "a"),
+                       NV(":path", "/")};
+    for (int i = 0; i < 2000 && c.goaway == 0; i++) {
+        int32_t id = nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+        pump(&c, s.h, 1);
+        nghttp2_submit_rst_stream(c.s, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+        pump(&c, s.h, 1);
+    }
+    CHECK_INT(c.goaway, 1);
+    CHECK_INT(c.goaway_code, NGHTTP2_ENHANCE_YOUR_CALM);
+    CHECK(s.requests < 1000);
+    CHECK(!moat_h2_want_read(s.h));
+    CHECK_INT(moat_h2_open_streams(s.h), 0);
+    teardown(&s, &c);
+}
+
+static void test_header_list_limit(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    static char big[8000];
+    memset(big, 'b', sizeof big);
+    nghttp2_nv nv[13] = {NV(":method", "GET"), NV(":scheme", "https"), NV(":authority", "a"),
+                         NV(":path", "/")};
+    for (int i = 4; i < 13; i++) /* 9 x 8000 bytes + overhead > 64 KiB */
+        nv[i] = (nghttp2_nv){(uint8_t *)"x-big", (uint8_t *)big, 5, sizeof big,
+                             NGHTTP2_NV_FLAG_NO_INDEX};
+    nghttp2_submit_request(c.s, NULL, nv, 13, NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 0);
+    CHECK_INT(c.rst, 1);
+    CHECK_INT(c.goaway, 0); /* one oversized list costs a stream, not the connection */
+    teardown(&s, &c);
+}
+
+static void test_settings_flood_unread(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    /* A client that never reads: each PING asks for an ACK the server cannot deliver. */
+    ssize_t r = 0;
+    for (int i = 0; i < 5000 && r >= 0; i++) {
+        nghttp2_submit_ping(c.s, NGHTTP2_FLAG_NONE, NULL);
+        r = pump(&c, s.h, 0);
+    }
+    /* Either nghttp2's outbound ACK cap (NGHTTP2_ERR_FLOODED) or moat's control-frame
+     * budget ends it, whichever comes first. */
+    CHECK(r < 0 || moat_h2_why(s.h)[0] != 0);
+    teardown(&s, &c);
+}
+
+static void test_ping_flood_read(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    for (int i = 0; i < 5000 && c.goaway == 0; i++) {
+        nghttp2_submit_ping(c.s, NGHTTP2_FLAG_NONE, NULL);
+        pump(&c, s.h, 1); /* all within ~5 "seconds" of the fake clock */
+    }
+    CHECK_INT(c.goaway, 1);
+    CHECK_INT(c.goaway_code, NGHTTP2_ENHANCE_YOUR_CALM);
+    teardown(&s, &c);
+}
+
+static void test_goaway_graceful(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    nghttp2_nv nv[] = {NV(":method", "GET"), NV(":scheme", "https"), NV(":authority", "a"),
+                       NV(":path", "/")};
+    int32_t id = nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(&c, s.h, 1);
+    moat_h2_goaway(s.h);
+    moat_h2_goaway(s.h); /* idempotent */
+    pump(&c, s.h, 1);
+    CHECK_INT(c.goaway, 1);
+    CHECK_INT(c.goaway_code, NGHTTP2_NO_ERROR);
+    CHECK_INT(moat_h2_open_streams(s.h), 1);
+    /* A stream opened after the GOAWAY is not taken. */
+    nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(s.requests, 1);
+    /* The stream in flight completes. */
+    CHECK_INT(moat_h2_respond(s.h, id, 204, NULL, 0, -1, 0), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(c.status, 204);
+    CHECK_INT(moat_h2_open_streams(s.h), 0);
+    CHECK(!moat_h2_want_read(s.h) || !moat_h2_want_write(s.h));
+    teardown(&s, &c);
+}
+
+static void test_bad_preface(void)
+{
+    srv_t s;
+    memset(&s, 0, sizeof s);
+    moat_h2_settings_t set = {0};
+    s.h = moat_h2_new(&set, &srv_cb, &s);
+    const char junk[] = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    CHECK(moat_h2_recv(s.h, junk, sizeof junk - 1, 1) < 0);
+    moat_h2_free(s.h);
+}
+
+int main(void)
+{
+    test_request_response();
+    test_flow_control_backpressure();
+    test_invalid_headers_rejected();
+    test_content_length_mismatch();
+    test_extended_connect();
+    test_rapid_reset();
+    test_header_list_limit();
+    test_settings_flood_unread();
+    test_ping_flood_read();
+    test_goaway_graceful();
+    test_bad_preface();
+    return test_summary("h2");
+}
