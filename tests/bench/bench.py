@@ -633,10 +633,13 @@ def profile(kind, work, cert, key, up_fast):
 
 
 def main():
+    global PROXY_CPU
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", choices=["perf", "callgrind", "strace"], default=None)
     ap.add_argument("--moat", required=True)
     ap.add_argument("--moat-workers", type=int, default=1)
+    ap.add_argument("--proxy-cpus", default=PROXY_CPU,
+                    help="taskset list for the proxies, e.g. 0-1 with --moat-workers 2")
     ap.add_argument("--proxies", default=",".join(ALL_PROXIES))
     ap.add_argument("--metrics", default=",".join(ALL_METRICS))
     ap.add_argument("--out", default=None)
@@ -650,6 +653,7 @@ def main():
     metrics = a.metrics.split(",")
     Moat.binary = os.path.abspath(a.moat)
     Moat.workers = a.moat_workers
+    PROXY_CPU = a.proxy_cpus
     work = a.out or tempfile.mkdtemp(prefix="moat-bench-")
     os.makedirs(work, exist_ok=True)
     os.chmod(work, 0o755)  # nginx and h2o workers run as nobody

@@ -213,7 +213,7 @@ def test_websocket_over_h2_rfc8441_socketio(moat, upstream):
     assert c.server_settings.get(8) == 1
     c.request(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
                   (":authority", f"localhost:{p.https_port}"),
-                  (":path", "/socket.io/?EIO=4&transport=websocket"),
+                  (":path", "/ws/socket.io/?EIO=4&transport=websocket"),
                   ("sec-websocket-version", "13")], end_stream=False)
     f = c.read_until(lambda f: f.type == HEADERS and f.sid == 1)
     assert f is not None and dict(f.headers)[":status"] == "200", f and f.headers
