@@ -20,9 +20,8 @@ from pathlib import Path
 
 import httpx
 
-import helpers
 from conftest import NginxProxy, Upstream
-from helpers import FIXTURES, PYTHON, free_port, stop_process, tail
+from helpers import FIXTURES, PYTHON, free_port, tail
 
 CHROMIUM = os.environ.get("MOAT_TEST_CHROMIUM", "/usr/bin/chromium")
 
@@ -231,7 +230,8 @@ class Chromium:
         argv = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={self.dir / 'profile'}", f"--host-resolver-rules={resolver_rules}",
+                f"--user-data-dir={self.dir / 'profile'}",
+                f"--host-resolver-rules={resolver_rules}",
                 "--remote-debugging-pipe", "about:blank"]
         # The shell puts our pipe ends on fds 3 and 4, where Chromium expects them.
         script = f'exec "$@" 3<&{cmd_r} 4>&{res_w} {cmd_r}<&- {res_w}>&-'
@@ -320,8 +320,3 @@ class Chromium:
                 pass
         shutil.rmtree(self.dir / "profile", ignore_errors=True)
 
-
-def stop_standin(s):
-    if s.proc is not None:
-        stop_process(s.proc, signal.SIGTERM, timeout=5)
-        s.proc = None

@@ -9,12 +9,12 @@ pytest with -s to see them) and appended to $MOAT_TEST_FIGURES when it is set.
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import os
 import re
 import socket
 import ssl
-import threading
 import time
 import uuid
 
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from conftest import TARGET, MoatProxy, _teardown, require_moat
-from helpers import (curl, free_port, pattern_sha256, raw_https, read_response, uses_asan,
+from helpers import (curl, pattern_sha256, raw_https, read_response, uses_asan,
                      write_random_file)
 from owui_util import (Chromium, MemSampler, OwuiNginx, Standin, curl_line_arrivals,
                        spacing_summary, sse_arrivals, sha256_stream, ssl_ctx, token_times)
@@ -425,7 +425,6 @@ def test_expect_100_continue_answered_before_the_body(oproxy, upstream):
             s.sendall(body)
             r = read_response(s, timeout=10)
     assert r.status == 200, r
-    import hashlib
     assert r.json()["body_len"] == len(body)
     assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
     figure("100 Continue after (ms)", round(waited * 1000, 1))
@@ -519,7 +518,10 @@ BROWSER_SCRIPT = r"""
       const m = e.data;
       if (m.startsWith('0{')) ws.send('40');
       else if (m === '2') ws.send('3');
-      else if (m.startsWith('40')) { res.connected = true; ws.send('42["chat",{"n":10,"gap":0.1}]'); }
+      else if (m.startsWith('40')) {
+        res.connected = true;
+        ws.send('42["chat",{"n":10,"gap":0.1}]');
+      }
       else if (m.startsWith('42')) {
         const [name] = JSON.parse(m.slice(2));
         if (name === 'delta') res.deltas.push(performance.now());
