@@ -32,18 +32,6 @@ struct moat_ca {
 
 typedef enum { CERT_ROOT, CERT_INTERMEDIATE, CERT_LEAF } cert_kind_t;
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int64_t now_unix(void)
 {
     return (int64_t)time(NULL);
@@ -303,7 +291,7 @@ static int store_records(moat_ca_t *ca, moat_cert_record_t *recs, size_t n, cons
     if (rc == 0)
         rc = st->ops->commit(st);
     if (rc != 0) {
-        set_err(err, errlen, "cannot store the internal CA: %s", moat_storage_last_error(st));
+        moat_errf(err, errlen, "cannot store the internal CA: %s", moat_storage_last_error(st));
         st->ops->rollback(st);
     }
     return rc;
@@ -363,7 +351,8 @@ static int create_ca(moat_ca_t *ca, char *err, size_t errlen)
     }
 out:
     if (rc == MOAT_ECRYPTO)
-        set_err(err, errlen, "cannot create the internal CA: key or certificate generation failed");
+        moat_errf(err, errlen,
+                  "cannot create the internal CA: key or certificate generation failed");
     X509_free(inter);
     EVP_PKEY_free(inter_key);
     free(root_key_pem);
@@ -382,7 +371,7 @@ int moat_ca_maintain(moat_ca_t *ca, int *renewed, char *err, size_t errlen)
     int64_t nb, na;
     int rc = make_intermediate(ca, &x, &key, &nb, &na);
     if (rc != 0) {
-        set_err(err, errlen, "cannot renew the internal CA's intermediate certificate");
+        moat_errf(err, errlen, "cannot renew the internal CA's intermediate certificate");
         return rc;
     }
     char *pem = cert_to_pem(x), *key_pem = key_to_pem(key), *cn = subject_cn(x);
@@ -416,7 +405,7 @@ static int load_intermediate(moat_ca_t *ca, char *err, size_t errlen)
     if (rc == MOAT_ENOT_FOUND)
         return 0;
     if (rc != 0) {
-        set_err(err, errlen, "cannot read the internal CA: %s", moat_storage_last_error(ca->st));
+        moat_errf(err, errlen, "cannot read the internal CA: %s", moat_storage_last_error(ca->st));
         return rc;
     }
     X509 *x = rec.cert_pem ? cert_from_pem(rec.cert_pem) : NULL;
@@ -443,11 +432,11 @@ static int load_root(moat_ca_t *ca, moat_cert_record_t *rec, char *err, size_t e
         ERR_clear_error();
         /* Replacing the root would silently break every trust store it was installed in, so a
          * damaged root is reported, never regenerated. */
-        set_err(err, errlen,
-                "the stored internal root CA (\"%s\") cannot be read; moat will not replace it. "
-                "Delete that record (or the database) to start a new CA, then run `moat trust` "
-                "again",
-                MOAT_CA_ROOT_ID);
+        moat_errf(err, errlen,
+                  "the stored internal root CA (\"%s\") cannot be read; moat will not replace it. "
+                  "Delete that record (or the database) to start a new CA, then run `moat trust` "
+                  "again",
+                  MOAT_CA_ROOT_ID);
         return MOAT_ECRYPTO;
     }
     ca->root_pem = cert_to_pem(ca->root);
@@ -472,11 +461,11 @@ int moat_ca_open(moat_storage_t *st, moat_ca_t **out, char *err, size_t errlen)
             ca->st = st;
             rc = st->ops->get_cert(st, MOAT_CA_ROOT_ID, &rec);
             if (rc != 0)
-                set_err(err, errlen, "cannot read the internal CA: %s",
-                        moat_storage_last_error(st));
+                moat_errf(err, errlen, "cannot read the internal CA: %s",
+                          moat_storage_last_error(st));
         }
     } else if (rc != 0) {
-        set_err(err, errlen, "cannot read the internal CA: %s", moat_storage_last_error(st));
+        moat_errf(err, errlen, "cannot read the internal CA: %s", moat_storage_last_error(st));
     }
     if (rc == 0 && !created) {
         rc = load_root(ca, &rec, err, errlen);

@@ -51,18 +51,6 @@ struct moat_certs_builder {
     size_t certs_cap, names_cap;
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int64_t asn1_time_unix(const ASN1_TIME *t)
 {
     int days = 0, secs = 0;
@@ -178,7 +166,7 @@ int moat_certs_builder_add(moat_certs_builder_t *b, const char *id, const char *
     moat_cert_t *cert = moat_xcalloc(1, sizeof *cert);
     cert->id = moat_xstrdup(id ? id : "");
     if (parse_chain(chain_pem, cert) != 0) {
-        set_err(err, errlen, "%s: the certificate chain cannot be parsed", cert->id);
+        moat_errf(err, errlen, "%s: the certificate chain cannot be parsed", cert->id);
         cert_free(cert);
         return MOAT_ECRYPTO;
     }
@@ -187,7 +175,7 @@ int moat_certs_builder_add(moat_certs_builder_t *b, const char *id, const char *
     BIO_free(bio);
     ERR_clear_error();
     if (cert->key == NULL) {
-        set_err(err, errlen, "%s: the private key cannot be parsed", cert->id);
+        moat_errf(err, errlen, "%s: the private key cannot be parsed", cert->id);
         cert_free(cert);
         return MOAT_ECRYPTO;
     }
@@ -330,7 +318,7 @@ static char *read_file(const char *path, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
-        set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        moat_errf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
         return NULL;
     }
     moat_buf_t b = {0};
@@ -339,7 +327,7 @@ static char *read_file(const char *path, char *err, size_t errlen)
     while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) {
         /* Certificate files are small; refuse anything absurd rather than read it all. */
         if (moat_buf_size(&b) + n > 1024 * 1024) {
-            set_err(err, errlen, "%s: file is larger than 1 MiB; is this a certificate?", path);
+            moat_errf(err, errlen, "%s: file is larger than 1 MiB; is this a certificate?", path);
             fclose(f);
             moat_buf_free(&b);
             return NULL;
@@ -350,7 +338,7 @@ static char *read_file(const char *path, char *err, size_t errlen)
     int bad = ferror(f);
     fclose(f);
     if (bad) {
-        set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        moat_errf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
         moat_buf_free(&b);
         return NULL;
     }
@@ -401,9 +389,9 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
     ERR_clear_error();
     size_t n = sk_X509_num(chain);
     if (n == 0) {
-        set_err(err, errlen,
-                "%s: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
-                cert_path);
+        moat_errf(err, errlen,
+                  "%s: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
+                  cert_path);
         goto out;
     }
     bio = BIO_new_mem_buf(key_text, -1);
@@ -411,17 +399,17 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
     BIO_free(bio);
     ERR_clear_error();
     if (key == NULL) {
-        set_err(err, errlen,
-                "%s: no usable private key found (expected an unencrypted PEM key: \"-----BEGIN "
-                "PRIVATE KEY-----\", EC or RSA)",
-                key_path);
+        moat_errf(err, errlen,
+                  "%s: no usable private key found (expected an unencrypted PEM key: \"-----BEGIN "
+                  "PRIVATE KEY-----\", EC or RSA)",
+                  key_path);
         goto out;
     }
     X509 *leaf = sk_X509_value(chain, 0);
     if (!X509_check_private_key(leaf, key)) {
         ERR_clear_error();
-        set_err(err, errlen, "%s: the private key does not match the first certificate in %s",
-                key_path, cert_path);
+        moat_errf(err, errlen, "%s: the private key does not match the first certificate in %s",
+                  key_path, cert_path);
         goto out;
     }
     char a[160], b[160], when[64];
@@ -435,10 +423,10 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
         if (!ok) {
             describe(child, a, sizeof a);
             describe(parent, b, sizeof b);
-            set_err(err, errlen,
-                    "%s: certificate %zu (%s) is not issued by certificate %zu (%s); the file "
-                    "must hold the site's certificate first, then each issuer in order",
-                    cert_path, i + 1, a, i + 2, b);
+            moat_errf(err, errlen,
+                      "%s: certificate %zu (%s) is not issued by certificate %zu (%s); the file "
+                      "must hold the site's certificate first, then each issuer in order",
+                      cert_path, i + 1, a, i + 2, b);
             goto out;
         }
     }
@@ -449,8 +437,8 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
         if (na <= now) {
             describe(c, a, sizeof a);
             format_date(na, when, sizeof when);
-            set_err(err, errlen, "%s: certificate %zu (%s) expired on %s", cert_path, i + 1, a,
-                    when);
+            moat_errf(err, errlen, "%s: certificate %zu (%s) expired on %s", cert_path, i + 1, a,
+                      when);
             goto out;
         }
     }
@@ -479,7 +467,7 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
     rc = 0;
 out:
     if (rc == MOAT_ECRYPTO && err != NULL && err[0] == '\0')
-        set_err(err, errlen, "%s: cannot process the certificate", cert_path);
+        moat_errf(err, errlen, "%s: cannot process the certificate", cert_path);
     ERR_clear_error();
     sk_X509_pop_free(chain, X509_free);
     EVP_PKEY_free(key);
@@ -541,7 +529,7 @@ static int site_files(moat_storage_t *st, const moat_site_t *s, const char *cons
                       moat_certs_builder_t *b, int64_t *next, char *err, size_t errlen)
 {
     if (s->tls_cert == NULL || s->tls_key == NULL) {
-        set_err(err, errlen, "%s: tls=files needs both tls_cert and tls_key", names[0]);
+        moat_errf(err, errlen, "%s: tls=files needs both tls_cert and tls_key", names[0]);
         return MOAT_EINVAL;
     }
     char *chain = NULL, *key = NULL;
@@ -584,8 +572,8 @@ static int site_files(moat_storage_t *st, const moat_site_t *s, const char *cons
     };
     rc = st->ops->put_cert(st, &rec);
     if (rc != 0)
-        set_err(err, errlen, "%s: cannot store the certificate: %s", s->tls_cert,
-                moat_storage_last_error(st));
+        moat_errf(err, errlen, "%s: cannot store the certificate: %s", s->tls_cert,
+                  moat_storage_last_error(st));
     if (rc == 0)
         rc = moat_certs_builder_add(b, id, names, n, chain, key, err, errlen);
     if (rc == 0) {
@@ -608,7 +596,7 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
 {
     (void)s;
     if (ca == NULL) {
-        set_err(err, errlen, "%s: no internal CA is available to issue a certificate", names[0]);
+        moat_errf(err, errlen, "%s: no internal CA is available to issue a certificate", names[0]);
         return MOAT_EINVAL;
     }
     const char **sorted = moat_xcalloc(n, sizeof *sorted);
@@ -621,8 +609,8 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
     int rc = st->ops->get_cert(st, id, &rec);
     int found = rc == 0;
     if (rc != 0 && rc != MOAT_ENOT_FOUND) {
-        set_err(err, errlen, "%s: cannot read the stored certificate: %s", names[0],
-                moat_storage_last_error(st));
+        moat_errf(err, errlen, "%s: cannot read the stored certificate: %s", names[0],
+                  moat_storage_last_error(st));
         goto out;
     }
     if (found && rec.cert_pem && rec.key_pem && now < renew_at(rec.not_before, rec.not_after)) {
@@ -641,8 +629,8 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
         rc = moat_ca_issue(ca, sorted, n, MOAT_CA_LEAF_LIFETIME, &chain, &key);
     if (rc != 0) {
         if (err && err[0] == '\0')
-            set_err(err, errlen, "%s: the internal CA could not issue a certificate: %s", names[0],
-                    moat_strerror(rc));
+            moat_errf(err, errlen, "%s: the internal CA could not issue a certificate: %s",
+                      names[0], moat_strerror(rc));
         goto out;
     }
     moat_cert_record_t nrec = {
@@ -675,8 +663,8 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
         rc = st->ops->commit(st);
     if (rc != 0) {
         st->ops->rollback(st);
-        set_err(err, errlen, "%s: cannot store the new certificate: %s", names[0],
-                moat_storage_last_error(st));
+        moat_errf(err, errlen, "%s: cannot store the new certificate: %s", names[0],
+                  moat_storage_last_error(st));
     } else {
         MOAT_INFO("%s a certificate for %s from the internal CA (valid until %lld)", kind, all,
                   (long long)nrec.not_after);

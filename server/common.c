@@ -1,6 +1,7 @@
 /* Slices, buffers, error strings and allocation wrappers (include/moat/common.h). */
 #include "moat/common.h"
 
+#include <arpa/inet.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,4 +150,25 @@ char *moat_xstrdup(const char *s)
 char *moat_xstrndup(const char *s, size_t n)
 {
     return check(strndup(s, n));
+}
+
+void moat_format_ip(const struct sockaddr *sa, char *out, size_t cap)
+{
+    out[0] = 0;
+    if (sa == NULL)
+        return;
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)cap);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)cap);
+}
+
+void moat_errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err == NULL || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
 }

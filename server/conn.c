@@ -17,8 +17,6 @@
 /* After an error response the connection stays open this long reading and discarding, so
  * the client reads the response instead of a reset. */
 #define LINGER_MS 2000
-#define DEFAULT_HEADER_TIMEOUT_MS 30000
-#define DEFAULT_KEEPALIVE_MS 300000
 
 typedef enum {
     ST_IDLE,   /* between requests */
@@ -46,7 +44,7 @@ struct moat_conn {
     moat_http1_chunked_t dec;
     moat_req_body_t body;
     uint64_t body_left, body_seen, max_body;
-    uint64_t keepalive_ms;
+    uint64_t keepalive_ms, header_ms;
     unsigned keep_alive : 1;
     unsigned http10 : 1;
     unsigned head_req : 1;
@@ -159,55 +157,24 @@ static void linger_close(moat_conn_t *c)
 
 /* ---- access log ---- */
 
-static size_t json_str(char *dst, size_t cap, const char *s)
-{
-    size_t o = 0;
-    for (; *s && o + 7 < cap; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            dst[o++] = '\\';
-            dst[o++] = (char)ch;
-        } else if (ch < 0x20 || ch >= 0x7f) {
-            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
-        } else {
-            dst[o++] = (char)ch;
-        }
-    }
-    dst[o] = 0;
-    return o;
-}
-
 static void access_log(moat_conn_t *c, const char *upstream, uint64_t upstream_ms)
 {
-    char line[4096], ts[40], ip[INET6_ADDRSTRLEN + 1] = "";
-    char host[600], path[2100], method[40];
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    struct tm tm;
-    gmtime_r(&tv.tv_sec, &tm);
-    size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(ts + n, sizeof ts - n, ".%03dZ", (int)(tv.tv_usec / 1000));
-    if (c->remote[0])
-        snprintf(ip, sizeof ip, "%s", c->remote);
-    else if (c->peer.ss_family == AF_INET)
-        inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, ip, sizeof ip);
-    else if (c->peer.ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, ip, sizeof ip);
-    json_str(host, sizeof host, c->host);
-    json_str(path, sizeof path, c->path);
-    json_str(method, sizeof method, c->method);
-    uint64_t out = c->sock.bytes_written + moat_sock_queued(&c->sock) - c->out_start;
-    int len = snprintf(line, sizeof line,
-                       "{\"time\":\"%s\",\"remote\":\"%s\",\"host\":\"%s\",\"method\":\"%s\","
-                       "\"path\":\"%s\",\"proto\":\"HTTP/1.%d\",\"tls\":%s,\"status\":%d,"
-                       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%llu,"
-                       "\"upstream\":\"%s\",\"upstream_ms\":%llu}\n",
-                       ts, ip, host, method, path, c->http10 ? 0 : 1, c->tls ? "true" : "false",
-                       c->status, (unsigned long long)(c->sock.bytes_read - c->in_start),
-                       (unsigned long long)out, (unsigned long long)(moat_now_ms() - c->t_start),
-                       upstream ? upstream : "", (unsigned long long)upstream_ms);
-    if (len > 0)
-        moat_access_log_line(line, MOAT_MIN((size_t)len, sizeof line - 1));
+    moat_access_entry_t e = {
+        .peer = (const struct sockaddr *)&c->peer,
+        .remote = c->remote,
+        .host = c->host,
+        .method = c->method,
+        .path = c->path,
+        .proto = c->http10 ? "HTTP/1.0" : "HTTP/1.1",
+        .tls = c->tls,
+        .status = c->status,
+        .bytes_in = c->sock.bytes_read - c->in_start,
+        .bytes_out = c->sock.bytes_written + moat_sock_queued(&c->sock) - c->out_start,
+        .duration_ms = moat_now_ms() - c->t_start,
+        .upstream = upstream,
+        .upstream_ms = upstream_ms,
+    };
+    moat_access_log_request(&e);
 }
 
 /* ---- responses moat writes itself ---- */
@@ -692,7 +659,7 @@ static void process(moat_conn_t *c)
                 break;
             if (c->state == ST_IDLE) {
                 c->state = ST_HEAD;
-                set_timer(c, DEFAULT_HEADER_TIMEOUT_MS);
+                set_timer(c, c->header_ms);
             }
             size_t end = moat_http1_head_end(in.base, in.len, &c->scan);
             /* Wait for the whole head (the scan is resumable, so this is linear); parse an
@@ -849,7 +816,10 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
     c->w = w;
     c->port = port;
     c->tls = tls;
-    c->keepalive_ms = DEFAULT_KEEPALIVE_MS;
+    moat_runtime_t *rt = moat_runtime_acquire();
+    c->header_ms = rt ? rt->header_timeout_ms : 30000;
+    c->keepalive_ms = rt ? rt->keepalive_timeout_ms : 300000;
+    moat_runtime_release(rt);
     memcpy(&c->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     if (moat_sock_init(&c->sock, &w->loop, fd, ssl, &conn_cb, c) != 0) {
@@ -865,7 +835,7 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
     w->conns = c;
     c->state = ST_IDLE;
     /* The handshake and the first request head must come within the header timeout. */
-    set_timer(c, DEFAULT_HEADER_TIMEOUT_MS);
+    set_timer(c, c->header_ms);
     if (!tls)
         moat_sock_read_start(&c->sock);
 }

@@ -133,56 +133,26 @@ static void schedule(moat_h2conn_t *c)
 
 /* ---- access log ---- */
 
-static size_t json_str(char *dst, size_t cap, const char *s)
-{
-    size_t o = 0;
-    for (; *s && o + 7 < cap; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            dst[o++] = '\\';
-            dst[o++] = (char)ch;
-        } else if (ch < 0x20 || ch >= 0x7f) {
-            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
-        } else {
-            dst[o++] = (char)ch;
-        }
-    }
-    dst[o] = 0;
-    return o;
-}
-
 static void access_log(stream_t *st, const char *upstream, uint64_t upstream_ms)
 {
     if (st->logged)
         return;
     st->logged = 1;
-    moat_h2conn_t *c = st->c;
-    char line[4096], ts[40], ip[INET6_ADDRSTRLEN + 1] = "";
-    char host[600], path[2100], method[40];
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    struct tm tm;
-    gmtime_r(&tv.tv_sec, &tm);
-    size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(ts + n, sizeof ts - n, ".%03dZ", (int)(tv.tv_usec / 1000));
-    if (c->peer.ss_family == AF_INET)
-        inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, ip, sizeof ip);
-    else if (c->peer.ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, ip, sizeof ip);
-    json_str(host, sizeof host, st->host);
-    json_str(path, sizeof path, st->path);
-    json_str(method, sizeof method, st->method);
-    int len = snprintf(line, sizeof line,
-                       "{\"time\":\"%s\",\"remote\":\"%s\",\"host\":\"%s\",\"method\":\"%s\","
-                       "\"path\":\"%s\",\"proto\":\"HTTP/2\",\"tls\":true,\"status\":%d,"
-                       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%llu,"
-                       "\"upstream\":\"%s\",\"upstream_ms\":%llu}\n",
-                       ts, ip, host, method, path, st->status, (unsigned long long)st->bytes_in,
-                       (unsigned long long)st->bytes_out,
-                       (unsigned long long)(moat_now_ms() - st->t_start), upstream ? upstream : "",
-                       (unsigned long long)upstream_ms);
-    if (len > 0)
-        moat_access_log_line(line, MOAT_MIN((size_t)len, sizeof line - 1));
+    moat_access_entry_t e = {
+        .peer = (const struct sockaddr *)&st->c->peer,
+        .host = st->host,
+        .method = st->method,
+        .path = st->path,
+        .proto = "HTTP/2",
+        .tls = 1,
+        .status = st->status,
+        .bytes_in = st->bytes_in,
+        .bytes_out = st->bytes_out,
+        .duration_ms = moat_now_ms() - st->t_start,
+        .upstream = upstream,
+        .upstream_ms = upstream_ms,
+    };
+    moat_access_log_request(&e);
 }
 
 /* ---- streams ---- */
@@ -677,7 +647,8 @@ moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct
         if (rt->sites[i].site->h2_websocket)
             ws = 1;
     if (rt != NULL)
-        moat_runtime_release(rt);
+        c->keepalive_ms = rt->keepalive_timeout_ms;
+    moat_runtime_release(rt);
     moat_h2_settings_t set = {.enable_connect_protocol = ws};
     c->h2 = moat_h2_new(&set, &session_cb, c);
     if (c->h2 == NULL) {

@@ -39,7 +39,8 @@ static size_t format_time(char *dst, size_t cap)
     return n;
 }
 
-/* Escape for a JSON string value. */
+/* Escape for a JSON string value; bytes outside printable ASCII become \\u00XX so every
+ * line stays valid JSON whatever a client sent. */
 static size_t json_escape(char *dst, size_t cap, const char *s)
 {
     size_t o = 0;
@@ -48,12 +49,13 @@ static size_t json_escape(char *dst, size_t cap, const char *s)
         if (c == '"' || c == '\\') {
             dst[o++] = '\\';
             dst[o++] = (char)c;
-        } else if (c < 0x20) {
+        } else if (c < 0x20 || c >= 0x7f) {
             o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", c);
         } else {
             dst[o++] = (char)c;
         }
     }
+    dst[o] = 0;
     return o;
 }
 
@@ -103,4 +105,28 @@ void moat_access_log_line(const char *json_line, size_t len)
 {
     ssize_t w = write(access_fd, json_line, len);
     (void)w;
+}
+
+void moat_access_log_request(const moat_access_entry_t *e)
+{
+    char line[4096], ts[40], ip[64];
+    char host[600], path[2100], method[40];
+    format_time(ts, sizeof ts);
+    if (e->remote && e->remote[0])
+        snprintf(ip, sizeof ip, "%s", e->remote);
+    else
+        moat_format_ip(e->peer, ip, sizeof ip);
+    json_escape(host, sizeof host, e->host ? e->host : "");
+    json_escape(path, sizeof path, e->path ? e->path : "");
+    json_escape(method, sizeof method, e->method ? e->method : "");
+    int len = snprintf(line, sizeof line,
+                       "{\"time\":\"%s\",\"remote\":\"%s\",\"host\":\"%s\",\"method\":\"%s\","
+                       "\"path\":\"%s\",\"proto\":\"%s\",\"tls\":%s,\"status\":%d,"
+                       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%llu,"
+                       "\"upstream\":\"%s\",\"upstream_ms\":%llu}\n",
+                       ts, ip, host, method, path, e->proto, e->tls ? "true" : "false", e->status,
+                       e->bytes_in, e->bytes_out, e->duration_ms, e->upstream ? e->upstream : "",
+                       e->upstream_ms);
+    if (len > 0)
+        moat_access_log_line(line, MOAT_MIN((size_t)len, sizeof line - 1));
 }

@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #define DEFAULT_DATA_DIR "/var/lib/moat"
-#define DEFAULT_SITE "localhost"
+#define DEFAULT_SITE     "localhost"
 #define DEFAULT_UPSTREAM "127.0.0.1:8080"
 
 static const char usage_text[] =

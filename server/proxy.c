@@ -148,19 +148,6 @@ static int peer_trusted(const moat_site_t *site, const struct sockaddr *peer)
     return 0;
 }
 
-static void peer_ip(const struct sockaddr *sa, char *out, size_t cap)
-{
-    out[0] = 0;
-    if (sa == NULL)
-        return;
-    if (sa->sa_family == AF_INET)
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)cap);
-    else if (sa->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)cap);
-    else
-        snprintf(out, cap, "unix");
-}
-
 static int put(moat_buf_t *b, moat_slice_t s)
 {
     return moat_buf_append(b, s.base, s.len);
@@ -209,7 +196,7 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     /* Client-sent X-Forwarded-* are replaced unless the peer is a trusted proxy (a load
      * balancer or Cloudflare in front of moat), whose values are kept and extended. */
     char ip[INET6_ADDRSTRLEN + 1];
-    peer_ip(req->peer, ip, sizeof ip);
+    moat_format_ip(req->peer, ip, sizeof ip);
     if (trusted && xff.len)
         r |= moat_buf_appendf(b, "X-Forwarded-For: %.*s, %s\r\n", (int)xff.len, xff.base, ip);
     else
@@ -362,8 +349,9 @@ static int connect_upstream(moat_exchange_t *x)
             SSL_set1_host(ssl, x->upstream->tls_name);
             SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
         }
-        int r = moat_sock_connect(&u->sock, &x->w->loop, (const struct sockaddr *)&x->upstream->addr,
-                                  x->upstream->addrlen, ssl, &up_cb, u);
+        int r =
+            moat_sock_connect(&u->sock, &x->w->loop, (const struct sockaddr *)&x->upstream->addr,
+                              x->upstream->addrlen, ssl, &up_cb, u);
         if (r != 0) {
             u->open_handles = 1; /* only the timer is open */
             moat_upconn_close(u);

@@ -76,6 +76,9 @@ moat_runtime_t *moat_runtime_new(moat_config_t *cfg, int http_port, int https_po
     for (size_t i = 0; i < cfg->nsites; i++) {
         moat_site_rt_t *s = &rt->sites[i];
         s->site = &cfg->sites[i];
+        rt->header_timeout_ms = MOAT_MAX(rt->header_timeout_ms, s->site->header_timeout_ms);
+        rt->keepalive_timeout_ms =
+            MOAT_MAX(rt->keepalive_timeout_ms, s->site->keepalive_timeout_ms);
         s->nupstreams = s->site->nupstreams;
         s->upstreams = moat_xcalloc(s->nupstreams, sizeof *s->upstreams);
         for (size_t j = 0; j < s->nupstreams; j++) {
@@ -166,8 +169,8 @@ static moat_slice_t bare_host(moat_slice_t h)
     return h;
 }
 
-const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host,
-                                             int port, int tls)
+const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host, int port,
+                                             int tls)
 {
     if (rt == NULL)
         return NULL;

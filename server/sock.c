@@ -10,7 +10,7 @@
 #include <unistd.h>
 
 /* One TLS record's worth: reads land in chunks of this size, TLS writes are cut at it. */
-#define READ_CHUNK 16384
+#define READ_CHUNK    16384
 #define TLS_WRITE_MAX 16384
 /* Reads per readiness event before giving other connections a turn. */
 #define READS_PER_EVENT 16

@@ -29,18 +29,6 @@ static const char cipher_list[] = "[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CH
 /* Session lifetime; matches what the ticket-key ring can still decrypt (see rotate). */
 #define SESSION_TIMEOUT_S 7200
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* --- session ticket keys ---------------------------------------------------------------- */
 
 typedef struct {
@@ -331,12 +319,12 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
     pthread_once(&ex_once, ex_init);
     pthread_once(&keys_once, keys_init);
     if (ex_local_addr < 0 || ex_refused < 0 || ex_acme < 0) {
-        set_err(err, errlen, "TLS setup failed: no ex_data index");
+        moat_errf(err, errlen, "TLS setup failed: no ex_data index");
         return NULL;
     }
     SSL_CTX *ctx = SSL_CTX_new(TLS_method());
     if (ctx == NULL) {
-        set_err(err, errlen, "TLS setup failed: cannot create an SSL_CTX");
+        moat_errf(err, errlen, "TLS setup failed: cannot create an SSL_CTX");
         return NULL;
     }
     int ok = SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) &&
@@ -349,7 +337,7 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
         uint32_t e = ERR_get_error();
         char buf[256];
         ERR_error_string_n(e, buf, sizeof buf);
-        set_err(err, errlen, "TLS setup failed: %s", buf);
+        moat_errf(err, errlen, "TLS setup failed: %s", buf);
         ERR_clear_error();
         SSL_CTX_free(ctx);
         return NULL;

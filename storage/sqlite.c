@@ -76,19 +76,6 @@ typedef struct {
     sqlite3_stmt *stmts[ST__COUNT];
 } sqlite_storage_t;
 
-static void set_err(char *dst, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *dst, size_t cap, const char *fmt, ...)
-{
-    if (dst == NULL || cap == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(dst, cap, fmt, ap);
-    va_end(ap);
-}
-
 /* Turn a SQLite result into a moat code and a sentence naming the file and what to do. */
 static int describe_sqlite(const char *path, sqlite3 *db, int rc, const char *what, char *err,
                            size_t cap)
@@ -96,38 +83,38 @@ static int describe_sqlite(const char *path, sqlite3 *db, int rc, const char *wh
     const char *detail = db != NULL ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     switch (rc & 0xff) {
     case SQLITE_NOMEM:
-        set_err(err, cap, "out of memory while %s (%s)", what, path);
+        moat_errf(err, cap, "out of memory while %s (%s)", what, path);
         return MOAT_ENOMEM;
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
-        set_err(err, cap,
-                "%s is not a moat database or is damaged (%s); moat will not overwrite it: "
-                "move it aside to start fresh",
-                path, detail);
+        moat_errf(err, cap,
+                  "%s is not a moat database or is damaged (%s); moat will not overwrite it: "
+                  "move it aside to start fresh",
+                  path, detail);
         return MOAT_ESTORAGE;
     case SQLITE_READONLY:
     case SQLITE_CANTOPEN:
     case SQLITE_PERM:
     case SQLITE_AUTH:
-        set_err(err, cap,
-                "moat needs write access to %s and its folder (%s while %s); run moat as their "
-                "owner, or choose another folder with --data",
-                path, detail, what);
+        moat_errf(err, cap,
+                  "moat needs write access to %s and its folder (%s while %s); run moat as their "
+                  "owner, or choose another folder with --data",
+                  path, detail, what);
         return MOAT_EPERM;
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
-        set_err(err, cap,
-                "%s stayed locked by another process while %s (%s); is another moat using the "
-                "same --data folder?",
-                path, what, detail);
+        moat_errf(err, cap,
+                  "%s stayed locked by another process while %s (%s); is another moat using the "
+                  "same --data folder?",
+                  path, what, detail);
         return MOAT_EAGAIN;
     case SQLITE_FULL:
-        set_err(err, cap, "the disk holding %s is full (while %s); free some space", path, what);
+        moat_errf(err, cap, "the disk holding %s is full (while %s); free some space", path, what);
         return MOAT_EIO;
     case SQLITE_IOERR:
-        set_err(err, cap, "input/output error on %s while %s (%s)", path, what, detail);
+        moat_errf(err, cap, "input/output error on %s while %s (%s)", path, what, detail);
         return MOAT_EIO;
-    default: set_err(err, cap, "%s: %s while %s", path, detail, what); return MOAT_ESTORAGE;
+    default: moat_errf(err, cap, "%s: %s while %s", path, detail, what); return MOAT_ESTORAGE;
     }
 }
 
@@ -149,10 +136,10 @@ static int errno_code(int e)
 
 static int errno_fail(const char *path, const char *what, int e, char *err, size_t cap)
 {
-    set_err(err, cap,
-            "cannot %s %s: %s; moat needs write access there (run moat as the folder's owner, "
-            "or choose another folder with --data)",
-            what, path, strerror(e));
+    moat_errf(err, cap,
+              "cannot %s %s: %s; moat needs write access there (run moat as the folder's owner, "
+              "or choose another folder with --data)",
+              what, path, strerror(e));
     return errno_code(e);
 }
 
@@ -163,7 +150,8 @@ static int make_data_dir(const char *dir, char *err, size_t cap)
     if (stat(dir, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return 0;
-        set_err(err, cap, "%s exists and is not a folder; choose another folder with --data", dir);
+        moat_errf(err, cap, "%s exists and is not a folder; choose another folder with --data",
+                  dir);
         return MOAT_EINVAL;
     }
     if (errno != ENOENT)
@@ -205,19 +193,19 @@ static uint32_t be32(const unsigned char *b)
 
 static int newer_schema(const char *path, int version, char *err, size_t cap)
 {
-    set_err(err, cap,
-            "%s was written by a newer moat (schema %d, this moat knows %d); upgrade moat or "
-            "point --data at another folder",
-            path, version, MOAT_STORAGE_SCHEMA_VERSION);
+    moat_errf(err, cap,
+              "%s was written by a newer moat (schema %d, this moat knows %d); upgrade moat or "
+              "point --data at another folder",
+              path, version, MOAT_STORAGE_SCHEMA_VERSION);
     return MOAT_ESCHEMA;
 }
 
 static int not_ours(const char *path, const char *why, char *err, size_t cap)
 {
-    set_err(err, cap,
-            "%s is not a moat database or is damaged (%s); moat will not overwrite it: move it "
-            "aside to start fresh",
-            path, why);
+    moat_errf(err, cap,
+              "%s is not a moat database or is damaged (%s); moat will not overwrite it: move it "
+              "aside to start fresh",
+              path, why);
     return MOAT_ESTORAGE;
 }
 
@@ -428,8 +416,8 @@ static int tx_begin(sqlite_storage_t *s)
     if (s->depth > 0 && sqlite3_get_autocommit(s->db)) {
         /* SQLite already rolled the enclosing transaction back (after a disk-full or I/O
          * error); a SAVEPOINT now would silently start a new, unrelated one. */
-        set_err(s->base.last_error, sizeof s->base.last_error,
-                "%s: the enclosing transaction was rolled back after an earlier error", s->path);
+        moat_errf(s->base.last_error, sizeof s->base.last_error,
+                  "%s: the enclosing transaction was rolled back after an earlier error", s->path);
         return MOAT_ESTORAGE;
     }
     const char *sql = s->depth == 0 ? "BEGIN IMMEDIATE" : "SAVEPOINT moat_nested";
@@ -445,7 +433,7 @@ static int tx_begin(sqlite_storage_t *s)
 static int tx_rollback(sqlite_storage_t *s)
 {
     if (s->depth == 0) {
-        set_err(s->base.last_error, sizeof s->base.last_error, "rollback without a transaction");
+        moat_errf(s->base.last_error, sizeof s->base.last_error, "rollback without a transaction");
         return MOAT_EINVAL;
     }
     s->depth--;
@@ -470,12 +458,12 @@ static void tx_abandon(sqlite_storage_t *s)
 static int tx_commit(sqlite_storage_t *s)
 {
     if (s->depth == 0) {
-        set_err(s->base.last_error, sizeof s->base.last_error, "commit without a transaction");
+        moat_errf(s->base.last_error, sizeof s->base.last_error, "commit without a transaction");
         return MOAT_EINVAL;
     }
     if (sqlite3_get_autocommit(s->db)) {
-        set_err(s->base.last_error, sizeof s->base.last_error,
-                "%s: the transaction was rolled back after an earlier error", s->path);
+        moat_errf(s->base.last_error, sizeof s->base.last_error,
+                  "%s: the transaction was rolled back after an earlier error", s->path);
         return MOAT_ESTORAGE;
     }
     const char *sql = s->depth == 1 ? "COMMIT" : "RELEASE moat_nested";
@@ -521,7 +509,7 @@ static int op_put_cert(moat_storage_t *base, const moat_cert_record_t *rec)
 {
     sqlite_storage_t *s = from_base(base);
     if (rec == NULL || rec->id == NULL) {
-        set_err(base->last_error, sizeof base->last_error, "put_cert: a record needs an id");
+        moat_errf(base->last_error, sizeof base->last_error, "put_cert: a record needs an id");
         return MOAT_EINVAL;
     }
     int rc = tx_begin(s);
@@ -562,7 +550,7 @@ static int op_get_cert(moat_storage_t *base, const char *id, moat_cert_record_t 
 {
     sqlite_storage_t *s = from_base(base);
     if (out == NULL || id == NULL) {
-        set_err(base->last_error, sizeof base->last_error, "get_cert: missing argument");
+        moat_errf(base->last_error, sizeof base->last_error, "get_cert: missing argument");
         return MOAT_EINVAL;
     }
     memset(out, 0, sizeof *out);
@@ -576,7 +564,7 @@ static int op_get_cert(moat_storage_t *base, const char *id, moat_cert_record_t 
     if (rc == SQLITE_ROW) {
         read_cert(st, out);
     } else if (rc == SQLITE_DONE) {
-        set_err(base->last_error, sizeof base->last_error, "no certificate stored as \"%s\"", id);
+        moat_errf(base->last_error, sizeof base->last_error, "no certificate stored as \"%s\"", id);
         code = MOAT_ENOT_FOUND;
     } else {
         code = fail(s, rc, "reading a certificate");
@@ -683,7 +671,7 @@ static int op_kv_put(moat_storage_t *base, const char *key, const char *value)
 {
     sqlite_storage_t *s = from_base(base);
     if (key == NULL) {
-        set_err(base->last_error, sizeof base->last_error, "kv_put: missing key");
+        moat_errf(base->last_error, sizeof base->last_error, "kv_put: missing key");
         return MOAT_EINVAL;
     }
     int rc;
@@ -716,7 +704,7 @@ static int op_kv_get(moat_storage_t *base, const char *key, char **value_out)
     if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
         *value_out = col_str(st, 0);
     } else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
-        set_err(base->last_error, sizeof base->last_error, "no value stored for \"%s\"", key);
+        moat_errf(base->last_error, sizeof base->last_error, "no value stored for \"%s\"", key);
         code = MOAT_ENOT_FOUND;
     } else {
         code = fail(s, rc, "reading a setting");
@@ -791,8 +779,8 @@ static int configure(sqlite_storage_t *s, char *err, size_t cap)
         const char *mode = (const char *)sqlite3_column_text(st, 0);
         rc = mode != NULL && strcmp(mode, "wal") == 0 ? SQLITE_OK : SQLITE_ERROR;
         if (rc != SQLITE_OK)
-            set_err(err, cap, "%s: could not switch to WAL journal mode (got %s)", s->path,
-                    mode ? mode : "nothing");
+            moat_errf(err, cap, "%s: could not switch to WAL journal mode (got %s)", s->path,
+                      mode ? mode : "nothing");
         sqlite3_finalize(st);
         if (rc != SQLITE_OK)
             return MOAT_ESTORAGE;
@@ -824,7 +812,7 @@ int moat_storage_open_sqlite(const char *data_dir, moat_storage_t **out, char *e
         return MOAT_EINVAL;
     *out = NULL;
     if (data_dir == NULL || data_dir[0] == '\0') {
-        set_err(err, errlen, "no data folder given; choose one with --data");
+        moat_errf(err, errlen, "no data folder given; choose one with --data");
         return MOAT_EINVAL;
     }
 

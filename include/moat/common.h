@@ -92,6 +92,14 @@ enum {
 
 const char *moat_strerror(int err);
 
+/* Write a sentence into a caller's error buffer (err may be NULL). */
+void moat_errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+struct sockaddr;
+/* The address of an IPv4/IPv6 peer as text ("" for other families). */
+void moat_format_ip(const struct sockaddr *sa, char *out, size_t cap);
+
 /* Control-plane allocation: aborts with a message when memory is exhausted. */
 void *moat_xmalloc(size_t n);
 void *moat_xcalloc(size_t n, size_t m);
@@ -99,9 +107,9 @@ void *moat_xrealloc(void *p, size_t n);
 char *moat_xstrdup(const char *s);
 char *moat_xstrndup(const char *s, size_t n);
 
-#define MOAT_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
-#define MOAT_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
-#define MOAT_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MOAT_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MOAT_ARRAY_LEN(a)                    (sizeof(a) / sizeof((a)[0]))
+#define MOAT_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+#define MOAT_MIN(a, b)                       ((a) < (b) ? (a) : (b))
+#define MOAT_MAX(a, b)                       ((a) > (b) ? (a) : (b))
 
 #endif

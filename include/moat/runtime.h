@@ -14,9 +14,9 @@
 typedef struct {
     struct sockaddr_storage addr;
     socklen_t addrlen;
-    int tls;          /* https:// upstream: TLS, verified against the system store */
-    char *tls_name;   /* name to verify and send as SNI */
-    char label[128];  /* "127.0.0.1:8080" or "unix:/run/app.sock", for logs and pool keys */
+    int tls;         /* https:// upstream: TLS, verified against the system store */
+    char *tls_name;  /* name to verify and send as SNI */
+    char label[128]; /* "127.0.0.1:8080" or "unix:/run/app.sock", for logs and pool keys */
 } moat_upstream_t;
 
 typedef struct {
@@ -32,6 +32,9 @@ typedef struct moat_runtime {
     size_t nsites;
     SSL_CTX *upstream_tls;
     int http_port, https_port;
+    /* Before a request names its site, a connection lives by the most generous of the
+     * sites' header and keep-alive timeouts. */
+    uint64_t header_timeout_ms, keepalive_timeout_ms;
     uint64_t generation;
 } moat_runtime_t;
 
@@ -49,8 +52,8 @@ void moat_runtime_release(moat_runtime_t *rt);
 
 /* The site that serves `host` (a Host header or :authority value, port included or not) on a
  * listener of this port and kind. NULL when none does. */
-const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host,
-                                             int port, int tls);
+const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host, int port,
+                                             int tls);
 /* Effective port of a site address on this runtime's listeners. */
 int moat_runtime_addr_port(const moat_runtime_t *rt, const moat_site_addr_t *a);
 

@@ -32,15 +32,15 @@ struct moat_sock {
     int fd;
     SSL *ssl;
     const moat_sock_cb_t *cb;
-    void *data;       /* the owner's */
-    moat_buf_t in;    /* received bytes not yet consumed */
-    moat_buf_t out;   /* bytes not yet written */
-    size_t ssl_wlen;  /* length of the SSL_write that must be retried, 0 if none */
-    int events;       /* UV_READABLE | UV_WRITABLE now asked of the poll */
-    unsigned reading : 1;      /* the owner wants bytes */
-    unsigned connecting : 1;   /* TCP connect in flight */
-    unsigned handshaking : 1;  /* TLS handshake in flight */
-    unsigned eof : 1;          /* on_eof was called */
+    void *data;               /* the owner's */
+    moat_buf_t in;            /* received bytes not yet consumed */
+    moat_buf_t out;           /* bytes not yet written */
+    size_t ssl_wlen;          /* length of the SSL_write that must be retried, 0 if none */
+    int events;               /* UV_READABLE | UV_WRITABLE now asked of the poll */
+    unsigned reading : 1;     /* the owner wants bytes */
+    unsigned connecting : 1;  /* TCP connect in flight */
+    unsigned handshaking : 1; /* TLS handshake in flight */
+    unsigned eof : 1;         /* on_eof was called */
     unsigned closing : 1;
     unsigned shut_after_flush : 1;
     unsigned in_read : 1;

@@ -44,7 +44,7 @@ struct moat_worker {
     size_t nlisteners;
     int listener_port[MOAT_MAX_LISTENERS];
     int listener_tls[MOAT_MAX_LISTENERS];
-    moat_conn_t *conns; /* every client connection, for draining */
+    moat_conn_t *conns;  /* every client connection, for draining */
     moat_upconn_t *pool; /* idle upstream connections, newest first */
     moat_upstream_state_t *ups;
     unsigned rr; /* round-robin position */
