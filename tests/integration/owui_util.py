@@ -6,6 +6,7 @@ Loopback only. Chromium is Debian's (/usr/bin/chromium); nothing is downloaded.
 """
 
 import hashlib
+import fcntl
 import json
 import os
 import shutil
@@ -233,11 +234,18 @@ class Chromium:
                 f"--user-data-dir={self.dir / 'profile'}",
                 f"--host-resolver-rules={resolver_rules}",
                 "--remote-debugging-pipe", "about:blank"]
-        # The shell puts our pipe ends on fds 3 and 4, where Chromium expects them.
-        script = f'exec "$@" 3<&{cmd_r} 4>&{res_w} {cmd_r}<&- {res_w}>&-'
+        # Chromium expects the pipe on fds 3 and 4. Move our ends there in the child (via
+        # fds >= 10 first, so neither end is overwritten before it is copied). A shell
+        # cannot do this portably: dash only redirects single-digit fds.
+        def place_fds():
+            a = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10)
+            b = fcntl.fcntl(res_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["HOME"] = str(self.home)
-        self.proc = subprocess.Popen(["sh", "-c", script, "sh", *argv], pass_fds=(cmd_r, res_w),
+        self.proc = subprocess.Popen(argv, pass_fds=(3, 4), preexec_fn=place_fds,
                                      stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         os.close(cmd_r)

@@ -579,3 +579,15 @@ def test_chromium_secure_context_socketio_and_streaming(oproxy, upstream, tmp_pa
     assert sse["status"] == 200 and sse["type"].startswith("text/event-stream")
     assert sse["tokens"] == 10 and sse["done"]
     assert sse_s["n"] >= 8 and sse_s["span_ms"] >= 1000, f"fetch got the stream in a lump: {sse_s}"
+    if TARGET == "moat":
+        # Part 3: the page arrives over HTTP/2 and the socket.io websocket rides on that same
+        # connection as an RFC 8441 extended CONNECT (Caddy, nginx and Traefik open a
+        # separate HTTP/1.1 connection for it).
+        assert res["alpn"] == "h2", res["alpn"]
+        deadline = time.monotonic() + 3
+        ws_h2 = []
+        while not ws_h2 and time.monotonic() < deadline:
+            ws_h2 = [e for e in p.access_entries() if e.get("method") == "CONNECT"
+                     and e.get("proto") == "HTTP/2" and e.get("path", "").startswith("/ws/")]
+            time.sleep(0.05)
+        assert ws_h2, "the websocket did not go over HTTP/2 (RFC 8441)"
