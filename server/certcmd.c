@@ -1,5 +1,6 @@
 /* Certificate CLI commands (declared in include/moat/certs.h): ca-root, trust, certs. */
 #include "moat/ca.h"
+#include "moat/acme.h"
 #include "moat/certs.h"
 #include "moat/common.h"
 #include "moat/storage.h"
@@ -167,7 +168,79 @@ int moat_cmd_trust(const char *data_dir, int add)
     return moat__cmd_trust_at(data_dir, add, TRUST_DIR, TRUST_UPDATER);
 }
 
-int moat_cmd_certs(const char *data_dir)
+static void format_time_utc(int64_t t, char *out, size_t cap)
+{
+    if (t <= 0) {
+        snprintf(out, cap, "-");
+        return;
+    }
+    time_t tt = (time_t)t;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(out, cap, "%Y-%m-%d %H:%MZ", &tm);
+}
+
+/* When the manager renews a stored certificate: ACME ones with a third of their life left,
+ * internal ones after two thirds; files are the user's to renew. */
+static int64_t next_renewal(const moat_cert_record_t *r)
+{
+    if (r->source == NULL || strcmp(r->source, "files") == 0)
+        return 0;
+    if (strcmp(r->source, "acme") == 0)
+        return moat_acme_renew_at(r->not_before, r->not_after, 0, 0, 0);
+    return r->not_before + (r->not_after - r->not_before) * 2 / 3;
+}
+
+/* The last ACME failure for a certificate id, or NULL (free()). */
+static char *last_error(moat_storage_t *st, const char *id)
+{
+    char key[600], *v = NULL;
+    snprintf(key, sizeof key, "acme-error:%s", id);
+    if (st->ops->kv_get(st, key, &v) != 0)
+        return NULL;
+    return v;
+}
+
+/* ACME names of the site file that have no certificate yet: say they are pending, when the
+ * next attempt is and why the last one failed. */
+static void print_pending(moat_storage_t *st, const char *config_path)
+{
+    moat_config_t *cfg = NULL;
+    if (config_path == NULL || moat_config_load_file(config_path, &cfg, NULL) != 0)
+        return;
+    for (size_t i = 0; i < cfg->nsites; i++) {
+        const char **names = NULL;
+        size_t n = moat_certs_site_acme_names(&cfg->sites[i], &names);
+        if (n == 0) {
+            free(names);
+            continue;
+        }
+        char *id = moat_certs_acme_id(names, n);
+        moat_cert_record_t rec = {0};
+        if (st->ops->get_cert(st, id, &rec) == 0) {
+            moat_cert_record_clear(&rec);
+        } else {
+            char key[600], *backoff = NULL, when[32] = "as soon as moat runs";
+            snprintf(key, sizeof key, "acme-backoff:%s", id);
+            if (st->ops->kv_get(st, key, &backoff) == 0 && backoff != NULL) {
+                long long failures = 0, next = 0;
+                if (sscanf(backoff, "%lld %lld", &failures, &next) == 2)
+                    format_time_utc(next, when, sizeof when);
+            }
+            free(backoff);
+            char *err = last_error(st, id);
+            printf("pending: %s (from %s:%d): no certificate yet; next attempt %s%s%s\n", id + 5,
+                   cfg->source, cfg->sites[i].line, when, err ? "; last error: " : "",
+                   err ? err : "");
+            free(err);
+        }
+        free(id);
+        free(names);
+    }
+    moat_config_free(cfg);
+}
+
+int moat_cmd_certs(const char *data_dir, const char *config_path)
 {
     moat_storage_t *st;
     char err[512] = "";
@@ -185,19 +258,22 @@ int moat_cmd_certs(const char *data_dir)
     if (n == 0) {
         printf("No certificates stored yet.\n");
     } else {
-        printf("%-32s %-32s %-40s %-20s %s\n", "ID", "NAMES", "ISSUER", "NOT-AFTER", "SOURCE");
+        printf("%-32s %-32s %-32s %-18s %-18s %-8s %s\n", "ID", "NAMES", "ISSUER", "NOT-AFTER",
+               "NEXT-RENEWAL", "SOURCE", "LAST-ERROR");
         for (size_t i = 0; i < n; i++) {
             const moat_cert_record_t *r = &recs[i];
-            char when[32];
-            time_t t = (time_t)r->not_after;
-            struct tm tm;
-            gmtime_r(&t, &tm);
-            strftime(when, sizeof when, "%Y-%m-%d %H:%MZ", &tm);
-            printf("%-32s %-32s %-40s %-20s %s\n", r->id ? r->id : "",
+            char when[32], renew[32];
+            format_time_utc(r->not_after, when, sizeof when);
+            format_time_utc(next_renewal(r), renew, sizeof renew);
+            char *last = r->id ? last_error(st, r->id) : NULL;
+            printf("%-32s %-32s %-32s %-18s %-18s %-8s %s\n", r->id ? r->id : "",
                    (r->names && r->names[0]) ? r->names : "-",
-                   (r->issuer && r->issuer[0]) ? r->issuer : "-", when, r->source ? r->source : "");
+                   (r->issuer && r->issuer[0]) ? r->issuer : "-", when, renew,
+                   r->source ? r->source : "", last ? last : "-");
+            free(last);
         }
     }
+    print_pending(st, config_path);
     for (size_t i = 0; i < n; i++)
         moat_cert_record_clear(&recs[i]);
     free(recs);

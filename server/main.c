@@ -31,7 +31,7 @@ static const char usage_text[] =
     "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
     "  moat trust [--data DIR]            add the internal root to the system trust store\n"
     "  moat untrust [--data DIR]          remove it again\n"
-    "  moat certs [--data DIR]            list certificates\n"
+    "  moat certs [--data DIR] [--config FILE]  list certificates, renewals, pending names\n"
     "  moat renew [NAME] [--force]        ask the running moat to renew ACME certificates now\n"
     "  moat version | moat help\n"
     "\n"
@@ -380,7 +380,7 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "renew") == 0)
         return cmd_renew(&c);
     if (strcmp(cmd, "certs") == 0)
-        return moat_cmd_certs(data_dir(&c));
+        return moat_cmd_certs(data_dir(&c), c.config ? c.config : default_config());
     fprintf(stderr, "moat: unknown command '%s'\n\n%s", cmd, usage_text);
     return 2;
 }

@@ -118,8 +118,10 @@ int moat_cmd_ca_root(const char *data_dir);
  * (/usr/local/share/ca-certificates/moat-root.crt + update-ca-certificates); add == 0: remove
  * it again. Needs root privileges. */
 int moat_cmd_trust(const char *data_dir, int add);
-/* Print a table of stored certificates: ID NAMES ISSUER NOT-AFTER SOURCE. */
-int moat_cmd_certs(const char *data_dir);
+/* Print a table of stored certificates (ID NAMES ISSUER NOT-AFTER NEXT-RENEWAL SOURCE
+ * LAST-ERROR), then the ACME names of the site file at config_path (may be NULL) that are
+ * still pending, with the next attempt and the last error. */
+int moat_cmd_certs(const char *data_dir, const char *config_path);
 
 /* moat_cmd_trust with the trust folder and the updater command given: for tests. */
 int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater);

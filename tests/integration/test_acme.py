@@ -267,6 +267,13 @@ def test_pending_name_is_refused(env, tmp_path, upstream):
     with pytest.raises((ssl.SSLError, OSError)):
         served_cert(m.https_port, "pending.example.test", pb.ca_pem)
     assert m.wait_log(r"attempt 1 failed, next attempt in 60 s")
+    # `moat certs` tells the operator what is pending, when it tries next and why it failed.
+    r = subprocess.run([MOAT_BIN, "certs", "--data", m.data, "--config", str(m.cfg)],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    line = [l for l in r.stdout.splitlines() if l.startswith("pending: pending.example.test")]
+    assert line, r.stdout
+    assert "next attempt 20" in line[0] and "last error:" in line[0], line[0]
 
 
 def test_tls_alpn01_when_http01_cannot_work(env, tmp_path, upstream):

@@ -663,7 +663,7 @@ static void test_commands(void)
     FILE *devnull = freopen("/dev/null", "w", stdout);
     (void)devnull;
     int rc_root = moat_cmd_ca_root(dir);
-    int rc_certs = moat_cmd_certs(dir);
+    int rc_certs = moat_cmd_certs(dir, NULL);
     int rc_add = moat__cmd_trust_at(dir, 1, trust, "true");
     fflush(stdout);
     dup2(saved, 1);
