@@ -54,6 +54,7 @@ struct moat_conn {
     unsigned in_process : 1;
     unsigned paused : 1;
     unsigned client_eof : 1;
+    unsigned head_pending : 1; /* scratch holds a response head not yet written */
     /* access log */
     uint64_t t_start, in_start, out_start;
     int status;
@@ -270,6 +271,20 @@ static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port, 
 
 /* ---- the front-end ops the proxy calls ---- */
 
+static int put_u64(moat_buf_t *b, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof tmp;
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return moat_buf_append(b, tmp + i, sizeof tmp - i);
+}
+
+/* The response head is held back (c->head_pending) until the first body bytes, the end of
+ * the response, or the end of the upstream event (fo_flush), so that a small response leaves
+ * as one TLS record and one write, while a streamed one still gets its head at once. */
 static int fo_send_head(void *front, int status, const moat_header_t *h, size_t n,
                         int64_t content_length, int has_body)
 {
@@ -277,7 +292,12 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
     moat_buf_t *b = &c->scratch;
     moat_buf_reset(b);
     c->status = status;
-    int r = moat_buf_appendf(b, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+    const char *reason = reason_phrase(status);
+    int r = moat_buf_append(b, "HTTP/1.1 ", 9);
+    r |= put_u64(b, (uint64_t)status);
+    r |= moat_buf_append(b, " ", 1);
+    r |= moat_buf_append(b, reason, strlen(reason));
+    r |= moat_buf_append(b, "\r\n", 2);
     for (size_t i = 0; i < n; i++) {
         r |= moat_buf_append(b, h[i].name.base, h[i].name.len);
         r |= moat_buf_append(b, ": ", 2);
@@ -290,7 +310,9 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
     if (status == 101) {
         r |= moat_buf_append(b, "Connection: upgrade\r\n", 21);
     } else if (has_body && content_length >= 0) {
-        r |= moat_buf_appendf(b, "Content-Length: %lld\r\n", (long long)content_length);
+        r |= moat_buf_append(b, "Content-Length: ", 16);
+        r |= put_u64(b, (uint64_t)content_length);
+        r |= moat_buf_append(b, "\r\n", 2);
     } else if (has_body && !c->http10) {
         r |= moat_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
         c->resp_chunked = 1;
@@ -304,7 +326,29 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
     r |= moat_buf_append(b, "\r\n", 2);
     if (r)
         return MOAT_ENOMEM;
-    return moat_sock_write(&c->sock, moat_buf_data(b), moat_buf_size(b));
+    c->head_pending = 1;
+    return 0;
+}
+
+/* Write v[0..n) preceded by the held-back head, if any, in one writev. */
+static int write_with_head(moat_conn_t *c, const moat_slice_t *v, size_t n)
+{
+    moat_slice_t all[4];
+    size_t k = 0;
+    if (c->head_pending) {
+        c->head_pending = 0;
+        all[k++] = moat_slice(moat_buf_data(&c->scratch), moat_buf_size(&c->scratch));
+    }
+    for (size_t i = 0; i < n && k < MOAT_ARRAY_LEN(all); i++)
+        all[k++] = v[i];
+    return k ? moat_sock_writev(&c->sock, all, k) : 0;
+}
+
+static void fo_flush(void *front)
+{
+    moat_conn_t *c = front;
+    if (c->head_pending)
+        write_with_head(c, NULL, 0);
 }
 
 static int fo_send_data(void *front, moat_slice_t data)
@@ -316,9 +360,9 @@ static int fo_send_data(void *front, moat_slice_t data)
         char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
         moat_slice_t v[3] = {moat_slice(prefix, moat_http1_chunk_prefix(prefix, data.len)), data,
                              MOAT_SLICE_LIT("\r\n")};
-        return moat_sock_writev(&c->sock, v, 3);
+        return write_with_head(c, v, 3);
     }
-    return moat_sock_write(&c->sock, data.base, data.len);
+    return write_with_head(c, &data, 1);
 }
 
 static int fo_send_end(void *front)
@@ -328,14 +372,17 @@ static int fo_send_end(void *front)
         moat_sock_shutdown_after_flush(&c->sock);
         return 0;
     }
-    if (c->resp_chunked && !c->head_req)
-        return moat_sock_write(&c->sock, "0\r\n\r\n", 5);
-    return 0;
+    if (c->resp_chunked && !c->head_req) {
+        moat_slice_t end = MOAT_SLICE_LIT("0\r\n\r\n");
+        return write_with_head(c, &end, 1);
+    }
+    return write_with_head(c, NULL, 0);
 }
 
 static size_t fo_queued(void *front)
 {
-    return moat_sock_queued(&((moat_conn_t *)front)->sock);
+    moat_conn_t *c = front;
+    return moat_sock_queued(&c->sock) + (c->head_pending ? moat_buf_size(&c->scratch) : 0);
 }
 
 static void fo_pause_body(void *front, int pause)
@@ -354,6 +401,7 @@ static void fo_pause_body(void *front, int pause)
 static void fo_upgraded(void *front)
 {
     moat_conn_t *c = front;
+    fo_flush(c);
     c->state = ST_TUNNEL;
     c->body_done = 1;
     set_timer(c, 0);
@@ -366,6 +414,7 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
 {
     moat_conn_t *c = front;
     int was_tunnel = c->state == ST_TUNNEL;
+    fo_flush(c);
     c->x = NULL;
     if (res->status)
         c->status = res->status;
@@ -396,6 +445,7 @@ static const moat_front_ops_t front_ops = {
     .queued = fo_queued,
     .pause_body = fo_pause_body,
     .upgraded = fo_upgraded,
+    .flush = fo_flush,
     .done = fo_done,
 };
 

@@ -154,7 +154,7 @@ size_t moat_http1_head_end(const char *buf, size_t len, size_t *scan_pos)
 typedef struct {
     int ncl, nte, nhost;
     moat_slice_t cl, te, host;
-    unsigned conn_close : 1, conn_keep_alive : 1, conn_upgrade : 1;
+    unsigned conn_close : 1, conn_keep_alive : 1, conn_upgrade : 1, conn_other : 1;
     unsigned has_upgrade : 1, expect_continue : 1;
 } fields_t;
 
@@ -167,6 +167,8 @@ static int connection_token(moat_slice_t e, void *arg)
         f->conn_keep_alive = 1;
     else if (moat_slice_ieq(e, "upgrade"))
         f->conn_upgrade = 1;
+    else if (e.len > 0)
+        f->conn_other = 1;
     return 0;
 }
 
@@ -521,6 +523,7 @@ static int parse_head(const char *buf, size_t len, int is_request, int req_metho
         msg->keep_alive = 0;
     /* RFC 9110 §7.8: Upgrade is ignored in HTTP/1.0. */
     msg->upgrade = v11 && f.conn_upgrade && f.has_upgrade;
+    msg->connection_names = f.conn_other;
     return (int)pos;
 
 fail:
@@ -727,11 +730,32 @@ static int token_matches(moat_slice_t e, void *arg)
 
 int moat_http1_is_hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
 {
-    static const char *const fixed[] = {"connection",        "keep-alive", "proxy-connection", "te",
-                                        "transfer-encoding", "trailer",    "upgrade"};
-    for (size_t i = 0; i < MOAT_ARRAY_LEN(fixed); i++)
-        if (moat_slice_ieq(name, fixed[i]))
+    /* Called for every field a proxy forwards: reject by length before comparing names, and
+     * rescan the Connection fields only when they named something beyond the usual three. */
+    switch (name.len) {
+    case 2:
+        if (moat_slice_ieq(name, "te"))
             return 1;
+        break;
+    case 7:
+        if (moat_slice_ieq(name, "trailer") || moat_slice_ieq(name, "upgrade"))
+            return 1;
+        break;
+    case 10:
+        if (moat_slice_ieq(name, "connection") || moat_slice_ieq(name, "keep-alive"))
+            return 1;
+        break;
+    case 16:
+        if (moat_slice_ieq(name, "proxy-connection"))
+            return 1;
+        break;
+    case 17:
+        if (moat_slice_ieq(name, "transfer-encoding"))
+            return 1;
+        break;
+    }
+    if (!m->connection_names)
+        return 0;
     for (size_t i = 0; i < m->nheaders; i++)
         if (moat_slice_ieq(m->headers[i].name, "connection") &&
             list_each(m->headers[i].value, token_matches, &name))

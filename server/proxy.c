@@ -684,6 +684,8 @@ static int handle_response(moat_exchange_t *x)
         complete(x, 0);
         return 1;
     }
+    if (x->ops->flush)
+        x->ops->flush(x->front);
     return 0;
 }
 

@@ -27,7 +27,10 @@ static void update_poll(moat_sock_t *s)
     } else if (s->handshaking) {
         ev = s->ssl_read_wants_write ? UV_WRITABLE : UV_READABLE;
     } else {
-        if (s->reading && !s->eof)
+        /* Reads stop lazily: the registration stays (changing it costs libuv an epoll_ctl
+         * DEL and ADD) until bytes actually arrive while the owner wants none. A keep-alive
+         * client waiting for its response sends nothing, so usually nothing changes. */
+        if (!s->eof && (s->reading || (!s->read_strict && (s->events & UV_READABLE))))
             ev |= UV_READABLE;
         if (moat_buf_size(&s->out) > 0 || s->ssl_read_wants_write)
             ev |= UV_WRITABLE;
@@ -219,6 +222,11 @@ static void do_read(moat_sock_t *s)
         moat_buf_commit(&s->in, (size_t)n);
         s->bytes_read += (uint64_t)n;
         s->cb->on_read(s);
+        /* A short read drained the socket: the next read would only say EAGAIN, and the
+         * level-triggered poll wakes us when more arrives. (TLS cannot tell: a record may
+         * end exactly at the buffer's end.) */
+        if (s->ssl == NULL && (size_t)n < READ_CHUNK)
+            break;
         /* With TLS a whole record may sit decrypted inside the SSL object, invisible to
          * poll: keep reading while it holds bytes. */
         if (s->ssl && SSL_pending(s->ssl) > 0 && i == READS_PER_EVENT - 1)
@@ -331,8 +339,14 @@ static void on_poll(uv_poll_t *h, int status, int events)
         if (s->closing)
             return;
     }
-    if (events & UV_READABLE)
-        do_read(s);
+    if (events & UV_READABLE) {
+        if (s->reading) {
+            do_read(s);
+        } else {
+            s->read_strict = 1; /* bytes came while stopped: now stop for real */
+            update_poll(s);
+        }
+    }
 }
 
 void moat_sock_read_start(moat_sock_t *s)
@@ -340,6 +354,7 @@ void moat_sock_read_start(moat_sock_t *s)
     if (s->reading || s->eof || s->closing)
         return;
     s->reading = 1;
+    s->read_strict = 0;
     update_poll(s);
     /* Bytes already decrypted inside the SSL object will not wake the poll. */
     if (s->ssl && !s->handshaking && !s->connecting && SSL_pending(s->ssl) > 0)

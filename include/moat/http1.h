@@ -41,13 +41,14 @@ typedef struct {
     moat_header_t *headers;      /* the caller's array, nheaders entries in wire order */
     size_t nheaders;
     moat_body_kind_t body;
-    uint64_t content_length;      /* valid when body == MOAT_BODY_LENGTH */
-    unsigned keep_alive : 1;      /* after this message the connection may be reused */
-    unsigned expect_continue : 1; /* request: HTTP/1.1 with Expect: 100-continue */
-    unsigned upgrade : 1;         /* HTTP/1.1, Connection lists "upgrade" and Upgrade is present */
-    moat_slice_t host;            /* request: the authority of an absolute-form target (RFC 9112
-                                     §3.2.2: it overrides Host), else the single Host value; {NULL,0}
-                                     for HTTP/1.0 without Host */
+    uint64_t content_length;       /* valid when body == MOAT_BODY_LENGTH */
+    unsigned keep_alive : 1;       /* after this message the connection may be reused */
+    unsigned expect_continue : 1;  /* request: HTTP/1.1 with Expect: 100-continue */
+    unsigned upgrade : 1;          /* HTTP/1.1, Connection lists "upgrade" and Upgrade is present */
+    unsigned connection_names : 1; /* Connection lists names beyond close/keep-alive/upgrade */
+    moat_slice_t host;             /* request: the authority of an absolute-form target (RFC 9112
+                                      §3.2.2: it overrides Host), else the single Host value; {NULL,0}
+                                      for HTTP/1.0 without Host */
 } moat_http1_msg_t;
 
 /* Where the head in buf[0..len) ends: returns its length (through the empty line) or 0 when

@@ -57,6 +57,9 @@ typedef struct {
     /* After a 101: the exchange is now a byte tunnel; the front end relays raw bytes with
      * moat_proxy_tunnel_write and gets them through send_data. */
     void (*upgraded)(void *front);
+    /* Optional: the upstream event is over; what was given so far must go out now (a front
+     * end may hold a head back to send it together with the first body bytes). */
+    void (*flush)(void *front);
     /* The exchange is over: err 0 when the response was delivered whole, negative when it
      * was cut (the front end must end the connection or stream abruptly). The exchange is
      * freed right after; the front end must drop its pointer. */

@@ -45,7 +45,8 @@ struct moat_sock {
     unsigned shut_after_flush : 1;
     unsigned in_read : 1;
     unsigned ssl_read_wants_write : 1;
-    unsigned failed : 1; /* broken: no more reads or writes */
+    unsigned failed : 1;      /* broken: no more reads or writes */
+    unsigned read_strict : 1; /* bytes arrived while reads were stopped: unregister */
     uint64_t bytes_read, bytes_written;
 };
 
