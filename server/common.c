@@ -87,6 +87,17 @@ int moat_buf_appendf(moat_buf_t *b, const char *fmt, ...)
     return 0;
 }
 
+int moat_buf_put_u64(moat_buf_t *b, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof tmp;
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return moat_buf_append(b, tmp + i, sizeof tmp - i);
+}
+
 void moat_buf_consume(moat_buf_t *b, size_t n)
 {
     b->off += n;

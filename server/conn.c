@@ -171,7 +171,7 @@ static void access_log(moat_conn_t *c, const char *upstream, uint64_t upstream_m
         .status = c->status,
         .bytes_in = c->sock.bytes_read - c->in_start,
         .bytes_out = c->sock.bytes_written + moat_sock_queued(&c->sock) - c->out_start,
-        .duration_ms = moat_now_ms() - c->t_start,
+        .duration_ms = uv_now(&c->w->loop) - c->t_start,
         .upstream = upstream,
         .upstream_ms = upstream_ms,
     };
@@ -271,17 +271,6 @@ static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port, 
 
 /* ---- the front-end ops the proxy calls ---- */
 
-static int put_u64(moat_buf_t *b, uint64_t v)
-{
-    char tmp[24];
-    size_t i = sizeof tmp;
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    return moat_buf_append(b, tmp + i, sizeof tmp - i);
-}
-
 /* The response head is held back (c->head_pending) until the first body bytes, the end of
  * the response, or the end of the upstream event (fo_flush), so that a small response leaves
  * as one TLS record and one write, while a streamed one still gets its head at once. */
@@ -294,7 +283,7 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
     c->status = status;
     const char *reason = reason_phrase(status);
     int r = moat_buf_append(b, "HTTP/1.1 ", 9);
-    r |= put_u64(b, (uint64_t)status);
+    r |= moat_buf_put_u64(b, (uint64_t)status);
     r |= moat_buf_append(b, " ", 1);
     r |= moat_buf_append(b, reason, strlen(reason));
     r |= moat_buf_append(b, "\r\n", 2);
@@ -311,7 +300,7 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         r |= moat_buf_append(b, "Connection: upgrade\r\n", 21);
     } else if (has_body && content_length >= 0) {
         r |= moat_buf_append(b, "Content-Length: ", 16);
-        r |= put_u64(b, (uint64_t)content_length);
+        r |= moat_buf_put_u64(b, (uint64_t)content_length);
         r |= moat_buf_append(b, "\r\n", 2);
     } else if (has_body && !c->http10) {
         r |= moat_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
@@ -519,7 +508,7 @@ static void trusted_remote(moat_conn_t *c, const moat_http1_msg_t *m)
 /* A complete head is at the start of the input: answer it or start proxying it. */
 static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
 {
-    c->t_start = moat_now_ms();
+    c->t_start = uv_now(&c->w->loop);
     c->in_start = c->sock.bytes_read - moat_sock_input(&c->sock).len;
     c->out_start = c->sock.bytes_written + moat_sock_queued(&c->sock);
     c->http10 = m->minor_version == 0;

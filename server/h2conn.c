@@ -148,7 +148,7 @@ static void access_log(stream_t *st, const char *upstream, uint64_t upstream_ms)
         .status = st->status,
         .bytes_in = st->bytes_in,
         .bytes_out = st->bytes_out,
-        .duration_ms = moat_now_ms() - st->t_start,
+        .duration_ms = uv_now(&st->c->w->loop) - st->t_start,
         .upstream = upstream,
         .upstream_ms = upstream_ms,
     };
@@ -233,7 +233,7 @@ static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
         c->streams->prev = st;
     c->streams = st;
     c->seen_stream = 1;
-    st->t_start = moat_now_ms();
+    st->t_start = uv_now(&st->c->w->loop);
     st->bytes_in = req->head_bytes;
     copy_field(st->method, sizeof st->method, req->method);
     copy_field(st->host, sizeof st->host, req->authority);
@@ -675,7 +675,7 @@ void moat_h2conn_on_read(moat_h2conn_t *c)
     enter(c);
     moat_slice_t in = moat_sock_input(c->sock);
     if (in.len > 0 && !c->want_close) {
-        ssize_t r = moat_h2_recv(c->h2, in.base, in.len, moat_now_ms());
+        ssize_t r = moat_h2_recv(c->h2, in.base, in.len, uv_now(&c->w->loop));
         moat_sock_consume(c->sock, in.len);
         if (r < 0) {
             /* Try to get the GOAWAY out before closing (not after a flood: the queue is

@@ -197,21 +197,27 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
      * balancer or Cloudflare in front of moat), whose values are kept and extended. */
     char ip[INET6_ADDRSTRLEN + 1];
     moat_format_ip(req->peer, ip, sizeof ip);
-    if (trusted && xff.len)
-        r |= moat_buf_appendf(b, "X-Forwarded-For: %.*s, %s\r\n", (int)xff.len, xff.base, ip);
-    else
-        r |= moat_buf_appendf(b, "X-Forwarded-For: %s\r\n", ip);
+    r |= moat_buf_puts(b, "X-Forwarded-For: ");
+    if (trusted && xff.len) {
+        r |= moat_buf_put(b, xff);
+        r |= moat_buf_puts(b, ", ");
+    }
+    r |= moat_buf_puts(b, ip);
+    r |= moat_buf_puts(b, "\r\nX-Forwarded-Proto: ");
     if (trusted && xfp.len)
-        r |= moat_buf_appendf(b, "X-Forwarded-Proto: %.*s\r\n", (int)xfp.len, xfp.base);
+        r |= moat_buf_put(b, xfp);
     else
-        r |= moat_buf_appendf(b, "X-Forwarded-Proto: %s\r\n", req->tls ? "https" : "http");
-    moat_slice_t host = trusted && xfh.len ? xfh : req->authority;
-    r |= moat_buf_appendf(b, "X-Forwarded-Host: %.*s\r\n", (int)host.len, host.base);
-    if (req->body == MOAT_REQ_BODY_LENGTH)
-        r |= moat_buf_appendf(b, "Content-Length: %llu\r\n",
-                              (unsigned long long)req->content_length);
-    else if (req->body == MOAT_REQ_BODY_STREAM)
-        r |= moat_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
+        r |= moat_buf_puts(b, req->tls ? "https" : "http");
+    r |= moat_buf_puts(b, "\r\nX-Forwarded-Host: ");
+    r |= moat_buf_put(b, trusted && xfh.len ? xfh : req->authority);
+    r |= moat_buf_puts(b, "\r\n");
+    if (req->body == MOAT_REQ_BODY_LENGTH) {
+        r |= moat_buf_puts(b, "Content-Length: ");
+        r |= moat_buf_put_u64(b, req->content_length);
+        r |= moat_buf_puts(b, "\r\n");
+    } else if (req->body == MOAT_REQ_BODY_STREAM) {
+        r |= moat_buf_puts(b, "Transfer-Encoding: chunked\r\n");
+    }
     if (req->upgrade) {
         moat_slice_t up = {0};
         for (size_t i = 0; i < req->nheaders; i++)
@@ -219,7 +225,9 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
                 up = req->headers[i].value;
         /* Only a request that asks for a switch carries these: uvicorn's h11 parser answers
          * 400 to "Connection: upgrade" on an ordinary request. */
-        r |= moat_buf_appendf(b, "Connection: upgrade\r\nUpgrade: %.*s\r\n", (int)up.len, up.base);
+        r |= moat_buf_puts(b, "Connection: upgrade\r\nUpgrade: ");
+        r |= moat_buf_put(b, up);
+        r |= moat_buf_puts(b, "\r\n");
     }
     r |= moat_buf_append(b, "\r\n", 2);
     return r ? MOAT_ENOMEM : 0;
@@ -268,7 +276,7 @@ static int sticky_index(const moat_site_rt_t *s, const moat_request_t *req)
 static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
 {
     const moat_site_rt_t *s = x->site;
-    uint64_t now = moat_now_ms();
+    uint64_t now = uv_now(&x->w->loop);
     size_t n = s->nupstreams;
     if (s->site->lb == MOAT_LB_COOKIE && n > 1) {
         /* Sticky while the named upstream is up (socket.io polling must keep reaching the
@@ -308,8 +316,13 @@ static void timer_fired(uv_timer_t *t)
     moat_exchange_t *x = u->x;
     if (x == NULL)
         return;
+    uint64_t now = uv_now(t->loop);
+    if (now < u->deadline) {
+        uv_timer_start(t, timer_fired, u->deadline - now, 0); /* activity moved it on */
+        return;
+    }
     if (!u->connected) {
-        x->ustate->down_until_ms = moat_now_ms() + UPSTREAM_DOWN_MS;
+        x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
         fail(x, 502, "connect timeout");
     } else if (x->tunnel) {
         fail(x, 0, "websocket idle timeout");
@@ -324,8 +337,16 @@ static void arm_timer(moat_exchange_t *x)
     uint64_t ms = !x->up->connected ? site->connect_timeout_ms
                   : x->tunnel       ? site->ws_idle_timeout_ms
                                     : site->read_timeout_ms;
-    if (ms)
-        uv_timer_start(&x->up->timer, timer_fired, ms, 0);
+    uv_timer_t *t = &x->up->timer;
+    if (ms == 0) {
+        uv_timer_stop(t);
+        return;
+    }
+    /* Called on every upstream read: only move the deadline. Restarting the timer each time
+     * would cost a heap removal and insertion; it re-arms itself when it fires early. */
+    x->up->deadline = uv_now(t->loop) + ms;
+    if (!uv_is_active((uv_handle_t *)t) || uv_timer_get_due_in(t) > ms)
+        uv_timer_start(t, timer_fired, ms, 0);
 }
 
 /* Attach x to an upstream connection (pooled or new) and send the head. */
@@ -450,7 +471,7 @@ static void up_on_connect(moat_sock_t *s, int err)
         return;
     }
     if (err != 0) {
-        x->ustate->down_until_ms = moat_now_ms() + UPSTREAM_DOWN_MS;
+        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
         MOAT_WARN("upstream %s refused the connection (%s): marked down for %d s",
                   x->upstream->label, moat_strerror(err), UPSTREAM_DOWN_MS / 1000);
         /* Nothing reached the app yet: another upstream may take a body-less request. */
@@ -587,7 +608,7 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
         return r;
     if (!x->resp_started) {
         x->resp_started = 1;
-        x->t_first_byte = moat_now_ms();
+        x->t_first_byte = uv_now(&x->w->loop);
         moat_buf_free(&x->head); /* no retry from here on */
     }
     if (m.status >= 100 && m.status < 200 && m.status != 101) {
@@ -703,7 +724,7 @@ moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
     x->site = site;
     x->ops = ops;
     x->front = front;
-    x->t_start = moat_now_ms();
+    x->t_start = uv_now(&x->w->loop);
     x->head_req = moat_slice_eq(req->method, "HEAD");
     x->upgrade_req = req->upgrade;
     x->tls = req->tls;

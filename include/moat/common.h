@@ -50,6 +50,16 @@ static inline void moat_buf_commit(moat_buf_t *b, size_t n)
 }
 int moat_buf_append(moat_buf_t *b, const void *p, size_t n);
 int moat_buf_appendf(moat_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Append a slice, a NUL-terminated string, or a decimal number (no printf on hot paths). */
+static inline int moat_buf_put(moat_buf_t *b, moat_slice_t s)
+{
+    return moat_buf_append(b, s.base, s.len);
+}
+static inline int moat_buf_puts(moat_buf_t *b, const char *s)
+{
+    return moat_buf_append(b, s, strlen(s));
+}
+int moat_buf_put_u64(moat_buf_t *b, uint64_t v);
 static inline size_t moat_buf_size(const moat_buf_t *b)
 {
     return b->len - b->off;

@@ -21,6 +21,7 @@ struct moat_upconn {
     moat_exchange_t *x; /* NULL while idle */
     char key[128];      /* the upstream's label */
     uint64_t idle_since;
+    uint64_t deadline; /* loop time the current timeout expires (the timer may fire early) */
     moat_upconn_t *next, *prev; /* pool list */
     unsigned connected : 1;
     unsigned in_pool : 1;
