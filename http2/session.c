@@ -30,7 +30,6 @@ struct h2s {
     moat_buf_t hb;  /* header fields while they arrive: [u32 nlen][u32 vlen][name][value] */
     size_t hsize;   /* header list size so far (RFC 9113 §6.5.2) */
     moat_buf_t out; /* response body bytes not yet framed */
-    moat_buf_t nv;  /* lowercased response header names */
     unsigned dispatched : 1; /* on_request was called */
     unsigned req_ended : 1;  /* the client sent END_STREAM */
     unsigned responded : 1;  /* HEADERS submitted */
@@ -107,7 +106,6 @@ static void stream_free(moat_h2_t *h, h2s_t *st)
     h->nstreams--;
     moat_buf_free(&st->hb);
     moat_buf_free(&st->out);
-    moat_buf_free(&st->nv);
     free(st);
 }
 
@@ -518,13 +516,16 @@ const char *moat_h2_why(const moat_h2_t *h)
 /* Fields a response must not carry over HTTP/2 (RFC 9113 §8.2.2). */
 static int forbidden(moat_slice_t n)
 {
-    static const char *const names[] = {"connection",        "keep-alive", "proxy-connection",
-                                        "transfer-encoding", "upgrade",    "te",
-                                        "content-length"};
-    for (size_t i = 0; i < MOAT_ARRAY_LEN(names); i++)
-        if (moat_slice_ieq(n, names[i]))
-            return 1;
-    return 0;
+    /* By length first: this runs for every response field. */
+    switch (n.len) {
+    case 2: return moat_slice_ieq(n, "te");
+    case 7: return moat_slice_ieq(n, "upgrade");
+    case 10: return moat_slice_ieq(n, "connection") || moat_slice_ieq(n, "keep-alive");
+    case 14: return moat_slice_ieq(n, "content-length");
+    case 16: return moat_slice_ieq(n, "proxy-connection");
+    case 17: return moat_slice_ieq(n, "transfer-encoding");
+    default: return 0;
+    }
 }
 
 int moat_h2_respond(moat_h2_t *h, int32_t id, int status, const moat_header_t *headers, size_t n,
@@ -533,17 +534,23 @@ int moat_h2_respond(moat_h2_t *h, int32_t id, int status, const moat_header_t *h
     h2s_t *st = stream_of(h, id);
     if (st == NULL || st->responded)
         return MOAT_ECLOSED;
-    char sbuf[8], clbuf[24];
-    snprintf(sbuf, sizeof sbuf, "%03d", status % 1000);
-    /* Names lowercased into one per-stream buffer (nghttp2 requires lowercase). */
+    char sbuf[4] = {(char)('0' + status / 100 % 10), (char)('0' + status / 10 % 10),
+                    (char)('0' + status % 10), 0};
+    char clbuf[24];
+    /* Names lowercased into one buffer (nghttp2 requires lowercase): on the stack for
+     * ordinary responses, from the heap only for unusually large ones. */
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
         total += headers[i].name.len;
-    moat_buf_reset(&st->nv);
-    char *lower = total ? moat_buf_reserve(&st->nv, total) : NULL;
-    nghttp2_nv *nv = malloc((n + 2) * sizeof *nv);
+    char lower_stack[2048];
+    nghttp2_nv nv_stack[48];
+    char *lower = total <= sizeof lower_stack ? lower_stack : malloc(total);
+    nghttp2_nv *nv = n + 2 <= MOAT_ARRAY_LEN(nv_stack) ? nv_stack : malloc((n + 2) * sizeof *nv);
     if ((total && lower == NULL) || nv == NULL) {
-        free(nv);
+        if (lower != lower_stack)
+            free(lower);
+        if (nv != nv_stack)
+            free(nv);
         return MOAT_ENOMEM;
     }
     size_t k = 0, off = 0;
@@ -561,16 +568,23 @@ int moat_h2_respond(moat_h2_t *h, int32_t id, int status, const moat_header_t *h
         off += nm.len;
     }
     if (content_length >= 0 && has_body) {
-        int l = snprintf(clbuf, sizeof clbuf, "%lld", (long long)content_length);
-        nv[k++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clbuf, 14, (size_t)l,
-                               NGHTTP2_NV_FLAG_NONE};
+        size_t l = sizeof clbuf;
+        uint64_t v = (uint64_t)content_length;
+        do {
+            clbuf[--l] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        nv[k++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clbuf + l, 14,
+                               sizeof clbuf - l, NGHTTP2_NV_FLAG_NONE};
     }
     nghttp2_data_provider prd = {.source.ptr = st, .read_callback = read_body};
     /* nghttp2 copies the name/value pairs here, so nv and the lowercased names are free to
      * go once this returns. */
     int r = nghttp2_submit_response(h->s, id, nv, k, has_body ? &prd : NULL);
-    free(nv);
-    moat_buf_free(&st->nv);
+    if (lower != lower_stack)
+        free(lower);
+    if (nv != nv_stack)
+        free(nv);
     if (r != 0)
         return MOAT_EINVAL;
     st->responded = 1;

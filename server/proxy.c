@@ -307,22 +307,12 @@ static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
     return &s->upstreams[best]; /* all marked down: try anyway */
 }
 
-static void arm_timer(moat_exchange_t *x);
 static void release_upstream(moat_exchange_t *x, int reusable);
 
-static void timer_fired(uv_timer_t *t)
+void moat_proxy_timeout(moat_exchange_t *x)
 {
-    moat_upconn_t *u = MOAT_CONTAINER_OF(t, moat_upconn_t, timer);
-    moat_exchange_t *x = u->x;
-    if (x == NULL)
-        return;
-    uint64_t now = uv_now(t->loop);
-    if (now < u->deadline) {
-        uv_timer_start(t, timer_fired, u->deadline - now, 0); /* activity moved it on */
-        return;
-    }
-    if (!u->connected) {
-        x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
+    if (!x->up->connected) {
+        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
         fail(x, 502, "connect timeout");
     } else if (x->tunnel) {
         fail(x, 0, "websocket idle timeout");
@@ -331,22 +321,14 @@ static void timer_fired(uv_timer_t *t)
     }
 }
 
+/* The timeout that applies now, counted from now: called on every upstream read, so it only
+ * moves a deadline (see moat_upconn_set_timeout). */
 static void arm_timer(moat_exchange_t *x)
 {
     const moat_site_t *site = x->site->site;
-    uint64_t ms = !x->up->connected ? site->connect_timeout_ms
-                  : x->tunnel       ? site->ws_idle_timeout_ms
-                                    : site->read_timeout_ms;
-    uv_timer_t *t = &x->up->timer;
-    if (ms == 0) {
-        uv_timer_stop(t);
-        return;
-    }
-    /* Called on every upstream read: only move the deadline. Restarting the timer each time
-     * would cost a heap removal and insertion; it re-arms itself when it fires early. */
-    x->up->deadline = uv_now(t->loop) + ms;
-    if (!uv_is_active((uv_handle_t *)t) || uv_timer_get_due_in(t) > ms)
-        uv_timer_start(t, timer_fired, ms, 0);
+    moat_upconn_set_timeout(x->up, !x->up->connected ? site->connect_timeout_ms
+                                   : x->tunnel       ? site->ws_idle_timeout_ms
+                                                     : site->read_timeout_ms);
 }
 
 /* Attach x to an upstream connection (pooled or new) and send the head. */
@@ -402,7 +384,6 @@ static void release_upstream(moat_exchange_t *x, int reusable)
     x->up = NULL;
     x->ustate->active--;
     u->x = NULL;
-    uv_timer_stop(&u->timer);
     if (reusable && moat_sock_input(&u->sock).len == 0 && !u->sock.eof)
         moat_pool_put(x->w, u, x->site->site->pool_idle_ms);
     else

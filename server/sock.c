@@ -2,6 +2,7 @@
 #include "moat/sock.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
@@ -16,6 +17,39 @@
 #define READS_PER_EVENT 16
 
 static void on_poll(uv_poll_t *h, int status, int events);
+
+/* Read buffers come from a small per-thread cache: a connection takes one when bytes arrive
+ * and gives it back as soon as they are consumed (an idle connection holds none), so a busy
+ * worker would otherwise malloc and free 16 KiB on every read event. */
+#define BUF_CACHE_MAX 64
+static _Thread_local char *buf_cache[BUF_CACHE_MAX];
+static _Thread_local int buf_cached;
+
+static void take_read_buffer(moat_buf_t *b)
+{
+    if (b->base == NULL && buf_cached > 0) {
+        b->base = buf_cache[--buf_cached];
+        b->cap = READ_CHUNK;
+        b->off = b->len = 0;
+    }
+}
+
+void moat_sock_thread_cleanup(void)
+{
+    while (buf_cached > 0)
+        free(buf_cache[--buf_cached]);
+}
+
+static void give_read_buffer(moat_buf_t *b)
+{
+    if (b->base != NULL && b->cap == READ_CHUNK && buf_cached < BUF_CACHE_MAX) {
+        buf_cache[buf_cached++] = b->base;
+        b->base = NULL;
+        b->off = b->len = b->cap = 0;
+        return;
+    }
+    moat_buf_free(b);
+}
 
 static void update_poll(moat_sock_t *s)
 {
@@ -172,6 +206,7 @@ static void do_read(moat_sock_t *s)
         return;
     s->in_read = 1;
     for (int i = 0; i < READS_PER_EVENT && s->reading && !s->eof && !s->closing; i++) {
+        take_read_buffer(&s->in);
         char *p = moat_buf_reserve(&s->in, READ_CHUNK);
         if (p == NULL) {
             s->in_read = 0;
@@ -234,7 +269,7 @@ static void do_read(moat_sock_t *s)
     }
     s->in_read = 0;
     if (moat_buf_size(&s->in) == 0)
-        moat_buf_free(&s->in); /* an idle connection holds no read buffer */
+        give_read_buffer(&s->in); /* an idle connection holds no read buffer */
     update_poll(s);
 }
 
@@ -470,7 +505,7 @@ static void on_poll_close(uv_handle_t *h)
     if (s->fd >= 0)
         close(s->fd);
     s->fd = -1;
-    moat_buf_free(&s->in);
+    give_read_buffer(&s->in);
     moat_buf_free(&s->out);
     if (s->cb->on_close)
         s->cb->on_close(s);

@@ -61,20 +61,43 @@ moat_upconn_t *moat_pool_take(moat_worker_t *w, const char *key)
     for (moat_upconn_t *u = w->pool; u != NULL; u = u->next) {
         if (strcmp(u->key, key) == 0 && !u->sock.eof) {
             pool_unlink(w, u);
-            uv_timer_stop(&u->timer);
-            return u;
+            return u; /* its timer runs on; the new deadline is set by the exchange */
         }
     }
     return NULL;
 }
 
-static void pool_expired(uv_timer_t *t)
+/* One timer per upstream connection serves every timeout it has (connect, idle read,
+ * websocket idle, pool expiry). Moving a timeout only moves u->deadline: the timer fires at
+ * the earlier time it was set for and re-arms itself for what is left. So a busy connection
+ * costs no timer work per read or per request. */
+static void upconn_timer_fired(uv_timer_t *t)
 {
-    moat_upconn_close(t->data);
+    moat_upconn_t *u = t->data;
+    uint64_t now = uv_now(t->loop);
+    if (now < u->deadline) {
+        if (u->deadline != UINT64_MAX)
+            uv_timer_start(t, upconn_timer_fired, u->deadline - now, 0);
+        return;
+    }
+    if (u->x == NULL)
+        moat_upconn_close(u); /* idle in the pool for pool_idle */
+    else
+        moat_proxy_timeout(u->x);
 }
 
-/* Idle connections are dropped after idle_ms, shorter than the app's own keep-alive (uvicorn
- * closes after 5 s): a request must never be sent on a connection the app is closing. */
+void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms)
+{
+    uv_timer_t *t = &u->timer;
+    if (ms == 0) {
+        u->deadline = UINT64_MAX;
+        return;
+    }
+    u->deadline = uv_now(t->loop) + ms;
+    if (!uv_is_active((uv_handle_t *)t) || uv_timer_get_due_in(t) > ms)
+        uv_timer_start(t, upconn_timer_fired, ms, 0);
+}
+
 void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms)
 {
     if (w->draining || idle_ms == 0) {
@@ -88,7 +111,7 @@ void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms)
     w->pool = u;
     u->in_pool = 1;
     u->idle_since = moat_now_ms();
-    uv_timer_start(&u->timer, pool_expired, idle_ms, 0);
+    moat_upconn_set_timeout(u, idle_ms);
     moat_sock_read_start(&u->sock); /* to notice the app closing it */
 }
 

@@ -206,6 +206,7 @@ static void worker_main(void *arg)
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);
+    moat_sock_thread_cleanup();
 }
 
 int moat_workers_start(const moat_server_opts_t *o)

@@ -81,6 +81,9 @@ void moat_proxy_abort(moat_exchange_t *x);
 int moat_proxy_tunnel_write(moat_exchange_t *x, moat_slice_t data);
 void moat_proxy_tunnel_client_eof(moat_exchange_t *x);
 
+/* The upstream connection's timeout passed (server/upstream.c calls this). */
+void moat_proxy_timeout(moat_exchange_t *x);
+
 /* Response pages the front ends send themselves (redirects and errors before a proxy). */
 int moat_proxy_error_page(int status, const char **reason, const char **body);
 

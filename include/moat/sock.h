@@ -83,5 +83,7 @@ static inline size_t moat_sock_queued(const moat_sock_t *s)
 void moat_sock_shutdown_after_flush(moat_sock_t *s);
 /* Close now (queued bytes are dropped); on_close follows. Safe to call more than once. */
 void moat_sock_close(moat_sock_t *s);
+/* Free the calling thread's cache of read buffers (when its loop has ended). */
+void moat_sock_thread_cleanup(void);
 
 #endif

@@ -67,6 +67,9 @@ void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms);
 void moat_pool_close_all(moat_worker_t *w);
 moat_upstream_state_t *moat_upstream_state(moat_worker_t *w, const char *label);
 moat_upconn_t *moat_upconn_new(moat_worker_t *w, const char *key);
+/* The connection's current timeout from now (0: none). When it passes, an idle pooled
+ * connection is closed and an exchange gets moat_proxy_timeout. */
+void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms);
 void moat_upconn_close(moat_upconn_t *u);
 
 uint64_t moat_now_ms(void);
