@@ -191,17 +191,14 @@ static void respond_page(stream_t *st, int status)
 {
     const char *reason, *body;
     moat_proxy_error_page(status, &reason, &body);
-    moat_header_t h[2] = {
-        {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
-        {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
-    };
     size_t len = strlen(body);
     moat_h2_t *h2 = st->c->h2;
     st->status = status;
     st->responded = 1;
     if (status == 413)
         moat_h2_drain_body(h2, st->id); /* so curl shows the 413; the body is dropped */
-    if (moat_h2_respond(h2, st->id, status, h, 2, (int64_t)len, 1) != 0 ||
+    if (moat_h2_respond(h2, st->id, status, moat_proxy_page_headers, MOAT_PROXY_PAGE_NHEADERS,
+                        (int64_t)len, 1) != 0 ||
         moat_h2_send_data(h2, st->id, moat_slice(body, len)) != 0 ||
         moat_h2_send_end(h2, st->id) != 0)
         moat_h2_reset(h2, st->id, MOAT_H2_INTERNAL_ERROR);

@@ -59,6 +59,11 @@ static void fail(moat_exchange_t *x, int status, const char *why);
 
 /* ---- error pages ---- */
 
+const moat_header_t moat_proxy_page_headers[MOAT_PROXY_PAGE_NHEADERS] = {
+    {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
+    {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
+};
+
 int moat_proxy_error_page(int status, const char **reason, const char **body)
 {
     switch (status) {
@@ -414,13 +419,10 @@ static void send_page(moat_exchange_t *x, int status)
 {
     const char *reason, *body;
     moat_proxy_error_page(status, &reason, &body);
-    moat_header_t h[2] = {
-        {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
-        {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
-    };
     size_t len = strlen(body);
     x->status = status;
-    if (x->ops->send_head(x->front, status, h, 2, (int64_t)len, !x->head_req) == 0 &&
+    if (x->ops->send_head(x->front, status, moat_proxy_page_headers, MOAT_PROXY_PAGE_NHEADERS,
+                          (int64_t)len, !x->head_req) == 0 &&
         (x->head_req || x->ops->send_data(x->front, moat_slice(body, len)) == 0))
         x->ops->send_end(x->front);
 }

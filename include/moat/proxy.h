@@ -86,5 +86,8 @@ void moat_proxy_timeout(moat_exchange_t *x);
 
 /* Response pages the front ends send themselves (redirects and errors before a proxy). */
 int moat_proxy_error_page(int status, const char **reason, const char **body);
+/* The header fields every such page is sent with (an HTML body that must not be cached). */
+#define MOAT_PROXY_PAGE_NHEADERS 2
+extern const moat_header_t moat_proxy_page_headers[MOAT_PROXY_PAGE_NHEADERS];
 
 #endif
