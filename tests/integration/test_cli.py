@@ -151,3 +151,26 @@ def test_access_log_has_one_json_line_per_request(moat, upstream):
     assert e["status"] == 200 and e["method"] == "GET" and e["remote"] == "127.0.0.1"
     assert e["upstream"] == upstream.addr
     json.dumps(e)
+
+
+def test_dual_stack_listener_reports_ipv4_clients_as_ipv4(moat, upstream):
+    """With --listen :: one socket takes IPv4 and IPv6; IPv4 clients arrive as ::ffff:a.b.c.d
+    and must still appear as a.b.c.d in X-Forwarded-For and the access log."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        p = moat(upstream.addr, extra_args=("--listen", "::"))
+    except RuntimeError as e:
+        if "bad --listen" in str(e) or "Address family" in str(e):
+            pytest.skip(f"cannot listen on [::] here: {e}")
+        raise
+    with p.client() as c:
+        echo = c.get(p.url("/echo")).json()
+    xff = [v for k, v in echo["headers"] if k.lower() == "x-forwarded-for"]
+    assert xff == ["127.0.0.1"], xff
+    deadline = time.monotonic() + 3
+    entries = []
+    while not entries and time.monotonic() < deadline:
+        entries = [e for e in p.access_entries() if e.get("path") == "/echo"]
+        time.sleep(0.05)
+    assert entries and entries[0]["remote"] == "127.0.0.1", entries
