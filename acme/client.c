@@ -61,7 +61,7 @@ struct moat_acme_order {
     int state, pending, cancelled, finished;
     char *new_nonce, *new_account, *new_order;
     char *nonce, *kid;
-    char *order_url, *finalize_url, *cert_url;
+    char *order_url, *finalize_url, *cert_url, *chal_url;
     char **authz;
     size_t nauthz, authz_i;
     char *authz_name;
@@ -97,6 +97,7 @@ static void order_free(moat_acme_order_t *o)
     free(o->order_url);
     free(o->finalize_url);
     free(o->cert_url);
+    free(o->chal_url);
     for (size_t i = 0; i < o->nauthz; i++)
         free(o->authz[i]);
     free(o->authz);
@@ -292,6 +293,18 @@ static void publish(moat_acme_order_t *o, moat_acme_chal_t type, const char *nam
     }
 }
 
+static void challenge_fire(void *arg)
+{
+    moat_acme_order_t *o = arg;
+    o->pending--;
+    if (o->cancelled || o->finished) {
+        if (o->pending == 0)
+            order_free(o);
+        return;
+    }
+    post(o, S_CHALLENGE, o->chal_url, "{}");
+}
+
 static void on_authz(moat_acme_order_t *o, json_t *j)
 {
     const char *status = jstr(j, "status");
@@ -331,6 +344,16 @@ static void on_authz(moat_acme_order_t *o, json_t *j)
     publish(o, o->chal, name, token, ka);
     free(ka);
     MOAT_DEBUG("acme: answering %s for %s", want, name);
+    uint64_t wait = o->io.propagation_ms ? o->io.propagation_ms(o->io.data) : 0;
+    if (wait > 0) {
+        /* Other instances answer from storage: give them time to load the token before the
+         * CA's validator may connect to them. */
+        free(o->chal_url);
+        o->chal_url = moat_xstrdup(url);
+        o->pending++;
+        o->io.after(o->io.data, wait, challenge_fire, o);
+        return;
+    }
     post(o, S_CHALLENGE, url, "{}");
 }
 
@@ -422,6 +445,26 @@ static void collect_alternates(moat_acme_order_t *o, const moat_httpc_response_t
     }
 }
 
+static void send_new_order(moat_acme_order_t *o)
+{
+    json_t *ids = json_array();
+    for (size_t i = 0; i < o->nnames; i++)
+        json_array_append_new(ids, json_pack("{s:s,s:s}", "type", "dns", "value", o->names[i]));
+    json_t *p = json_pack("{s:o}", "identifiers", ids);
+    if (o->replaces)
+        json_object_set_new(p, "replaces", json_string(o->replaces));
+    char *ps = json_dumps(p, JSON_COMPACT);
+    json_decref(p);
+    post(o, S_ORDER, o->new_order, ps);
+    free(ps);
+}
+
+/* describe_problem() starts its sentence with the short problem type. */
+static int is_replaces_problem(const char *msg)
+{
+    return strncmp(msg, "alreadyReplaced:", 16) == 0 || strncmp(msg, "malformed:", 10) == 0;
+}
+
 static void on_response(void *data, const moat_httpc_response_t *r)
 {
     moat_acme_order_t *o = data;
@@ -461,6 +504,15 @@ static void on_response(void *data, const moat_httpc_response_t *r)
             ++o->bad_nonces <= MAX_BAD_NONCE) {
             MOAT_DEBUG("acme: badNonce from %s; retrying with the fresh nonce", o->req_url);
             send_post(o);
+            return;
+        }
+        if (o->state == S_ORDER && o->replaces && is_replaces_problem(msg)) {
+            /* RFC 9773 §5: the CA may refuse "replaces" (already replaced, or not one of its
+             * certificates); the renewal itself should still happen. */
+            MOAT_WARN("acme: the CA refused \"replaces\" (%s); ordering without it", msg);
+            free(o->replaces);
+            o->replaces = NULL;
+            send_new_order(o);
             return;
         }
         o->res.rate_limited = rl;
@@ -532,16 +584,7 @@ static void on_response(void *data, const moat_httpc_response_t *r)
             return;
         }
         o->kid = moat_xstrdup(loc);
-        json_t *ids = json_array();
-        for (size_t i = 0; i < o->nnames; i++)
-            json_array_append_new(ids, json_pack("{s:s,s:s}", "type", "dns", "value", o->names[i]));
-        json_t *p = json_pack("{s:o}", "identifiers", ids);
-        if (o->replaces)
-            json_object_set_new(p, "replaces", json_string(o->replaces));
-        char *ps = json_dumps(p, JSON_COMPACT);
-        json_decref(p);
-        post(o, S_ORDER, o->new_order, ps);
-        free(ps);
+        send_new_order(o);
         return;
     }
     case S_ORDER: {
@@ -717,4 +760,129 @@ void moat_acme_order_cancel(moat_acme_order_t *o)
     /* After `done` has run the order belongs to nobody: callers must not cancel it then. */
     o->cancelled = 1;
     finish(o);
+}
+
+/* --- renewalInfo (RFC 9773) ------------------------------------------------------------------ */
+
+struct moat_acme_ari_fetch {
+    moat_acme_io_t io;
+    moat_acme_ari_cb done;
+    void *data;
+    char *dir_url, *cert_id;
+    int state, pending, cancelled;
+    moat_acme_ari_result_t res;
+};
+
+static void ari_free(moat_acme_ari_fetch_t *f)
+{
+    free(f->dir_url);
+    free(f->cert_id);
+    moat_acme_ari_clear(&f->res.ari);
+    free(f->res.error);
+    free(f);
+}
+
+static void ari_finish(moat_acme_ari_fetch_t *f, int rc, const char *error)
+{
+    f->res.rc = rc;
+    if (error)
+        f->res.error = moat_xstrdup(error);
+    f->done(f->data, &f->res);
+    ari_free(f);
+}
+
+static void ari_on_response(void *data, const moat_httpc_response_t *r);
+
+static void ari_get(moat_acme_ari_fetch_t *f, const char *url)
+{
+    f->pending++;
+    int rc = f->io.request(f->io.data, "GET", url, NULL, NULL, ari_on_response, f);
+    if (rc < 0) {
+        f->pending--;
+        char msg[512];
+        snprintf(msg, sizeof msg, "cannot send a request to %s: %s", url, moat_strerror(rc));
+        ari_finish(f, rc, msg);
+    }
+}
+
+static void ari_on_response(void *data, const moat_httpc_response_t *r)
+{
+    moat_acme_ari_fetch_t *f = data;
+    f->pending--;
+    if (f->cancelled) {
+        ari_free(f);
+        return;
+    }
+    char msg[512];
+    if (r->err != 0 || r->status != 200) {
+        if (r->err != 0)
+            snprintf(msg, sizeof msg, "cannot reach the CA at %s: %s", f->dir_url,
+                     moat_strerror(r->err));
+        else
+            snprintf(msg, sizeof msg, "HTTP %d from the CA's %s", r->status,
+                     f->state == 0 ? "directory" : "renewalInfo");
+        f->res.retry_after = moat_acme_parse_retry_after(
+            moat_httpc_header(r, "Retry-After", 0, NULL), (int64_t)time(NULL));
+        ari_finish(f, r->err ? r->err : MOAT_EIO, msg);
+        return;
+    }
+    if (f->state == 0) {
+        json_t *j = json_loadb(r->body, r->body_len, 0, NULL);
+        const char *ri = jstr(j, "renewalInfo");
+        if (ri == NULL || *ri == '\0') {
+            json_decref(j);
+            ari_finish(f, 0, NULL); /* no ARI: supported stays 0 */
+            return;
+        }
+        f->res.supported = 1;
+        size_t ul = strlen(ri) + strlen(f->cert_id) + 2;
+        char *url = moat_xmalloc(ul);
+        snprintf(url, ul, "%s%s%s", ri, ri[strlen(ri) - 1] == '/' ? "" : "/", f->cert_id);
+        json_decref(j);
+        f->state = 1;
+        ari_get(f, url);
+        free(url);
+        return;
+    }
+    f->res.retry_after = moat_acme_parse_retry_after(moat_httpc_header(r, "Retry-After", 0, NULL),
+                                                     (int64_t)time(NULL));
+    if (moat_acme_ari_parse(r->body, r->body_len, &f->res.ari) != 0) {
+        ari_finish(f, MOAT_EPARSE, "the CA's renewalInfo has no valid suggestedWindow");
+        return;
+    }
+    ari_finish(f, 0, NULL);
+}
+
+static void ari_start_fire(void *arg)
+{
+    moat_acme_ari_fetch_t *f = arg;
+    f->pending--;
+    if (f->cancelled) {
+        if (f->pending == 0)
+            ari_free(f);
+        return;
+    }
+    ari_get(f, f->dir_url);
+}
+
+moat_acme_ari_fetch_t *moat_acme_ari_fetch(const moat_acme_io_t *io, const char *directory_url,
+                                           const char *cert_id, moat_acme_ari_cb done, void *data)
+{
+    moat_acme_ari_fetch_t *f = moat_xcalloc(1, sizeof *f);
+    f->io = *io;
+    f->done = done;
+    f->data = data;
+    f->dir_url = moat_xstrdup(directory_url);
+    f->cert_id = moat_xstrdup(cert_id);
+    f->pending++;
+    f->io.after(f->io.data, 0, ari_start_fire, f);
+    return f;
+}
+
+void moat_acme_ari_fetch_cancel(moat_acme_ari_fetch_t *f)
+{
+    if (f == NULL)
+        return;
+    /* At most one timer or request is pending at a time; it frees the fetch when it returns. */
+    f->cancelled = 1;
 }

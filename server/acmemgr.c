@@ -9,7 +9,18 @@
  *   acme-error:<id>                the last failure, as logged
  *   acme-lock:<id>                 "<owner> <expiry unix>"; refreshed while the order runs
  *   acme-challenge:<id>            the challenge type that last worked
- *   acme-token:<token>             a pending key authorization (HTTP-01 / TLS-ALPN-01) */
+ *   acme-token:<token>             a pending HTTP-01 key authorization
+ *   acme-token-alpn:<name>         a pending TLS-ALPN-01 key authorization
+ *   acme-instance:<owner>          "<expiry unix>": a live process sharing this store
+ *
+ * Workers never touch SQLite, so every process's control thread copies the pending tokens
+ * that other processes stored into its own in-memory tables (acme/challenge.c) once a
+ * second. An order placer that sees other live instances waits PROPAGATION_MS after storing
+ * a token before telling the CA, so whichever instance the validator reaches can answer.
+ *
+ * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
+ * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
+ * renewal order then names the certificate it replaces. */
 #include "moat/acme.h"
 #include "moat/certs.h"
 #include "moat/config.h"
@@ -34,6 +45,18 @@
 #define LOCK_HEARTBEAT_MS 30000
 #define LOCK_RETRY_MS     2000
 #define HTTP_TIMEOUT_MS   30000
+#define TOKEN_POLL_MS     1000
+#define PROPAGATION_MS    (2 * TOKEN_POLL_MS)
+#define TOKEN_MAX_AGE     3600 /* a token this old belongs to an order that died with its process */
+#define INSTANCE_BEAT     15
+#define INSTANCE_TTL      45
+#define ARI_RETRY_DEFAULT 3600
+
+/* A token this process did not place but answers, as copied from storage. */
+typedef struct {
+    char *key, *value;
+    int seen;
+} shared_tok_t;
 
 typedef struct job job_t;
 
@@ -47,6 +70,13 @@ struct moat_acmemgr {
     job_t *jobs;
     struct after *afters;
     char owner[96];
+    uv_timer_t *tok_timer;
+    char **own; /* storage keys of the tokens our own orders published */
+    size_t nown;
+    shared_tok_t *shared;
+    size_t nshared;
+    int peers;
+    int64_t beat_next;
 };
 
 struct job {
@@ -64,6 +94,12 @@ struct job {
     int fallback_tried, force, seen, renewal;
     int64_t known_not_after;
     uint64_t t_start;
+    /* ARI state for the stored certificate ari_cert_id, from CA index ari_ca. */
+    moat_acme_ari_fetch_t *ari_fetch;
+    char *ari_cert_id;
+    int ari_supported;
+    size_t ari_ca;
+    int64_t ari_start, ari_end, ari_next;
 };
 
 /* --- io for orders ------------------------------------------------------------------------- */
@@ -123,19 +159,146 @@ static int io_request(void *data, const char *method, const char *url, const cha
                               cb_data);
 }
 
+/* Answer (value non-NULL) or stop answering the token stored under key, in memory only. */
+static void token_apply(const char *key, const char *value)
+{
+    if (strncmp(key, "acme-token:", 11) == 0)
+        moat_acme_http01_set(key + 11, value);
+    else if (strncmp(key, "acme-token-alpn:", 16) == 0)
+        moat_acme_alpn01_set(key + 16, value);
+}
+
+static void shared_drop(moat_acmemgr_t *m, size_t i, int unapply)
+{
+    if (unapply)
+        token_apply(m->shared[i].key, NULL);
+    free(m->shared[i].key);
+    free(m->shared[i].value);
+    m->shared[i] = m->shared[--m->nshared];
+}
+
+static int own_find(moat_acmemgr_t *m, const char *key)
+{
+    for (size_t i = 0; i < m->nown; i++)
+        if (strcmp(m->own[i], key) == 0)
+            return (int)i;
+    return -1;
+}
+
 static void io_challenge(void *data, moat_acme_chal_t type, const char *name, const char *token,
                          const char *key_auth)
 {
     moat_acmemgr_t *m = data;
-    /* Kept in storage too, so another instance sharing it could answer. */
+    /* Kept in storage too, so other instances sharing it answer as well. */
     char key[512];
-    snprintf(key, sizeof key, "acme-token:%s", token);
+    if (type == MOAT_ACME_HTTP01)
+        snprintf(key, sizeof key, "acme-token:%s", token);
+    else
+        snprintf(key, sizeof key, "acme-token-alpn:%s", name);
     if (m->st->ops->kv_put(m->st, key, key_auth) != 0)
         MOAT_WARN("acme: cannot store the challenge token: %s", moat_storage_last_error(m->st));
-    if (type == MOAT_ACME_HTTP01)
-        moat_acme_http01_set(token, key_auth);
-    else
-        moat_acme_alpn01_set(name, key_auth);
+    /* Ours now: the refresh must neither import it nor withdraw it. */
+    for (size_t i = 0; i < m->nshared; i++) {
+        if (strcmp(m->shared[i].key, key) == 0) {
+            shared_drop(m, i, 0);
+            break;
+        }
+    }
+    int at = own_find(m, key);
+    if (key_auth != NULL && at < 0) {
+        m->own = moat_xrealloc(m->own, (m->nown + 1) * sizeof *m->own);
+        m->own[m->nown++] = moat_xstrdup(key);
+    } else if (key_auth == NULL && at >= 0) {
+        free(m->own[at]);
+        m->own[at] = m->own[--m->nown];
+    }
+    token_apply(key, key_auth);
+}
+
+static uint64_t io_propagation_ms(void *data)
+{
+    moat_acmemgr_t *m = data;
+    return m->peers > 0 ? PROPAGATION_MS : 0;
+}
+
+/* Once a second: say we are alive, count the other live instances, and mirror the tokens
+ * they stored into this process's answer tables. A token older than TOKEN_MAX_AGE was left by
+ * a process that died mid-order (a live order withdraws its tokens when it ends): delete it. */
+static void tokens_refresh(moat_acmemgr_t *m)
+{
+    moat_storage_t *st = m->st;
+    int64_t now = (int64_t)time(NULL);
+    char key[256], val[32];
+    moat_kv_t *rows = NULL;
+    size_t n = 0;
+    if (now >= m->beat_next) {
+        snprintf(key, sizeof key, "acme-instance:%s", m->owner);
+        snprintf(val, sizeof val, "%lld", (long long)(now + INSTANCE_TTL));
+        if (st->ops->kv_put(st, key, val) == 0)
+            m->beat_next = now + INSTANCE_BEAT;
+    }
+    if (st->ops->kv_list(st, "acme-instance:", &rows, &n) == 0) {
+        int peers = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(rows[i].key + 14, m->owner) == 0)
+                continue;
+            if (rows[i].value && strtoll(rows[i].value, NULL, 10) > now)
+                peers++;
+            else
+                st->ops->kv_put(st, rows[i].key, NULL);
+        }
+        if (peers != m->peers)
+            MOAT_INFO("acme: %d other moat process(es) share this storage", peers);
+        m->peers = peers;
+        moat_kv_free(rows, n);
+    }
+    /* "acme-token" covers both acme-token:<token> and acme-token-alpn:<name>. */
+    if (st->ops->kv_list(st, "acme-token", &rows, &n) != 0)
+        return; /* keep what we have; storage says why on the next write */
+    for (size_t i = 0; i < m->nshared; i++)
+        m->shared[i].seen = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *k = rows[i].key, *v = rows[i].value;
+        if (v == NULL || (strncmp(k, "acme-token:", 11) != 0 && strncmp(k, "acme-token-alpn:", 16)))
+            continue;
+        if (rows[i].updated_at + TOKEN_MAX_AGE < now) {
+            st->ops->kv_put(st, k, NULL);
+            continue;
+        }
+        if (own_find(m, k) >= 0)
+            continue;
+        size_t j;
+        for (j = 0; j < m->nshared && strcmp(m->shared[j].key, k) != 0; j++)
+            ;
+        if (j == m->nshared) {
+            m->shared = moat_xrealloc(m->shared, (m->nshared + 1) * sizeof *m->shared);
+            m->shared[m->nshared++] = (shared_tok_t){moat_xstrdup(k), NULL, 0};
+        }
+        m->shared[j].seen = 1;
+        if (m->shared[j].value == NULL || strcmp(m->shared[j].value, v) != 0) {
+            free(m->shared[j].value);
+            m->shared[j].value = moat_xstrdup(v);
+            MOAT_DEBUG("acme: answering %s placed by another instance", k);
+            token_apply(k, v);
+        }
+    }
+    moat_kv_free(rows, n);
+    for (size_t i = 0; i < m->nshared;) {
+        if (!m->shared[i].seen)
+            shared_drop(m, i, 1);
+        else
+            i++;
+    }
+}
+
+static void tok_timer_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void on_tokens_timer(uv_timer_t *t)
+{
+    tokens_refresh(t->data);
 }
 
 /* --- storage helpers ----------------------------------------------------------------------- */
@@ -269,6 +432,47 @@ static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *emai
 }
 
 static void on_order_done(void *data, moat_acme_result_t *res);
+static void on_ari_done(void *data, moat_acme_ari_result_t *res);
+
+static moat_acme_io_t job_io(moat_acmemgr_t *m)
+{
+    return (moat_acme_io_t){.data = m,
+                            .request = io_request,
+                            .after = io_after,
+                            .challenge = io_challenge,
+                            .propagation_ms = io_propagation_ms};
+}
+
+/* When to renew rec: inside the CA's ARI window when it gave one for this very certificate,
+ * else when a third of its life is left. */
+static int64_t job_renew_at(job_t *j, const moat_cert_record_t *rec)
+{
+    if (j->ari_supported && j->ari_start > 0)
+        return moat_acme_renew_at(rec->not_before, rec->not_after, j->ari_start, j->ari_end,
+                                  moat_acme_ari_jitter(j->ari_cert_id));
+    return moat_acme_renew_at(rec->not_before, rec->not_after, 0, 0, 0);
+}
+
+/* Keep the ARI state about the stored certificate; a new certificate starts it afresh.
+ * Returns 1 when a renewalInfo fetch was started (job_check runs again when it ends). */
+static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
+{
+    char *cid = moat_acme_ari_cert_id_pem(rec->cert_pem);
+    if (cid == NULL || j->ari_cert_id == NULL || strcmp(cid, j->ari_cert_id) != 0) {
+        free(j->ari_cert_id);
+        j->ari_cert_id = cid;
+        j->ari_supported = 0;
+        j->ari_start = j->ari_end = j->ari_next = 0;
+    } else {
+        free(cid);
+    }
+    if (j->ari_cert_id == NULL || j->force || now < j->ari_next || j->ari_fetch != NULL)
+        return 0;
+    moat_acme_io_t io = job_io(j->m);
+    j->ari_ca = j->ca_i % j->ncas;
+    j->ari_fetch = moat_acme_ari_fetch(&io, j->cas[j->ari_ca], j->ari_cert_id, on_ari_done, j);
+    return 1;
+}
 
 static void job_start_order(job_t *j)
 {
@@ -279,8 +483,10 @@ static void job_start_order(job_t *j)
         job_at(j, (int64_t)time(NULL) + MOAT_ACME_BACKOFF_MIN);
         return;
     }
-    moat_acme_io_t io = {
-        .data = m, .request = io_request, .after = io_after, .challenge = io_challenge};
+    moat_acme_io_t io = job_io(m);
+    /* "replaces" only towards the CA whose renewalInfo knows the certificate. */
+    int replaces =
+        j->renewal && j->ari_supported && j->ari_cert_id && j->ari_ca == j->ca_i % j->ncas;
     moat_acme_order_opts_t o = {
         .directory_url = ca,
         .names = (const char *const *)j->names,
@@ -291,6 +497,7 @@ static void job_start_order(job_t *j)
         .eab_hmac = j->eab_hmac,
         .preferred_chain = j->preferred,
         .challenge = j->chal,
+        .replaces = replaces ? j->ari_cert_id : NULL,
     };
     MOAT_INFO("acme: %s a certificate for %s from %s (%s)", j->renewal ? "renewing" : "requesting",
               j->id + 5, ca, chal_name(j->chal));
@@ -306,15 +513,19 @@ static void job_check(job_t *j)
 {
     moat_acmemgr_t *m = j->m;
     moat_storage_t *st = m->st;
-    if (j->order != NULL)
+    if (j->order != NULL || j->ari_fetch != NULL)
         return;
     int64_t now = (int64_t)time(NULL);
     moat_cert_record_t rec;
     int have = st->ops->get_cert(st, j->id, &rec) == 0;
     int64_t renew = 0;
     j->renewal = have;
+    if (have && job_ari(j, &rec, now)) {
+        moat_cert_record_clear(&rec);
+        return;
+    }
     if (have) {
-        renew = moat_acme_renew_at(rec.not_before, rec.not_after, 0, 0, 0);
+        renew = job_renew_at(j, &rec);
         if (rec.not_after != j->known_not_after) {
             /* Another process sharing the store got a new certificate: serve it. */
             j->known_not_after = rec.not_after;
@@ -323,7 +534,7 @@ static void job_check(job_t *j)
         }
         moat_cert_record_clear(&rec);
         if (now < renew && !j->force) {
-            job_at(j, renew);
+            job_at(j, j->ari_next > 0 && j->ari_next < renew ? j->ari_next : renew);
             return;
         }
     }
@@ -351,7 +562,7 @@ static void job_check(job_t *j)
     }
     /* Between our look and the lock another process may have finished: look again. */
     if (st->ops->get_cert(st, j->id, &rec) == 0) {
-        int fresh = now < moat_acme_renew_at(rec.not_before, rec.not_after, 0, 0, 0);
+        int fresh = now < job_renew_at(j, &rec);
         int64_t na = rec.not_after;
         moat_cert_record_clear(&rec);
         if (fresh && !j->force) {
@@ -374,6 +585,40 @@ static void job_check(job_t *j)
         free(pref);
     }
     job_start_order(j);
+}
+
+static void on_ari_done(void *data, moat_acme_ari_result_t *res)
+{
+    job_t *j = data;
+    j->ari_fetch = NULL;
+    int64_t now = (int64_t)time(NULL);
+    if (res->rc == 0 && res->supported) {
+        if (res->ari.start != j->ari_start || res->ari.end != j->ari_end) {
+            char a[64], b[64];
+            fmt_time(res->ari.start, a, sizeof a);
+            fmt_time(res->ari.end, b, sizeof b);
+            MOAT_INFO("acme: %s: the CA suggests renewing between %s and %s%s%s", j->id + 5, a, b,
+                      res->ari.explanation_url ? "; why: " : "",
+                      res->ari.explanation_url ? res->ari.explanation_url : "");
+        }
+        j->ari_supported = 1;
+        j->ari_start = res->ari.start;
+        j->ari_end = res->ari.end;
+        j->ari_next = now + moat_acme_ari_poll_delay(res->retry_after);
+    } else if (res->rc == 0) {
+        /* No renewalInfo in the directory: the default schedule; look again in 6 h in case
+         * the CA starts offering it. */
+        j->ari_supported = 0;
+        j->ari_next = now + MOAT_ACME_ARI_POLL_DEFAULT;
+    } else {
+        /* Keep any window we had; renewal never waits on ARI. */
+        MOAT_WARN("acme: %s: renewal information unavailable (%s); using %s", j->id + 5,
+                  res->error ? res->error : moat_strerror(res->rc),
+                  j->ari_supported ? "the last suggested window" : "the default schedule");
+        j->ari_next = now + moat_acme_ari_poll_delay(res->retry_after > 0 ? res->retry_after
+                                                                          : ARI_RETRY_DEFAULT);
+    }
+    job_check(j);
 }
 
 static int parse_leaf(const char *pem, int64_t *nb, int64_t *na, char *issuer, size_t cap)
@@ -508,11 +753,14 @@ static void job_closed(uv_handle_t *h)
     free(j->preferred);
     free(j->eab_kid);
     free(j->eab_hmac);
+    free(j->ari_cert_id);
     free(j);
 }
 
 static void job_free(job_t *j)
 {
+    moat_acme_ari_fetch_cancel(j->ari_fetch);
+    j->ari_fetch = NULL;
     if (j->order) {
         moat_acme_order_cancel(j->order);
         j->order = NULL;
@@ -655,6 +903,12 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
         fclose(f);
     }
     snprintf(m->owner, sizeof m->owner, "%.40s/%d/%08x", host, (int)getpid(), rnd);
+    /* Once now, so the first order already knows whether other instances must see its tokens. */
+    tokens_refresh(m);
+    m->tok_timer = moat_xcalloc(1, sizeof *m->tok_timer);
+    uv_timer_init(loop, m->tok_timer);
+    m->tok_timer->data = m;
+    uv_timer_start(m->tok_timer, on_tokens_timer, TOKEN_POLL_MS, TOKEN_POLL_MS);
     return m;
 }
 
@@ -677,6 +931,16 @@ void moat_acmemgr_free(moat_acmemgr_t *m)
         a->cb(a->arg);
     }
     moat_httpc_free(m->http);
+    uv_close((uv_handle_t *)m->tok_timer, tok_timer_closed);
+    char key[256];
+    snprintf(key, sizeof key, "acme-instance:%s", m->owner);
+    m->st->ops->kv_put(m->st, key, NULL);
+    while (m->nshared > 0)
+        shared_drop(m, m->nshared - 1, 0);
+    free(m->shared);
+    for (size_t i = 0; i < m->nown; i++)
+        free(m->own[i]);
+    free(m->own);
     moat_acme_challenges_clear();
     free(m->email);
     free(m->ca_url);

@@ -39,6 +39,7 @@ enum {
     ST_KV_PUT,
     ST_KV_DELETE,
     ST_KV_GET,
+    ST_KV_LIST,
     ST__COUNT
 };
 
@@ -65,6 +66,10 @@ static const char *const stmt_sql[ST__COUNT] = {
                   " updated_at = excluded.updated_at",
     [ST_KV_DELETE] = "DELETE FROM kv WHERE key = ?1",
     [ST_KV_GET] = "SELECT value FROM kv WHERE key = ?1",
+    /* A range on the primary key (?2 is the prefix with its last byte incremented, or NULL
+     * when there is no upper bound), so SQLite walks the index instead of the table. */
+    [ST_KV_LIST] = "SELECT key, value, updated_at FROM kv WHERE key >= ?1"
+                   " AND (?2 IS NULL OR key < ?2) ORDER BY key",
 };
 
 typedef struct {
@@ -713,6 +718,57 @@ static int op_kv_get(moat_storage_t *base, const char *key, char **value_out)
     return code;
 }
 
+/* Here rather than in storage.c (which only frees records) to keep this change to one file;
+ * it is backend-neutral. */
+static int op_kv_list(moat_storage_t *base, const char *prefix, moat_kv_t **out, size_t *n)
+{
+    sqlite_storage_t *s = from_base(base);
+    if (prefix == NULL || out == NULL || n == NULL)
+        return MOAT_EINVAL;
+    *out = NULL;
+    *n = 0;
+    /* The smallest string above every string with this prefix: drop trailing 0xff bytes and
+     * increment the last remaining one; none left means no upper bound. */
+    size_t pl = strlen(prefix);
+    char *upper = moat_xstrndup(prefix, pl);
+    while (pl > 0 && (unsigned char)upper[pl - 1] == 0xff)
+        upper[--pl] = '\0';
+    if (pl > 0)
+        upper[pl - 1] = (char)((unsigned char)upper[pl - 1] + 1);
+    int rc;
+    sqlite3_stmt *st = stmt_get(s, ST_KV_LIST, &rc);
+    if (st == NULL) {
+        free(upper);
+        return fail(s, rc, "listing settings");
+    }
+    bind_text(st, 1, prefix);
+    if (pl > 0)
+        bind_text(st, 2, upper);
+    else
+        sqlite3_bind_null(st, 2);
+    moat_kv_t *rows = NULL;
+    size_t len = 0, cap = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (len == cap) {
+            cap = cap ? cap * 2 : 16;
+            rows = moat_xrealloc(rows, cap * sizeof *rows);
+        }
+        moat_kv_t *r = &rows[len++];
+        r->key = col_str(st, 0);
+        r->value = col_str(st, 1);
+        r->updated_at = sqlite3_column_int64(st, 2);
+    }
+    stmt_done(st);
+    free(upper);
+    if (rc != SQLITE_DONE) {
+        moat_kv_free(rows, len);
+        return fail(s, rc, "listing settings");
+    }
+    *out = rows;
+    *n = len;
+    return 0;
+}
+
 static void op_close(moat_storage_t *base)
 {
     if (base == NULL)
@@ -736,6 +792,7 @@ static const moat_storage_ops_t sqlite_ops = {
     .list_events = op_list_events,
     .kv_put = op_kv_put,
     .kv_get = op_kv_get,
+    .kv_list = op_kv_list,
     .begin = op_begin,
     .commit = op_commit,
     .rollback = op_rollback,

@@ -47,3 +47,12 @@ void moat_events_free(moat_event_t *events, size_t n)
         moat_event_clear(&events[i]);
     free(events);
 }
+
+void moat_kv_free(moat_kv_t *rows, size_t n)
+{
+    for (size_t i = 0; rows != NULL && i < n; i++) {
+        free(rows[i].key);
+        free(rows[i].value);
+    }
+    free(rows);
+}

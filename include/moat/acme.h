@@ -96,6 +96,38 @@ int64_t moat_acme_backoff(int failures, int64_t retry_after, int rate_limited);
  * when absent or unparseable. */
 int64_t moat_acme_parse_retry_after(const char *v, int64_t now);
 
+/* --- ACME Renewal Information, RFC 9773 (acme/renew.c) ---------------------------------------- */
+
+#define MOAT_ACME_ARI_POLL_DEFAULT (6 * 3600)
+#define MOAT_ACME_ARI_POLL_MIN     60
+#define MOAT_ACME_ARI_POLL_MAX     86400
+
+/* The ARI certificate identifier (RFC 9773 §4.1): base64url(AKI keyIdentifier) "."
+ * base64url(serial DER content octets), no padding. A new string (free()), or NULL when the
+ * certificate has no authority key identifier. _pem takes the leaf (first) of a PEM chain. */
+char *moat_acme_ari_cert_id(const uint8_t *aki, size_t aki_len, const uint8_t *serial,
+                            size_t serial_len);
+char *moat_acme_ari_cert_id_pem(const char *cert_pem);
+/* An RFC 3339 date-time ("2025-01-02T04:00:00Z", fractions and offsets allowed) as Unix
+ * seconds; -1 when malformed. */
+int64_t moat_acme_parse_rfc3339(const char *s);
+
+/* A renewalInfo response: the suggested window and the optional explanation URL. */
+typedef struct {
+    int64_t start, end;
+    char *explanation_url; /* free() via moat_acme_ari_clear */
+} moat_acme_ari_t;
+/* Parse a renewalInfo body. 0, or MOAT_EPARSE when the window is missing, malformed or has
+ * end before start (RFC 9773 §4.2: then the client ignores it). */
+int moat_acme_ari_parse(const char *body, size_t len, moat_acme_ari_t *out);
+void moat_acme_ari_clear(moat_acme_ari_t *a);
+/* Seconds until the next renewalInfo poll: the Retry-After (0 none: 6 h), kept within
+ * 1 min..1 day. */
+int64_t moat_acme_ari_poll_delay(int64_t retry_after);
+/* A jitter in [0, 1) that depends only on the certificate identifier, so the time picked
+ * inside a window is the same on every check and in every process sharing the store. */
+double moat_acme_ari_jitter(const char *cert_id);
+
 /* --- the client (acme/client.c) ------------------------------------------------------------ */
 
 typedef enum { MOAT_ACME_HTTP01 = 0, MOAT_ACME_TLSALPN01 = 1 } moat_acme_chal_t;
@@ -111,6 +143,9 @@ typedef struct {
     /* Publish (key_auth non-NULL) or withdraw a challenge answer. */
     void (*challenge)(void *data, moat_acme_chal_t type, const char *name, const char *token,
                       const char *key_auth);
+    /* Optional: milliseconds to wait after publishing an answer before telling the CA, so
+     * that other instances sharing the storage have picked it up. NULL means none. */
+    uint64_t (*propagation_ms)(void *data);
 } moat_acme_io_t;
 
 typedef struct {
@@ -122,7 +157,9 @@ typedef struct {
     const char *eab_kid, *eab_hmac;
     const char *preferred_chain; /* issuer CN of the chain's top certificate, or NULL */
     moat_acme_chal_t challenge;
-    const char *replaces; /* ARI certificate identifier, or NULL */
+    /* ARI certificate identifier of the certificate this order replaces, or NULL. When the CA
+     * refuses it (alreadyReplaced, malformed) the newOrder is sent once more without it. */
+    const char *replaces;
 } moat_acme_order_opts_t;
 
 /* What an order ended with. On success chain_pem/key_pem are set. On failure `error` is a
@@ -150,6 +187,22 @@ moat_acme_order_t *moat_acme_order_start(const moat_acme_io_t *io,
 /* Stop an order: `done` is not called; memory is released once pending I/O returns. */
 void moat_acme_order_cancel(moat_acme_order_t *o);
 void moat_acme_result_clear(moat_acme_result_t *r);
+
+/* Ask the CA for renewal information: GET the directory and, when it has "renewalInfo",
+ * GET renewalInfo/<cert_id> (both unauthenticated). `done` runs exactly once (never from
+ * inside this call) unless cancelled first. */
+typedef struct {
+    int rc;              /* 0 or a negative MOAT_E* code (the CA unreachable, a bad window) */
+    int supported;       /* the directory has renewalInfo */
+    moat_acme_ari_t ari; /* valid when rc == 0 and supported */
+    int64_t retry_after; /* seconds from the renewalInfo response, 0 none */
+    char *error;         /* a sentence when rc != 0 */
+} moat_acme_ari_result_t;
+typedef void (*moat_acme_ari_cb)(void *data, moat_acme_ari_result_t *res);
+typedef struct moat_acme_ari_fetch moat_acme_ari_fetch_t;
+moat_acme_ari_fetch_t *moat_acme_ari_fetch(const moat_acme_io_t *io, const char *directory_url,
+                                           const char *cert_id, moat_acme_ari_cb done, void *data);
+void moat_acme_ari_fetch_cancel(moat_acme_ari_fetch_t *f);
 
 /* --- the manager (server/acmemgr.c) ---------------------------------------------------------- */
 

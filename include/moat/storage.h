@@ -32,6 +32,12 @@ typedef struct {
     char *detail;
 } moat_event_t;
 
+/* One kv row, as listed by kv_list. */
+typedef struct {
+    char *key, *value;
+    int64_t updated_at; /* Unix seconds of the last kv_put */
+} moat_kv_t;
+
 typedef struct moat_storage_ops {
     /* Insert or replace the record with this id, in one transaction (a level inside the
      * caller's, when one is open). updated_at 0 means "now". NULL strings are stored and
@@ -48,6 +54,9 @@ typedef struct moat_storage_ops {
      * kv_put with a NULL value deletes the key. */
     int (*kv_put)(moat_storage_t *s, const char *key, const char *value);
     int (*kv_get)(moat_storage_t *s, const char *key, char **value_out);
+    /* Every key starting with `prefix`, ordered by key: *out is an array of *n rows (free with
+     * moat_kv_free). An index walk, cheap enough to poll every second. */
+    int (*kv_list)(moat_storage_t *s, const char *prefix, moat_kv_t **out, size_t *n);
     /* Group several changes into one transaction. Calls nest: an inner begin is a savepoint,
      * its rollback undoes only its own changes. A commit that fails leaves its level open:
      * call rollback. A begin that fails opened nothing: do not call rollback for it.
@@ -75,6 +84,7 @@ void moat_event_clear(moat_event_t *e);
 /* Free an array returned by list_certs / list_events: clears each element, then the array. */
 void moat_cert_records_free(moat_cert_record_t *recs, size_t n);
 void moat_events_free(moat_event_t *events, size_t n);
+void moat_kv_free(moat_kv_t *rows, size_t n);
 
 /* The schema version this build reads and writes (PRAGMA user_version of moat.db). */
 #define MOAT_STORAGE_SCHEMA_VERSION 1

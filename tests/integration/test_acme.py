@@ -373,6 +373,30 @@ def test_two_processes_one_store_one_order(env, tmp_path, upstream):
         m2.stop()
 
 
+def test_second_process_answers_tokens_from_storage(env, tmp_path, upstream):
+    # B shares A's data dir but serves another site, so it never orders shared2.example.test;
+    # Pebble validates against B's ports only. A's order succeeds only if B answers the
+    # token A stored (B's control thread copies tokens from storage into its worker tables).
+    b_http, b_https = free_port(), free_port()
+    pb, a = env([f"shared2.example.test {upstream.addr}"], pebble_http=b_http,
+                pebble_tls=b_https)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    b = Moat(tmp_path / "b", pb, [f"localhost {upstream.addr}"], b_http, b_https, data=a.data)
+    b.start()
+    try:
+        a.start()
+        wait_served(a.https_port, "shared2.example.test", pb.roots(tmp_path), timeout=40)
+        assert a.wait_log(r"issued a certificate for shared2\.example\.test .* via http-01"), \
+            a.logs()
+        assert b.wait_log(r"answering acme-token:\S+ placed by another instance", timeout=5)
+        assert not re.search(r"order .* placed", b.logs())
+        # The order withdrew its token from storage when it ended.
+        left = a.db().execute("select count(*) from kv where key like 'acme-token%'").fetchone()
+        assert left[0] == 0
+    finally:
+        b.stop()
+
+
 def test_preferred_chain_picks_alternate(env, tmp_path, upstream):
     pb, m = env([], start_pebble=False)
     pb.env = {"PEBBLE_ALTERNATE_ROOTS": "1"}

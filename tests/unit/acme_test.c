@@ -3,12 +3,14 @@
 #include "moat/acme.h"
 #include "test.h"
 
+#include <openssl/bio.h>
 #include <openssl/bytestring.h>
 #include <openssl/ec.h>
 #include <openssl/ec_key.h>
 #include <openssl/evp.h>
 #include <openssl/mem.h>
 #include <openssl/obj.h>
+#include <openssl/pem.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -210,6 +212,108 @@ static void test_renewal_and_backoff(void)
     CHECK_INT(moat_acme_parse_retry_after("Thu, 01 Jan 1970 00:10:00 GMT", 100), 500);
 }
 
+/* RFC 9773 §4.1's example: AKI keyIdentifier 69:88:5B:...:D4 and serial 00:87:65:43:21. */
+static const uint8_t rfc_aki[] = {0x69, 0x88, 0x5B, 0x6B, 0x87, 0x46, 0x40, 0x41, 0xE1, 0xB3,
+                                  0x7B, 0x84, 0x7B, 0xA0, 0xAE, 0x2C, 0xDE, 0x01, 0xC8, 0xD4};
+static const char rfc_cert_id[] = "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE";
+
+/* A self-signed certificate with the RFC's AKI and serial, as PEM (free()). */
+static char *ari_example_pem(void)
+{
+    EVP_PKEY *k = moat_acme_key_new();
+    X509 *x = X509_new();
+    ASN1_INTEGER *serial = ASN1_INTEGER_new();
+    ASN1_INTEGER_set_uint64(serial, 0x87654321u);
+    AUTHORITY_KEYID *akid = AUTHORITY_KEYID_new();
+    akid->keyid = ASN1_OCTET_STRING_new();
+    ASN1_OCTET_STRING_set(akid->keyid, rfc_aki, sizeof rfc_aki);
+    X509_set_version(x, X509_VERSION_3);
+    X509_set_serialNumber(x, serial);
+    X509_gmtime_adj(X509_getm_notBefore(x), 0);
+    X509_gmtime_adj(X509_getm_notAfter(x), 86400);
+    X509_set_pubkey(x, k);
+    X509_add1_ext_i2d(x, NID_authority_key_identifier, akid, 0, 0);
+    X509_sign(x, k, EVP_sha256());
+    BIO *b = BIO_new(BIO_s_mem());
+    PEM_write_bio_X509(b, x);
+    const uint8_t *data;
+    size_t len;
+    BIO_mem_contents(b, &data, &len);
+    char *pem = moat_xstrndup((const char *)data, len);
+    BIO_free(b);
+    AUTHORITY_KEYID_free(akid);
+    ASN1_INTEGER_free(serial);
+    X509_free(x);
+    EVP_PKEY_free(k);
+    return pem;
+}
+
+static void test_ari(void)
+{
+    static const uint8_t serial[] = {0x00, 0x87, 0x65, 0x43, 0x21};
+    char *id = moat_acme_ari_cert_id(rfc_aki, sizeof rfc_aki, serial, sizeof serial);
+    CHECK_STR(id, rfc_cert_id);
+    free(id);
+    CHECK(moat_acme_ari_cert_id(NULL, 0, serial, sizeof serial) == NULL);
+    /* From a certificate: the serial's DER content keeps its leading zero. */
+    char *pem = ari_example_pem();
+    id = moat_acme_ari_cert_id_pem(pem);
+    CHECK_STR(id, rfc_cert_id);
+    free(id);
+    free(pem);
+    CHECK(moat_acme_ari_cert_id_pem("not a certificate") == NULL);
+
+    /* RFC 3339 dates. */
+    CHECK_INT(moat_acme_parse_rfc3339("1970-01-01T00:10:00Z"), 600);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02T04:00:00Z"), 1735790400);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02T04:00:00.123456Z"), 1735790400);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02T06:00:00+02:00"), 1735790400);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02t03:30:00-00:30"), 1735790400);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02T04:00:00"), -1);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-13-02T04:00:00Z"), -1);
+    CHECK_INT(moat_acme_parse_rfc3339("2025-01-02T04:00:00Zjunk"), -1);
+    CHECK_INT(moat_acme_parse_rfc3339(NULL), -1);
+
+    /* The window and the explanation URL (RFC 9773 §4.2's example shape). */
+    static const char body[] = "{\"suggestedWindow\": {\"start\": \"2025-01-02T04:00:00Z\","
+                               " \"end\": \"2025-01-03T04:00:00Z\"},"
+                               " \"explanationURL\": \"https://acme.example.com/docs/ari\"}";
+    moat_acme_ari_t a;
+    CHECK_INT(moat_acme_ari_parse(body, strlen(body), &a), 0);
+    CHECK_INT(a.start, 1735790400);
+    CHECK_INT(a.end, 1735790400 + 86400);
+    CHECK_STR(a.explanation_url, "https://acme.example.com/docs/ari");
+    moat_acme_ari_clear(&a);
+    static const char no_url[] = "{\"suggestedWindow\": {\"start\": \"2025-01-02T04:00:00Z\","
+                                 " \"end\": \"2025-01-02T04:00:00Z\"}}";
+    CHECK_INT(moat_acme_ari_parse(no_url, strlen(no_url), &a), 0);
+    CHECK(a.explanation_url == NULL);
+    moat_acme_ari_clear(&a);
+    /* End before start, missing fields and junk are ignored (RFC 9773 §4.2). */
+    static const char reversed[] = "{\"suggestedWindow\": {\"start\": \"2025-01-03T04:00:00Z\","
+                                   " \"end\": \"2025-01-02T04:00:00Z\"}}";
+    CHECK_INT(moat_acme_ari_parse(reversed, strlen(reversed), &a), MOAT_EPARSE);
+    CHECK_INT(moat_acme_ari_parse("{\"suggestedWindow\": {}}", 22, &a), MOAT_EPARSE);
+    CHECK_INT(moat_acme_ari_parse("not json", 8, &a), MOAT_EPARSE);
+    CHECK_INT(moat_acme_ari_parse(NULL, 0, &a), MOAT_EPARSE);
+
+    /* Poll interval: Retry-After within 1 min .. 1 day, 6 h without it. */
+    CHECK_INT(moat_acme_ari_poll_delay(0), 6 * 3600);
+    CHECK_INT(moat_acme_ari_poll_delay(10), 60);
+    CHECK_INT(moat_acme_ari_poll_delay(7200), 7200);
+    CHECK_INT(moat_acme_ari_poll_delay(10 * 86400), 86400);
+
+    /* Renewal time: a fixed point inside the window, the same for the same certificate. */
+    double jt = moat_acme_ari_jitter(rfc_cert_id);
+    CHECK(jt >= 0 && jt < 1);
+    CHECK(jt == moat_acme_ari_jitter(rfc_cert_id));
+    CHECK(jt != moat_acme_ari_jitter("another.id"));
+    int64_t at = moat_acme_renew_at(0, 90 * 86400, 1735790400, 1735790400 + 86400, jt);
+    CHECK(at >= 1735790400 && at <= 1735790400 + 86400);
+    /* A window entirely in the past means renew now: the time is before any "now" today. */
+    CHECK(moat_acme_renew_at(0, 90 * 86400, 600, 1200, jt) <= 1200);
+}
+
 int main(void)
 {
     test_b64url();
@@ -217,5 +321,6 @@ int main(void)
     test_jws();
     test_alpn_cert();
     test_renewal_and_backoff();
+    test_ari();
     return test_summary("acme");
 }

@@ -595,6 +595,49 @@ static void test_no_write_access(void)
     free(dir);
 }
 
+static void test_kv_list(void)
+{
+    char *dir = case_dir("kv-list");
+    moat_storage_t *s = open_ok(dir);
+    if (s == NULL)
+        goto out;
+    moat_kv_t *rows = NULL;
+    size_t n = 99;
+    CHECK_INT(s->ops->kv_list(s, "acme-token:", &rows, &n), 0);
+    CHECK_INT(n, 0);
+    moat_kv_free(rows, n);
+    CHECK_INT(s->ops->kv_put(s, "acme-token:b", "kb"), 0);
+    CHECK_INT(s->ops->kv_put(s, "acme-token:a", "ka"), 0);
+    CHECK_INT(s->ops->kv_put(s, "acme-token;", "not a token (next byte after ':')"), 0);
+    CHECK_INT(s->ops->kv_put(s, "acme-token", "shorter than the prefix"), 0);
+    CHECK_INT(s->ops->kv_put(s, "acme-tokens", "other"), 0);
+    CHECK_INT(s->ops->kv_put(s, "\xff\xff", "high bytes"), 0);
+    CHECK_INT(s->ops->kv_list(s, "acme-token:", &rows, &n), 0);
+    CHECK_INT(n, 2);
+    if (n == 2) {
+        CHECK_STR(rows[0].key, "acme-token:a");
+        CHECK_STR(rows[0].value, "ka");
+        CHECK_STR(rows[1].key, "acme-token:b");
+        CHECK(rows[1].updated_at > 1600000000);
+    }
+    moat_kv_free(rows, n);
+    /* A prefix that ends in 0xff bytes has its upper bound computed past them. */
+    CHECK_INT(s->ops->kv_list(s, "\xff", &rows, &n), 0);
+    CHECK_INT(n, 1);
+    moat_kv_free(rows, n);
+    CHECK_INT(s->ops->kv_list(s, "", &rows, &n), 0);
+    CHECK_INT(n, 6);
+    moat_kv_free(rows, n);
+    CHECK_INT(s->ops->kv_put(s, "acme-token:a", NULL), 0);
+    CHECK_INT(s->ops->kv_list(s, "acme-token:", &rows, &n), 0);
+    CHECK_INT(n, 1);
+    moat_kv_free(rows, n);
+    CHECK_INT(s->ops->kv_list(s, NULL, &rows, &n), MOAT_EINVAL);
+    s->ops->close(s);
+out:
+    free(dir);
+}
+
 int main(void)
 {
     snprintf(root, sizeof root, "/tmp/moat-storage-test-XXXXXX");
@@ -606,6 +649,7 @@ int main(void)
     test_certs();
     test_events();
     test_kv();
+    test_kv_list();
     test_transactions();
     test_newer_schema();
     test_newer_schema_in_wal();
