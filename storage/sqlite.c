@@ -68,8 +68,8 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_KV_GET] = "SELECT value FROM kv WHERE key = ?1",
     /* A range on the primary key (?2 is the prefix with its last byte incremented, or NULL
      * when there is no upper bound), so SQLite walks the index instead of the table. */
-    [ST_KV_LIST] = "SELECT key, value, updated_at FROM kv WHERE key >= ?1"
-                   " AND (?2 IS NULL OR key < ?2) ORDER BY key",
+    [ST_KV_LIST] = ("SELECT key, value, updated_at FROM kv WHERE key >= ?1"
+                    " AND (?2 IS NULL OR key < ?2) ORDER BY key"),
 };
 
 typedef struct {
