@@ -2,6 +2,7 @@
 #include "moat/sock.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -49,6 +50,95 @@ static void give_read_buffer(moat_buf_t *b)
         return;
     }
     moat_buf_free(b);
+}
+
+/* TLS records are read through this BIO: one read() of up to 16 KiB feeds BoringSSL's
+ * requests for a record header and then its body (its socket BIO would make a syscall for
+ * each), and a read that came back short tells that the socket is drained, so the next
+ * request answers "retry" without the read() that would only say EAGAIN. The level-triggered
+ * poll wakes us when more arrives. The bytes wait in a buffer from the thread's cache that is
+ * given back as soon as it is empty. Writes go through BoringSSL's own socket BIO. */
+static int raw_bio_read(BIO *b, char *out, int len)
+{
+    moat_sock_t *s = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (len <= 0)
+        return 0;
+    if (moat_buf_size(&s->raw) == 0) {
+        if (s->raw_drained) {
+            BIO_set_retry_read(b);
+            return -1;
+        }
+        take_read_buffer(&s->raw);
+        char *p = moat_buf_reserve(&s->raw, READ_CHUNK);
+        if (p == NULL)
+            return -1;
+        ssize_t n;
+        do {
+            n = read(s->fd, p, READ_CHUNK);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            give_read_buffer(&s->raw);
+            s->raw_drained = 1;
+            BIO_set_retry_read(b);
+            return -1;
+        }
+        if (n <= 0) {
+            give_read_buffer(&s->raw);
+            return (int)n; /* 0: end of stream; -1: error (errno kept) */
+        }
+        moat_buf_commit(&s->raw, (size_t)n);
+        if ((size_t)n < READ_CHUNK)
+            s->raw_drained = 1;
+    }
+    size_t take = MOAT_MIN((size_t)len, moat_buf_size(&s->raw));
+    memcpy(out, moat_buf_data(&s->raw), take);
+    moat_buf_consume(&s->raw, take);
+    if (moat_buf_size(&s->raw) == 0)
+        give_read_buffer(&s->raw);
+    return (int)take;
+}
+
+static long raw_bio_ctrl(BIO *b, int cmd, long larg, void *parg)
+{
+    (void)larg;
+    moat_sock_t *s = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_C_GET_FD: /* SSL_get_fd: certificate selection asks for the local address */
+        if (parg != NULL)
+            *(int *)parg = s->fd;
+        return s->fd;
+    case BIO_CTRL_PENDING: return (long)moat_buf_size(&s->raw);
+    case BIO_CTRL_FLUSH: return 1;
+    default: return 0;
+    }
+}
+
+static BIO_METHOD *raw_bio_method;
+static pthread_once_t raw_bio_once = PTHREAD_ONCE_INIT;
+
+static void raw_bio_method_init(void)
+{
+    raw_bio_method = BIO_meth_new(BIO_TYPE_DESCRIPTOR | (BIO_get_new_index() & 0xff), "moat");
+    BIO_meth_set_read(raw_bio_method, raw_bio_read);
+    BIO_meth_set_ctrl(raw_bio_method, raw_bio_ctrl);
+}
+
+/* Give the SSL its BIOs: ours for reading, a socket BIO for writing. 0 or MOAT_ENOMEM. */
+static int attach_bios(moat_sock_t *s)
+{
+    pthread_once(&raw_bio_once, raw_bio_method_init);
+    BIO *r = raw_bio_method ? BIO_new(raw_bio_method) : NULL;
+    BIO *w = BIO_new_socket(s->fd, BIO_NOCLOSE);
+    if (r == NULL || w == NULL) {
+        BIO_free(r);
+        BIO_free(w);
+        return MOAT_ENOMEM;
+    }
+    BIO_set_data(r, s);
+    BIO_set_init(r, 1);
+    SSL_set_bio(s->ssl, r, w);
+    return 0;
 }
 
 static void update_poll(moat_sock_t *s)
@@ -114,7 +204,8 @@ int moat_sock_init(moat_sock_t *s, uv_loop_t *loop, int fd, SSL *ssl, const moat
     }
     set_nodelay(fd);
     if (ssl) {
-        SSL_set_fd(ssl, fd);
+        if (attach_bios(s) != 0)
+            return MOAT_ENOMEM; /* the caller closes: the poll handle is initialised */
         SSL_set_accept_state(ssl);
         s->handshaking = 1;
         update_poll(s);
@@ -152,6 +243,15 @@ int moat_sock_connect(moat_sock_t *s, uv_loop_t *loop, const struct sockaddr *ad
     return 0;
 }
 
+static void do_read(moat_sock_t *s);
+
+/* Bytes TLS already holds that the poll will never report: decrypted ones inside the SSL
+ * object, and received ones in our read buffer. */
+static int tls_buffered(moat_sock_t *s)
+{
+    return s->ssl != NULL && (SSL_pending(s->ssl) > 0 || moat_buf_size(&s->raw) > 0);
+}
+
 static void handshake(moat_sock_t *s)
 {
     int r = SSL_do_handshake(s->ssl);
@@ -160,6 +260,10 @@ static void handshake(moat_sock_t *s)
         s->ssl_read_wants_write = 0;
         update_poll(s);
         s->cb->on_connect(s, 0);
+        /* The peer's first records may have come in the same read as its last handshake
+         * message: the poll will not report them again. */
+        if (!s->closing && s->reading && tls_buffered(s))
+            do_read(s);
         return;
     }
     int e = SSL_get_error(s->ssl, r);
@@ -190,7 +294,13 @@ static void finish_connect(moat_sock_t *s)
         return;
     }
     if (s->ssl) {
-        SSL_set_fd(s->ssl, s->fd);
+        if (attach_bios(s) != 0) {
+            s->eof = 1;
+            s->failed = 1;
+            update_poll(s);
+            s->cb->on_connect(s, MOAT_ENOMEM);
+            return;
+        }
         SSL_set_connect_state(s->ssl);
         s->handshaking = 1;
         handshake(s);
@@ -264,7 +374,7 @@ static void do_read(moat_sock_t *s)
             break;
         /* With TLS a whole record may sit decrypted inside the SSL object, invisible to
          * poll: keep reading while it holds bytes. */
-        if (s->ssl && SSL_pending(s->ssl) > 0 && i == READS_PER_EVENT - 1)
+        if (tls_buffered(s) && i == READS_PER_EVENT - 1)
             i--;
     }
     s->in_read = 0;
@@ -349,6 +459,8 @@ static void on_poll(uv_poll_t *h, int status, int events)
     moat_sock_t *s = MOAT_CONTAINER_OF(h, moat_sock_t, poll);
     if (s->closing)
         return;
+    if (events & UV_READABLE)
+        s->raw_drained = 0; /* the socket has bytes (or an end) again */
     if (status < 0) {
         if (s->connecting) {
             s->connecting = 0;
@@ -392,7 +504,7 @@ void moat_sock_read_start(moat_sock_t *s)
     s->read_strict = 0;
     update_poll(s);
     /* Bytes already decrypted inside the SSL object will not wake the poll. */
-    if (s->ssl && !s->handshaking && !s->connecting && SSL_pending(s->ssl) > 0)
+    if (!s->handshaking && !s->connecting && tls_buffered(s))
         do_read(s);
 }
 
@@ -506,6 +618,7 @@ static void on_poll_close(uv_handle_t *h)
         close(s->fd);
     s->fd = -1;
     give_read_buffer(&s->in);
+    give_read_buffer(&s->raw);
     moat_buf_free(&s->out);
     if (s->cb->on_close)
         s->cb->on_close(s);

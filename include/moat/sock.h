@@ -35,6 +35,7 @@ struct moat_sock {
     void *data;               /* the owner's */
     moat_buf_t in;            /* received bytes not yet consumed */
     moat_buf_t out;           /* bytes not yet written */
+    moat_buf_t raw;           /* TLS only: received record bytes BoringSSL has not asked for */
     size_t ssl_wlen;          /* length of the SSL_write that must be retried, 0 if none */
     int events;               /* UV_READABLE | UV_WRITABLE now asked of the poll */
     unsigned reading : 1;     /* the owner wants bytes */
@@ -47,6 +48,7 @@ struct moat_sock {
     unsigned ssl_read_wants_write : 1;
     unsigned failed : 1;      /* broken: no more reads or writes */
     unsigned read_strict : 1; /* bytes arrived while reads were stopped: unregister */
+    unsigned raw_drained : 1; /* TLS: the last read() came back short; wait for the poll */
     uint64_t bytes_read, bytes_written;
 };
 
