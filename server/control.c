@@ -376,6 +376,7 @@ out:
         uv_run(c.loop, UV_RUN_NOWAIT);
     }
     moat_runtime_clear();
+    moat_sock_thread_cleanup(); /* the ACME client used sockets on this thread */
     if (tls)
         SSL_CTX_free(tls);
     if (c.ca)
