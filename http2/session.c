@@ -567,7 +567,7 @@ int moat_h2_respond(moat_h2_t *h, int32_t id, int status, const moat_header_t *h
                                headers[i].value.len, NGHTTP2_NV_FLAG_NONE};
         off += nm.len;
     }
-    if (content_length >= 0 && has_body) {
+    if (content_length >= 0) {
         size_t l = sizeof clbuf;
         uint64_t v = (uint64_t)content_length;
         do {

@@ -298,7 +298,7 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         c->keep_alive = 0;
     if (status == 101) {
         r |= moat_buf_append(b, "Connection: upgrade\r\n", 21);
-    } else if (has_body && content_length >= 0) {
+    } else if (content_length >= 0 && (has_body || c->head_req)) {
         r |= moat_buf_append(b, "Content-Length: ", 16);
         r |= moat_buf_put_u64(b, (uint64_t)content_length);
         r |= moat_buf_append(b, "\r\n", 2);

@@ -605,12 +605,23 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
     x->up_keep_alive = m.keep_alive;
     size_t n = filter_response_headers(x, &m, out, MAX_RESPONSE_HEADERS);
     int64_t cl = m.body == MOAT_BODY_LENGTH ? (int64_t)m.content_length : -1;
+    if (x->head_req && m.status >= 200 && m.status != 204 && m.status != 304) {
+        /* A HEAD response keeps the length the GET would have: clients (download managers,
+         * curl -I) read it. The parser vouched for the field's syntax. */
+        moat_slice_t v = moat_http1_find_header(&m, "content-length");
+        if (v.len > 0 && v.len < 19) {
+            cl = 0;
+            for (size_t i = 0; i < v.len; i++)
+                cl = cl * 10 + (v.base[i] - '0');
+        }
+    }
     int has_body = m.body != MOAT_BODY_NONE && m.status != 101;
     x->resp_head_done = 1;
     x->resp_body = m.body;
     x->resp_left = m.content_length;
     moat_http1_chunked_init(&x->dec);
-    int e = x->ops->send_head(x->front, m.status, out, n, has_body ? cl : 0, has_body);
+    int e =
+        x->ops->send_head(x->front, m.status, out, n, has_body || x->head_req ? cl : -1, has_body);
     moat_sock_consume(&x->up->sock, (size_t)r);
     if (e != 0)
         return e;

@@ -45,7 +45,8 @@ typedef struct {
 /* What the proxy needs from a front end. `front` is the front end's own pointer. */
 typedef struct {
     /* The response head. headers are end-to-end fields only (slices valid during the call);
-     * content_length is -1 when unknown; has_body 0 for HEAD/204/304 and for 101. */
+     * content_length is -1 when unknown or when none must be sent (204, 304, 101), and for a
+     * HEAD response the length a GET would have; has_body 0 for HEAD/204/304 and 101. */
     int (*send_head)(void *front, int status, const moat_header_t *headers, size_t n,
                      int64_t content_length, int has_body);
     int (*send_data)(void *front, moat_slice_t data);

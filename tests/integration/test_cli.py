@@ -174,3 +174,15 @@ def test_dual_stack_listener_reports_ipv4_clients_as_ipv4(moat, upstream):
         entries = [e for e in p.access_entries() if e.get("path") == "/echo"]
         time.sleep(0.05)
     assert entries and entries[0]["remote"] == "127.0.0.1", entries
+
+
+def test_head_keeps_the_content_length_over_http1_and_http2(moat, upstream):
+    p = moat(upstream.addr)
+    for proto in ("--http1.1", "--http2"):
+        cp = subprocess.run(["curl", "-sS", "-I", proto, *p.curl_args(),
+                             p.url("/download?size=12345")],
+                            capture_output=True, text=True, timeout=20)
+        assert cp.returncode == 0, cp.stderr
+        head = cp.stdout.lower()
+        assert " 200" in head.splitlines()[0], head
+        assert "content-length: 12345" in head, (proto, head)
