@@ -7,13 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-int moat_slice_ieq(moat_slice_t a, const char *lit)
+int moat_slices_ieq(moat_slice_t a, moat_slice_t b)
 {
-    size_t n = strlen(lit);
-    if (a.len != n)
+    if (a.len != b.len)
         return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char x = (unsigned char)a.base[i], y = (unsigned char)lit[i];
+    for (size_t i = 0; i < a.len; i++) {
+        unsigned char x = (unsigned char)a.base[i], y = (unsigned char)b.base[i];
         if (x >= 'A' && x <= 'Z')
             x += 32;
         if (y >= 'A' && y <= 'Z')
@@ -22,6 +21,11 @@ int moat_slice_ieq(moat_slice_t a, const char *lit)
             return 0;
     }
     return 1;
+}
+
+int moat_slice_ieq(moat_slice_t a, const char *lit)
+{
+    return moat_slices_ieq(a, moat_slice_str(lit));
 }
 
 int moat_slice_eq(moat_slice_t a, const char *lit)

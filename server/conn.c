@@ -236,34 +236,22 @@ static void respond_error_and_close(moat_conn_t *c, int status)
     linger_close(c);
 }
 
-static void respond_redirect(moat_conn_t *c, moat_slice_t host, int https_port, moat_slice_t target)
+/* 308 to the HTTPS address of the site: its canonical name, its port when not 443, and the
+ * request's path and query. */
+static void respond_redirect(moat_conn_t *c, const moat_runtime_t *rt, const moat_site_addr_t *a,
+                             moat_slice_t target)
 {
-    /* Host without its port; the target without scheme and authority if absolute-form. */
-    size_t hl = host.len;
-    if (hl && host.base[0] == '[') {
-        const char *e = memchr(host.base, ']', host.len);
-        hl = e ? (size_t)(e - host.base) + 1 : host.len;
-    } else {
-        const char *colon = memchr(host.base, ':', host.len);
-        if (colon)
-            hl = (size_t)(colon - host.base);
-    }
-    if (target.len && target.base[0] != '/') {
-        const char *p = memchr(target.base, '/', target.len);
-        if (p && p + 1 < target.base + target.len && p[1] == '/') {
-            const char *q = memchr(p + 2, '/', (size_t)(target.base + target.len - (p + 2)));
-            target =
-                q ? moat_slice(q, (size_t)(target.base + target.len - q)) : MOAT_SLICE_LIT("/");
-        }
-    }
+    int https_port = moat_runtime_addr_port(rt, a);
+    int v6 = a->kind == MOAT_HOST_IPV6;
+    target = moat_http1_origin_form(target);
     char port[16] = "";
     if (https_port != 443)
         snprintf(port, sizeof port, ":%d", https_port);
     moat_buf_reset(&c->scratch);
     moat_buf_appendf(&c->scratch,
-                     "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://%.*s%s%.*s\r\n"
+                     "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://%s%s%s%s%.*s\r\n"
                      "Content-Length: 0\r\n%s\r\n",
-                     (int)hl, host.base, port, (int)target.len, target.base,
+                     v6 ? "[" : "", a->host, v6 ? "]" : "", port, (int)target.len, target.base,
                      c->keep_alive ? "" : "Connection: close\r\n");
     c->status = 308;
     moat_sock_write(&c->sock, moat_buf_data(&c->scratch), moat_buf_size(&c->scratch));
@@ -447,33 +435,6 @@ static void copy_field(char *dst, size_t cap, moat_slice_t s)
     dst[n] = 0;
 }
 
-/* Which TLS site answers this host: the HTTP listener redirects to it. */
-static int redirect_port(const moat_runtime_t *rt, moat_slice_t host)
-{
-    for (int https = 1; https >= 0; https--) {
-        /* any port: match the host name alone */
-        for (size_t i = 0; i < rt->nsites; i++) {
-            const moat_site_t *s = rt->sites[i].site;
-            for (size_t j = 0; j < s->naddrs; j++) {
-                const moat_site_addr_t *a = &s->addrs[j];
-                if (a->plain_http)
-                    continue;
-                size_t hl = host.len;
-                const char *colon =
-                    host.len && host.base[0] != '[' ? memchr(host.base, ':', host.len) : NULL;
-                if (colon)
-                    hl = (size_t)(colon - host.base);
-                moat_slice_t h = moat_slice(host.base, hl);
-                if (h.len >= 2 && h.base[0] == '[')
-                    h = moat_slice(h.base + 1, h.len - 2);
-                if (moat_slice_ieq(h, a->host))
-                    return moat_runtime_addr_port(rt, a);
-            }
-        }
-    }
-    return 0;
-}
-
 /* Behind a trusted proxy (trusted_proxies=) the client is the last X-Forwarded-For hop, the
  * one that proxy added; logs show it instead of the proxy. Only a valid IP is taken. */
 static void trusted_remote(moat_conn_t *c, const moat_http1_msg_t *m)
@@ -557,9 +518,9 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
             linger_close(c);
             return;
         }
-        int port = redirect_port(c->rt, m->host);
-        if (port) {
-            respond_redirect(c, m->host, port, m->target);
+        const moat_site_addr_t *tls_addr = moat_runtime_find_tls_addr(c->rt, m->host);
+        if (tls_addr != NULL) {
+            respond_redirect(c, c->rt, tls_addr, m->target);
             moat_sock_consume(&c->sock, head_len);
             access_log(c, "", 0);
             end_request(c);
@@ -591,7 +552,7 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
     }
     moat_request_t req = {
         .method = m->method,
-        .target = m->target,
+        .target = moat_http1_origin_form(m->target), /* absolute-form goes upstream as origin */
         .authority = m->host,
         .headers = m->headers,
         .nheaders = m->nheaders,
@@ -601,15 +562,6 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
         .tls = c->tls,
         .peer = (const struct sockaddr *)&c->peer,
     };
-    if (m->target.len && m->target.base[0] != '/' && m->target.base[0] != '*') {
-        /* absolute-form: the upstream gets origin-form */
-        const char *p = memchr(m->target.base, '/', m->target.len);
-        if (p && p + 1 < m->target.base + m->target.len && p[1] == '/') {
-            const char *q = memchr(p + 2, '/', (size_t)(m->target.base + m->target.len - (p + 2)));
-            req.target = q ? moat_slice(q, (size_t)(m->target.base + m->target.len - q))
-                           : MOAT_SLICE_LIT("/");
-        }
-    }
     c->body_seen = 0;
     switch (m->body) {
     case MOAT_BODY_LENGTH:

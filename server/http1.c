@@ -87,22 +87,6 @@ static int list_each(moat_slice_t v, int (*fn)(moat_slice_t elem, void *arg), vo
     return 0;
 }
 
-static int slices_ieq(moat_slice_t a, moat_slice_t b)
-{
-    if (a.len != b.len)
-        return 0;
-    for (size_t i = 0; i < a.len; i++) {
-        unsigned char x = (unsigned char)a.base[i], y = (unsigned char)b.base[i];
-        if (x >= 'A' && x <= 'Z')
-            x += 32;
-        if (y >= 'A' && y <= 'Z')
-            y += 32;
-        if (x != y)
-            return 0;
-    }
-    return 1;
-}
-
 /* Content-Length = 1*DIGIT, one value. Capped at INT64_MAX so it fits off_t everywhere. */
 static int parse_content_length(moat_slice_t v, uint64_t *out)
 {
@@ -725,7 +709,7 @@ moat_slice_t moat_http1_find_header(const moat_http1_msg_t *m, const char *name)
 
 static int token_matches(moat_slice_t e, void *arg)
 {
-    return slices_ieq(e, *(moat_slice_t *)arg);
+    return moat_slices_ieq(e, *(moat_slice_t *)arg);
 }
 
 int moat_http1_is_hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
@@ -749,16 +733,32 @@ int moat_http1_is_hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
         if (moat_slice_ieq(name, "proxy-connection"))
             return 1;
         break;
+    case 14:
+        if (moat_slice_ieq(name, "http2-settings")) /* only meaningful to an h2c upgrade */
+            return 1;
+        break;
     case 17:
         if (moat_slice_ieq(name, "transfer-encoding"))
             return 1;
         break;
     }
-    if (!m->connection_names)
+    if (m == NULL || !m->connection_names)
         return 0;
     for (size_t i = 0; i < m->nheaders; i++)
         if (moat_slice_ieq(m->headers[i].name, "connection") &&
             list_each(m->headers[i].value, token_matches, &name))
             return 1;
     return 0;
+}
+
+moat_slice_t moat_http1_origin_form(moat_slice_t t)
+{
+    const char *end = t.base + t.len;
+    if (t.len == 0 || t.base[0] == '/' || t.base[0] == '*')
+        return t;
+    const char *p = memchr(t.base, '/', t.len);
+    if (p == NULL || p + 1 >= end || p[1] != '/')
+        return t; /* authority-form (CONNECT): nothing to strip */
+    const char *q = memchr(p + 2, '/', (size_t)(end - (p + 2)));
+    return q ? moat_slice(q, (size_t)(end - q)) : MOAT_SLICE_LIT("/");
 }

@@ -131,20 +131,6 @@ static int is_idempotent(moat_slice_t m)
            moat_slice_eq(m, "PUT") || moat_slice_eq(m, "DELETE");
 }
 
-static const char *const always_hop_by_hop[] = {
-    "connection",        "keep-alive", "proxy-connection", "te",
-    "transfer-encoding", "trailer",    "upgrade",          "http2-settings"};
-
-static int hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name)
-{
-    if (m != NULL)
-        return moat_http1_is_hop_by_hop(m, name) || moat_slice_ieq(name, "http2-settings");
-    for (size_t i = 0; i < MOAT_ARRAY_LEN(always_hop_by_hop); i++)
-        if (moat_slice_ieq(name, always_hop_by_hop[i]))
-            return 1;
-    return 0;
-}
-
 static int peer_trusted(const moat_site_t *site, const struct sockaddr *peer)
 {
     for (size_t i = 0; i < site->ntrusted; i++)
@@ -176,7 +162,7 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     r |= moat_buf_append(b, "\r\n", 2);
     for (size_t i = 0; i < req->nheaders; i++) {
         moat_slice_t n = req->headers[i].name, v = req->headers[i].value;
-        if (hop_by_hop(req->h1, n) || moat_slice_ieq(n, "host") ||
+        if (moat_http1_is_hop_by_hop(req->h1, n) || moat_slice_ieq(n, "host") ||
             moat_slice_ieq(n, "content-length") || moat_slice_ieq(n, "expect"))
             continue;
         if (moat_slice_ieq(n, "x-forwarded-for")) {
@@ -562,7 +548,7 @@ static size_t filter_response_headers(moat_exchange_t *x, const moat_http1_msg_t
             out[n++] = m->headers[i];
             continue;
         }
-        if (hop_by_hop(m, name))
+        if (moat_http1_is_hop_by_hop(m, name))
             continue;
         if (moat_slice_ieq(name, "strict-transport-security"))
             have_hsts = 1;

@@ -187,3 +187,17 @@ const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slic
     }
     return NULL;
 }
+
+const moat_site_addr_t *moat_runtime_find_tls_addr(const moat_runtime_t *rt, moat_slice_t host)
+{
+    if (rt == NULL)
+        return NULL;
+    moat_slice_t h = bare_host(host);
+    for (size_t i = 0; i < rt->nsites; i++) {
+        const moat_site_t *s = rt->sites[i].site;
+        for (size_t j = 0; j < s->naddrs; j++)
+            if (!s->addrs[j].plain_http && moat_slice_ieq(h, s->addrs[j].host))
+                return &s->addrs[j];
+    }
+    return NULL;
+}

@@ -28,7 +28,9 @@ static inline moat_slice_t moat_slice_str(const char *s)
     return (moat_slice_t){(char *)s, strlen(s)};
 }
 
-/* Case-insensitive (ASCII) equality of a slice and a NUL-terminated literal. */
+/* Case-insensitive (ASCII) equality of two slices, and of a slice and a NUL-terminated
+ * literal. */
+int moat_slices_ieq(moat_slice_t a, moat_slice_t b);
 int moat_slice_ieq(moat_slice_t a, const char *lit);
 int moat_slice_eq(moat_slice_t a, const char *lit);
 

@@ -104,13 +104,18 @@ int moat_http1_chunked_decode(moat_http1_chunked_t *st, const char *in, size_t l
 #define MOAT_HTTP1_CHUNK_PREFIX_MAX 20
 size_t moat_http1_chunk_prefix(char out[MOAT_HTTP1_CHUNK_PREFIX_MAX], uint64_t n);
 
+/* The origin-form part of a request target: an absolute-form "http://host/path?q" gives
+ * "/path?q" ("/" when it has no path); any other target is returned unchanged. */
+moat_slice_t moat_http1_origin_form(moat_slice_t target);
+
 /* The value of the first header named `name` (case-insensitive), or {NULL, 0}. */
 moat_slice_t moat_http1_find_header(const moat_http1_msg_t *m, const char *name);
 
 /* Whether `name` is a hop-by-hop field that a proxy must not forward: Connection,
- * Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Trailer, Upgrade, or a name listed in
- * one of the message's Connection headers. The proxy adds its own framing and forwarding
- * headers after dropping these. */
+ * Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Trailer, Upgrade, HTTP2-Settings, or a
+ * name listed in one of the message's Connection headers (m may be NULL: a message without
+ * Connection headers, as from HTTP/2). The proxy adds its own framing and forwarding headers
+ * after dropping these. */
 int moat_http1_is_hop_by_hop(const moat_http1_msg_t *m, moat_slice_t name);
 
 #endif

@@ -54,6 +54,9 @@ void moat_runtime_release(moat_runtime_t *rt);
  * listener of this port and kind. NULL when none does. */
 const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host, int port,
                                              int tls);
+/* The HTTPS address, on any port, whose host is that of `host` (port ignored): where the
+ * HTTP listener redirects a request for it. NULL when no TLS site has the name. */
+const moat_site_addr_t *moat_runtime_find_tls_addr(const moat_runtime_t *rt, moat_slice_t host);
 /* Effective port of a site address on this runtime's listeners. */
 int moat_runtime_addr_port(const moat_runtime_t *rt, const moat_site_addr_t *a);
 
