@@ -726,19 +726,10 @@ moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
     x->hsts = hsts && req->tls;
     x->sticky = sticky_index(site, req);
     if (build_head(x, req) != 0 || connect_upstream(x) != 0) {
-        /* Could not even start: answer 502 through the normal path on the next turn would
-         * need a timer; answering now is fine because the front end is waiting for us. */
-        if (x->up == NULL) {
-            x->resp_head_done = 1;
-            x->resp_done = 1;
-            x->req_done = 1;
-            send_page(x, 502);
-            moat_exchange_result_t res = {.status = 502, .upstream = ""};
-            moat_buf_free(&x->head);
-            free(x);
-            ops->done(front, 0, &res);
-            return NULL;
-        }
+        /* Nothing reached the app: answer 502 at once (the front end handles a done()
+         * that comes from inside this call). */
+        fail(x, 502, "cannot connect");
+        return NULL;
     }
     return x;
 }
