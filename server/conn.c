@@ -1,12 +1,12 @@
 /* HTTP/1.1 client connections: the front end that parses requests (server/http1.c), answers
  * redirects and errors itself, and hands everything else to the proxy (server/proxy.c). */
 #include "moat/acme.h"
-#include "moat/h2conn.h"
+#include "h2conn.h"
 #include "moat/log.h"
 #include "moat/proxy.h"
 #include "moat/runtime.h"
 #include "moat/tls.h"
-#include "moat/worker.h"
+#include "worker.h"
 
 #include <arpa/inet.h>
 #include <stdlib.h>

@@ -1,16 +1,16 @@
 /* The control thread (include/moat/control.h). It alone touches the disk and SQLite; the
  * workers see only immutable snapshots it publishes. */
-#include "moat/control.h"
+#include "control.h"
 #include "moat/acme.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/config.h"
-#include "moat/h2conn.h"
+#include "h2conn.h"
 #include "moat/log.h"
 #include "moat/runtime.h"
-#include "moat/server.h"
+#include "server.h"
 #include "moat/storage.h"
-#include "moat/system.h"
+#include "system.h"
 #include "moat/tls.h"
 
 #include <errno.h>

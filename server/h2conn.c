@@ -1,13 +1,13 @@
 /* HTTP/2 connections: the glue between a TLS socket, the sans-I/O session (http2/session.c)
  * and the proxy. Every stream is a front end of its own (moat_front_ops_t), exactly like an
  * HTTP/1.1 connection, so the proxy's timeouts, headers, streaming and errors apply as is. */
-#include "moat/h2conn.h"
+#include "h2conn.h"
 #include "moat/h2.h"
 #include "moat/log.h"
 #include "moat/proxy.h"
 #include "moat/runtime.h"
 #include "moat/tls.h"
-#include "moat/worker.h"
+#include "worker.h"
 
 #include <arpa/inet.h>
 #include <openssl/base64.h>

@@ -3,9 +3,9 @@
 #include "moat/common.h"
 #include "moat/config.h"
 #include "moat/acme.h"
-#include "moat/control.h"
+#include "control.h"
 #include "moat/log.h"
-#include "moat/system.h"
+#include "system.h"
 
 #include <errno.h>
 #include <signal.h>

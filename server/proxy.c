@@ -2,7 +2,7 @@
  * and an HTTP/1.1 upstream connection from the worker's pool. */
 #include "moat/proxy.h"
 #include "moat/log.h"
-#include "moat/worker.h"
+#include "worker.h"
 
 #include <arpa/inet.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* moat and the system around it (include/moat/system.h): systemd notify, privilege drop,
  * the status file and `moat health`. */
-#include "moat/system.h"
+#include "system.h"
 #include "moat/common.h"
 #include "moat/log.h"
 

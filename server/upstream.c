@@ -1,6 +1,6 @@
 /* The per-worker pool of idle upstream connections, and per-upstream health state. */
 #include "moat/log.h"
-#include "moat/worker.h"
+#include "worker.h"
 
 #include <stdlib.h>
 #include <time.h>

@@ -1,6 +1,6 @@
 /* Listening sockets and worker threads (include/moat/server.h). */
 #include "moat/log.h"
-#include "moat/worker.h"
+#include "worker.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

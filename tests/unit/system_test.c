@@ -2,7 +2,7 @@
  * health` against a real listener, and the privilege drop in a child process. */
 #include "moat/common.h"
 #include "moat/log.h"
-#include "moat/system.h"
+#include "system.h"
 #include "test.h"
 
 #include <arpa/inet.h>

@@ -4,7 +4,7 @@
 #ifndef MOAT_SYSTEM_H
 #define MOAT_SYSTEM_H
 
-#include "moat/server.h"
+#include "server.h"
 #include <stddef.h>
 
 /* Exit codes of `moat run`. A configuration error (bad site file or command line) is 1 so

@@ -5,7 +5,7 @@
 
 #include "moat/common.h"
 #include "moat/proxy.h"
-#include "moat/server.h"
+#include "server.h"
 #include "moat/sock.h"
 #include <uv.h>
 
