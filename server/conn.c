@@ -1,17 +1,15 @@
-/* HTTP/1.1 client connections: the front end that parses requests (server/http1.c), answers
- * redirects and errors itself, and hands everything else to the proxy (server/proxy.c). */
-#include "moat/acme.h"
+/* HTTP/1.1 client connections: framing, keep-alive and connection state. Each parsed request
+ * goes to the front-end core (server/front.c), which answers it or starts the proxy; the
+ * response comes back through the ops below. A TLS connection whose ALPN chose h2 is handed
+ * to server/h2conn.c. */
+#include "front.h"
 #include "h2conn.h"
-#include "moat/log.h"
-#include "moat/proxy.h"
-#include "moat/runtime.h"
-#include "moat/tls.h"
 #include "worker.h"
 
-#include <arpa/inet.h>
+#include "moat/log.h"
+#include "moat/tls.h"
+
 #include <stdlib.h>
-#include <sys/time.h>
-#include <time.h>
 
 #define MAX_REQUEST_HEADERS MOAT_HTTP1_MAX_HEADERS
 /* After an error response the connection stays open this long reading and discarding, so
@@ -27,10 +25,13 @@ typedef enum {
     ST_LINGER, /* response sent, discarding input until the peer closes */
 } conn_state_t;
 
+/* Re-entrancy: a connection is freed only when both its handles have closed (refs counts
+ * them), which always happens on a later loop turn; conn_close() inside a callback only
+ * marks it closing. */
 struct moat_conn {
     moat_sock_t sock;
     uv_timer_t timer;
-    int open_handles;
+    int refs;
     moat_worker_t *w;
     moat_conn_t *next, *prev;
     struct sockaddr_storage peer;
@@ -38,16 +39,12 @@ struct moat_conn {
     int tls;
     conn_state_t state;
     size_t scan; /* how far moat_http1_head_end has looked */
-    moat_exchange_t *x;
-    moat_runtime_t *rt;
-    const moat_site_t *site;
-    moat_http1_chunked_t dec;
-    moat_req_body_t body;
-    uint64_t body_left, body_seen, max_body;
+    moat_front_t front;
+    moat_http1_body_t body; /* the request body's framing */
     uint64_t keepalive_ms, header_ms;
+    uint64_t in_start, out_start; /* socket byte counters when the request began */
     unsigned keep_alive : 1;
     unsigned http10 : 1;
-    unsigned head_req : 1;
     unsigned resp_chunked : 1;
     unsigned body_done : 1;
     unsigned closing : 1;
@@ -55,16 +52,8 @@ struct moat_conn {
     unsigned paused : 1;
     unsigned client_eof : 1;
     unsigned head_pending : 1; /* scratch holds a response head not yet written */
-    /* access log */
-    uint64_t t_start, in_start, out_start;
-    int status;
-    char method[16];
-    char host[256];
-    char path[1024];
-    /* The client as a trusted proxy's X-Forwarded-For names it, or "". */
-    char remote[INET6_ADDRSTRLEN + 1];
-    moat_buf_t scratch; /* response head being serialized */
-    moat_h2conn_t *h2;  /* set when ALPN chose h2: every socket event goes there */
+    moat_buf_t scratch;        /* response head being serialized */
+    moat_h2conn_t *h2;         /* set when ALPN chose h2: every socket event goes there */
 };
 
 static const moat_sock_cb_t conn_cb;
@@ -75,7 +64,7 @@ static void process(moat_conn_t *c);
 
 static void conn_release(moat_conn_t *c)
 {
-    if (--c->open_handles > 0)
+    if (--c->refs > 0)
         return;
     moat_worker_t *w = c->w;
     if (c->prev)
@@ -98,15 +87,6 @@ static void conn_on_sock_close(moat_sock_t *s)
     conn_release(s->data);
 }
 
-static void end_request(moat_conn_t *c)
-{
-    if (c->rt != NULL) {
-        moat_runtime_release(c->rt);
-        c->rt = NULL;
-        c->site = NULL;
-    }
-}
-
 static void conn_close(moat_conn_t *c)
 {
     if (c->closing)
@@ -116,11 +96,7 @@ static void conn_close(moat_conn_t *c)
         moat_h2conn_free(c->h2);
         c->h2 = NULL;
     }
-    if (c->x != NULL) {
-        moat_proxy_abort(c->x);
-        c->x = NULL;
-    }
-    end_request(c);
+    moat_front_abort(&c->front);
     uv_close((uv_handle_t *)&c->timer, timer_closed);
     moat_sock_close(&c->sock);
 }
@@ -145,119 +121,14 @@ static void linger_close(moat_conn_t *c)
 {
     if (c->closing)
         return;
-    if (c->x != NULL) {
-        moat_proxy_abort(c->x);
-        c->x = NULL;
-    }
-    end_request(c);
+    moat_front_abort(&c->front);
     c->state = ST_LINGER;
     moat_sock_shutdown_after_flush(&c->sock);
     moat_sock_read_start(&c->sock);
     set_timer(c, LINGER_MS);
 }
 
-/* ---- access log ---- */
-
-static void access_log(moat_conn_t *c, const char *upstream, uint64_t upstream_ms)
-{
-    moat_access_entry_t e = {
-        .peer = (const struct sockaddr *)&c->peer,
-        .remote = c->remote,
-        .host = c->host,
-        .method = c->method,
-        .path = c->path,
-        .proto = c->http10 ? "HTTP/1.0" : "HTTP/1.1",
-        .tls = c->tls,
-        .status = c->status,
-        .bytes_in = c->sock.bytes_read - c->in_start,
-        .bytes_out = c->sock.bytes_written + moat_sock_queued(&c->sock) - c->out_start,
-        .duration_ms = uv_now(&c->w->loop) - c->t_start,
-        .upstream = upstream,
-        .upstream_ms = upstream_ms,
-    };
-    moat_access_log_request(&e);
-}
-
-/* ---- responses moat writes itself ---- */
-
-static const char *reason_phrase(int status)
-{
-    switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 409: return "Conflict";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 422: return "Unprocessable Content";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Status";
-    }
-}
-
-/* An error page, then the connection ends (the request was not understood, or its body
- * will not be read). */
-static void respond_error_and_close(moat_conn_t *c, int status)
-{
-    const char *reason, *body;
-    moat_proxy_error_page(status, &reason, &body);
-    char head[256];
-    size_t blen = strlen(body);
-    int n = snprintf(head, sizeof head,
-                     "HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-                     "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-                     status, reason, blen);
-    moat_slice_t v[2] = {moat_slice(head, (size_t)n), moat_slice(body, c->head_req ? 0 : blen)};
-    c->status = status;
-    moat_sock_writev(&c->sock, v, 2);
-    access_log(c, "", 0);
-    linger_close(c);
-}
-
-/* 308 to the HTTPS address of the site: its canonical name, its port when not 443, and the
- * request's path and query. */
-static void respond_redirect(moat_conn_t *c, const moat_runtime_t *rt, const moat_site_addr_t *a,
-                             moat_slice_t target)
-{
-    int https_port = moat_runtime_addr_port(rt, a);
-    int v6 = a->kind == MOAT_HOST_IPV6;
-    target = moat_http1_origin_form(target);
-    char port[16] = "";
-    if (https_port != 443)
-        snprintf(port, sizeof port, ":%d", https_port);
-    moat_buf_reset(&c->scratch);
-    moat_buf_appendf(&c->scratch,
-                     "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://%s%s%s%s%.*s\r\n"
-                     "Content-Length: 0\r\n%s\r\n",
-                     v6 ? "[" : "", a->host, v6 ? "]" : "", port, (int)target.len, target.base,
-                     c->keep_alive ? "" : "Connection: close\r\n");
-    c->status = 308;
-    moat_sock_write(&c->sock, moat_buf_data(&c->scratch), moat_buf_size(&c->scratch));
-}
-
-/* ---- the front-end ops the proxy calls ---- */
+/* ---- the front-end ops (the proxy and the core call them) ---- */
 
 /* The response head is held back (c->head_pending) until the first body bytes, the end of
  * the response, or the end of the upstream event (fo_flush), so that a small response leaves
@@ -266,10 +137,11 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
                         int64_t content_length, int has_body)
 {
     moat_conn_t *c = front;
+    moat_front_t *f = &c->front;
     moat_buf_t *b = &c->scratch;
     moat_buf_reset(b);
-    c->status = status;
-    const char *reason = reason_phrase(status);
+    f->responded = 1;
+    const char *reason = moat_http_reason(status);
     int r = moat_buf_append(b, "HTTP/1.1 ", 9);
     r |= moat_buf_put_u64(b, (uint64_t)status);
     r |= moat_buf_append(b, " ", 1);
@@ -282,11 +154,13 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         r |= moat_buf_append(b, "\r\n", 2);
     }
     c->resp_chunked = 0;
-    if (c->w->draining)
+    /* moat's own error answers, and any answer that leaves the request body unread, end the
+     * connection: what follows on it cannot be trusted to be the next request. */
+    if (c->w->draining || f->body_unread || (f->x == NULL && status >= 400))
         c->keep_alive = 0;
     if (status == 101) {
         r |= moat_buf_append(b, "Connection: upgrade\r\n", 21);
-    } else if (content_length >= 0 && (has_body || c->head_req)) {
+    } else if (content_length >= 0 && (has_body || f->head_req)) {
         r |= moat_buf_append(b, "Content-Length: ", 16);
         r |= moat_buf_put_u64(b, (uint64_t)content_length);
         r |= moat_buf_append(b, "\r\n", 2);
@@ -295,7 +169,7 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         c->resp_chunked = 1;
     } else if (has_body) {
         c->keep_alive = 0; /* HTTP/1.0 without a length: the close ends the body */
-    } else if (!c->head_req && status >= 200 && status != 204 && status != 304) {
+    } else if (!f->head_req && status >= 200 && status != 204 && status != 304) {
         r |= moat_buf_append(b, "Content-Length: 0\r\n", 19);
     }
     if (!c->keep_alive && status != 101)
@@ -331,7 +205,7 @@ static void fo_flush(void *front)
 static int fo_send_data(void *front, moat_slice_t data)
 {
     moat_conn_t *c = front;
-    if (c->head_req || data.len == 0)
+    if (c->front.head_req || data.len == 0)
         return 0;
     if (c->resp_chunked) {
         char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
@@ -349,11 +223,17 @@ static int fo_send_end(void *front)
         moat_sock_shutdown_after_flush(&c->sock);
         return 0;
     }
-    if (c->resp_chunked && !c->head_req) {
+    if (c->resp_chunked && !c->front.head_req) {
         moat_slice_t end = MOAT_SLICE_LIT("0\r\n\r\n");
         return write_with_head(c, &end, 1);
     }
     return write_with_head(c, NULL, 0);
+}
+
+static void fo_send_continue(void *front)
+{
+    moat_conn_t *c = front;
+    moat_sock_write(&c->sock, "HTTP/1.1 100 Continue\r\n\r\n", 25);
 }
 
 static size_t fo_queued(void *front)
@@ -362,17 +242,29 @@ static size_t fo_queued(void *front)
     return moat_sock_queued(&c->sock) + (c->head_pending ? moat_buf_size(&c->scratch) : 0);
 }
 
+static void fo_counts(void *front, uint64_t *in, uint64_t *out)
+{
+    moat_conn_t *c = front;
+    *in = c->sock.bytes_read - c->in_start;
+    *out = c->sock.bytes_written + fo_queued(c) - c->out_start;
+}
+
+/* Read what already arrived, unless this is a nested call from inside process(). */
+static void resume_input(moat_conn_t *c)
+{
+    moat_sock_read_start(&c->sock);
+    if (!c->in_process && !c->closing && moat_sock_input(&c->sock).len > 0)
+        process(c);
+}
+
 static void fo_pause_body(void *front, int pause)
 {
     moat_conn_t *c = front;
     c->paused = pause != 0;
-    if (pause) {
+    if (pause)
         moat_sock_read_stop(&c->sock);
-    } else if (c->state == ST_BODY || c->state == ST_TUNNEL) {
-        moat_sock_read_start(&c->sock);
-        if (!c->in_process && moat_sock_input(&c->sock).len > 0)
-            process(c);
-    }
+    else if (c->state == ST_BODY || c->state == ST_TUNNEL)
+        resume_input(c);
 }
 
 static void fo_upgraded(void *front)
@@ -382,9 +274,7 @@ static void fo_upgraded(void *front)
     c->state = ST_TUNNEL;
     c->body_done = 1;
     set_timer(c, 0);
-    moat_sock_read_start(&c->sock);
-    if (!c->in_process && moat_sock_input(&c->sock).len > 0)
-        process(c);
+    resume_input(c);
 }
 
 static void fo_done(void *front, int err, const moat_exchange_result_t *res)
@@ -392,10 +282,7 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
     moat_conn_t *c = front;
     int was_tunnel = c->state == ST_TUNNEL;
     fo_flush(c);
-    c->x = NULL;
-    if (res->status)
-        c->status = res->status;
-    access_log(c, res->upstream, res->upstream_ms);
+    moat_front_finish(&c->front, res);
     if (err != 0 || was_tunnel) {
         /* The response was cut: the client must see the connection end, not a short body
          * that looks whole. */
@@ -406,151 +293,56 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
         linger_close(c);
         return;
     }
-    end_request(c);
     c->state = ST_IDLE;
     c->scan = 0;
     set_timer(c, c->keepalive_ms);
-    moat_sock_read_start(&c->sock);
-    if (!c->in_process && moat_sock_input(&c->sock).len > 0)
-        process(c);
+    resume_input(c);
 }
 
 static const moat_front_ops_t front_ops = {
     .send_head = fo_send_head,
     .send_data = fo_send_data,
     .send_end = fo_send_end,
+    .send_continue = fo_send_continue,
     .queued = fo_queued,
     .pause_body = fo_pause_body,
     .upgraded = fo_upgraded,
     .flush = fo_flush,
+    .counts = fo_counts,
     .done = fo_done,
 };
 
 /* ---- request handling ---- */
 
-static void copy_field(char *dst, size_t cap, moat_slice_t s)
+/* The request is over without an exchange (moat answered it): keep the connection for the
+ * next request, or end it as the answer said. */
+static void after_answer(moat_conn_t *c)
 {
-    size_t n = MOAT_MIN(s.len, cap - 1);
-    memcpy(dst, s.base, n);
-    dst[n] = 0;
+    if (c->closing || c->state == ST_LINGER)
+        return;
+    if (!c->keep_alive) {
+        linger_close(c);
+        return;
+    }
+    c->state = ST_IDLE;
+    c->scan = 0;
+    set_timer(c, c->keepalive_ms);
 }
 
-/* Behind a trusted proxy (trusted_proxies=) the client is the last X-Forwarded-For hop, the
- * one that proxy added; logs show it instead of the proxy. Only a valid IP is taken. */
-static void trusted_remote(moat_conn_t *c, const moat_http1_msg_t *m)
+static void mark_start(moat_conn_t *c)
 {
-    int trusted = 0;
-    for (size_t i = 0; i < c->site->ntrusted && !trusted; i++)
-        trusted = moat_cidr_match(&c->site->trusted[i], (const struct sockaddr *)&c->peer);
-    moat_slice_t xff = {0};
-    for (size_t i = 0; trusted && i < m->nheaders; i++)
-        if (moat_slice_ieq(m->headers[i].name, "x-forwarded-for"))
-            xff = m->headers[i].value; /* the last field carries the last hop */
-    if (xff.len == 0)
-        return;
-    const char *end = xff.base + xff.len, *p = end;
-    while (p > xff.base && p[-1] != ',')
-        p--;
-    while (p < end && (*p == ' ' || *p == '\t'))
-        p++;
-    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
-        end--;
-    char ip[INET6_ADDRSTRLEN + 1];
-    unsigned char bin[sizeof(struct in6_addr)];
-    size_t n = (size_t)(end - p);
-    if (n == 0 || n >= sizeof ip)
-        return;
-    memcpy(ip, p, n);
-    ip[n] = 0;
-    if (inet_pton(AF_INET, ip, bin) == 1 || inet_pton(AF_INET6, ip, bin) == 1)
-        memcpy(c->remote, ip, n + 1);
-}
-
-/* A complete head is at the start of the input: answer it or start proxying it. */
-static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
-{
-    c->t_start = uv_now(&c->w->loop);
     c->in_start = c->sock.bytes_read - moat_sock_input(&c->sock).len;
     c->out_start = c->sock.bytes_written + moat_sock_queued(&c->sock);
+}
+
+/* A complete head is at the start of the input: hand it to the core. */
+static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
+{
+    mark_start(c);
     c->http10 = m->minor_version == 0;
     c->keep_alive = m->keep_alive;
-    c->head_req = moat_slice_eq(m->method, "HEAD");
-    c->status = 0;
-    c->remote[0] = 0;
-    copy_field(c->method, sizeof c->method, m->method);
-    copy_field(c->host, sizeof c->host, m->host);
-    copy_field(c->path, sizeof c->path, m->target);
     set_timer(c, 0);
-
-    if (m->host.len == 0) {
-        respond_error_and_close(c, 400);
-        return;
-    }
-    c->rt = moat_runtime_acquire();
-    const moat_site_rt_t *site = moat_runtime_find_site(c->rt, m->host, c->port, c->tls);
-    if (site == NULL && !c->tls) {
-        static const char acme_prefix[] = "/.well-known/acme-challenge/";
-        if (m->target.len >= sizeof acme_prefix - 1 &&
-            memcmp(m->target.base, acme_prefix, sizeof acme_prefix - 1) == 0) {
-            /* ACME HTTP-01, answered before any redirect: the token table is tiny and
-             * read under a mutex (acme/challenge.c). */
-            const char *tok = m->target.base + sizeof acme_prefix - 1;
-            size_t tlen = m->target.len - (sizeof acme_prefix - 1);
-            const char *q = memchr(tok, '?', tlen);
-            char ka[512];
-            int kl = moat_acme_http01_get(tok, q ? (size_t)(q - tok) : tlen, ka, sizeof ka);
-            moat_sock_consume(&c->sock, head_len);
-            end_request(c);
-            if (kl < 0) {
-                respond_error_and_close(c, 404);
-                return;
-            }
-            char head[160];
-            int hn = snprintf(head, sizeof head,
-                              "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                              "Content-Length: %d\r\nConnection: close\r\n\r\n",
-                              kl);
-            moat_slice_t v[2] = {moat_slice(head, (size_t)hn),
-                                 moat_slice(ka, c->head_req ? 0 : (size_t)kl)};
-            c->status = 200;
-            moat_sock_writev(&c->sock, v, 2);
-            access_log(c, "", 0);
-            linger_close(c);
-            return;
-        }
-        const moat_site_addr_t *tls_addr = moat_runtime_find_tls_addr(c->rt, m->host);
-        if (tls_addr != NULL) {
-            respond_redirect(c, c->rt, tls_addr, m->target);
-            moat_sock_consume(&c->sock, head_len);
-            access_log(c, "", 0);
-            end_request(c);
-            /* A request body is not read: keep the connection only if there is none. */
-            if (m->body != MOAT_BODY_NONE &&
-                !(m->body == MOAT_BODY_LENGTH && m->content_length == 0))
-                linger_close(c);
-            else if (!c->keep_alive)
-                linger_close(c);
-            else
-                c->state = ST_IDLE;
-            return;
-        }
-    }
-    if (site == NULL) {
-        end_request(c);
-        respond_error_and_close(c, 404);
-        return;
-    }
-    c->site = site->site;
-    c->keepalive_ms = site->site->keepalive_timeout_ms;
-    c->max_body = site->site->max_body;
-    trusted_remote(c, m);
-    if (c->max_body && m->body == MOAT_BODY_LENGTH && m->content_length > c->max_body) {
-        /* Refused before a byte of the body is read. */
-        end_request(c);
-        respond_error_and_close(c, 413);
-        return;
-    }
-    moat_request_t req = {
+    moat_front_req_t req = {
         .method = m->method,
         .target = moat_http1_origin_form(m->target), /* absolute-form goes upstream as origin */
         .authority = m->host,
@@ -559,83 +351,61 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
         .h1 = m,
         .content_length = m->content_length,
         .upgrade = m->upgrade,
-        .tls = c->tls,
-        .peer = (const struct sockaddr *)&c->peer,
+        .expect_continue = m->expect_continue,
+        .proto = c->http10 ? "HTTP/1.0" : "HTTP/1.1",
     };
-    c->body_seen = 0;
-    switch (m->body) {
-    case MOAT_BODY_LENGTH:
-        req.body = m->content_length ? MOAT_REQ_BODY_LENGTH : MOAT_REQ_BODY_NONE;
-        c->body_left = m->content_length;
-        break;
-    case MOAT_BODY_CHUNKED:
+    if (m->body == MOAT_BODY_CHUNKED)
         req.body = MOAT_REQ_BODY_STREAM;
-        moat_http1_chunked_init(&c->dec);
-        break;
-    default: req.body = MOAT_REQ_BODY_NONE;
-    }
-    c->body = req.body;
+    else if (m->body == MOAT_BODY_LENGTH && m->content_length > 0)
+        req.body = MOAT_REQ_BODY_LENGTH;
+    else
+        req.body = MOAT_REQ_BODY_NONE;
+    moat_http1_body_init(&c->body, req.body == MOAT_REQ_BODY_NONE ? MOAT_BODY_NONE : m->body,
+                         m->content_length);
     c->body_done = req.body == MOAT_REQ_BODY_NONE;
-    c->state = c->body_done ? ST_WAIT : ST_BODY;
-    if (m->expect_continue && !c->body_done)
-        moat_sock_write(&c->sock, "HTTP/1.1 100 Continue\r\n\r\n", 25);
-    moat_runtime_t *rt = c->rt;
-    c->x = (moat_exchange_t *)1; /* the proxy may finish synchronously: see fo_done */
-    moat_exchange_t *x = moat_proxy_start(c->w, rt, site, &req, &front_ops, c);
+    moat_front_result_t res = moat_front_start(&c->front, &req);
     /* Consume the head only now: the request's slices point into it. */
     if (!c->closing)
         moat_sock_consume(&c->sock, head_len);
-    if (x == NULL) {
-        c->x = NULL;
-        return; /* fo_done already ran (the 502 page) */
+    if (res == MOAT_FRONT_ANSWERED) {
+        after_answer(c);
+        return;
     }
-    if (c->x == (moat_exchange_t *)1)
-        c->x = x;
+    c->keepalive_ms = c->front.site->site->keepalive_timeout_ms;
+    c->state = c->body_done ? ST_WAIT : ST_BODY;
 }
 
 static int feed_body(moat_conn_t *c)
 {
     moat_slice_t in = moat_sock_input(&c->sock);
-    while (in.len > 0 && !c->body_done && c->x != NULL && !c->paused) {
+    while (in.len > 0 && !c->body_done && c->front.x != NULL && !c->paused) {
         moat_slice_t data;
         size_t used;
-        if (c->body == MOAT_REQ_BODY_LENGTH) {
-            used = (size_t)MOAT_MIN((uint64_t)in.len, c->body_left);
-            data = moat_slice(in.base, used);
-            c->body_left -= used;
-            if (c->body_left == 0)
-                c->body_done = 1;
-        } else {
-            int r = moat_http1_chunked_decode(&c->dec, in.base, in.len, &used, &data);
-            if (r < 0) {
-                respond_error_and_close(c, 400);
+        int r = moat_http1_body_read(&c->body, in.base, in.len, &used, &data);
+        if (r < 0) {
+            moat_front_refuse_body(&c->front, 400);
+            linger_close(c);
+            return -1;
+        }
+        if (r == 1)
+            c->body_done = 1;
+        moat_sock_consume(&c->sock, used);
+        if (data.len) {
+            int e = moat_front_body(&c->front, data);
+            if (e == MOAT_ETOO_LARGE) {
+                linger_close(c);
                 return -1;
             }
-            if (r == 1)
-                c->body_done = 1;
-        }
-        c->body_seen += data.len;
-        if (c->max_body && c->body_seen > c->max_body) {
-            /* A streamed body passed max_body: the upstream gets a cut request (it sees the
-             * connection end) and the client a 413 if nothing was answered yet. */
-            moat_sock_consume(&c->sock, used);
-            if (c->x != NULL) {
-                moat_proxy_abort(c->x);
-                c->x = NULL;
+            if (e != 0) {
+                conn_close(c);
+                return -1;
             }
-            respond_error_and_close(c, 413);
-            return -1;
-        }
-        moat_sock_consume(&c->sock, used);
-        if (data.len && moat_proxy_body(c->x, data) != 0) {
-            conn_close(c);
-            return -1;
         }
         in = moat_sock_input(&c->sock);
     }
-    if (c->body_done && c->x != NULL && c->state == ST_BODY) {
+    if (c->body_done && c->front.x != NULL && c->state == ST_BODY) {
         c->state = ST_WAIT;
-        moat_proxy_body_end(c->x);
+        moat_front_body_end(&c->front);
     }
     return 0;
 }
@@ -662,14 +432,11 @@ static void process(moat_conn_t *c)
             moat_http1_msg_t m;
             int r = moat_http1_parse_request(in.base, end ? end : in.len, &m, headers,
                                              MAX_REQUEST_HEADERS, &status);
-            if (r == MOAT_ENEED_MORE) {
-                respond_error_and_close(c, 431);
-                break;
-            }
             if (r < 0) {
-                copy_field(c->method, sizeof c->method, MOAT_SLICE_LIT("-"));
-                c->host[0] = c->path[0] = 0;
-                respond_error_and_close(c, status);
+                mark_start(c);
+                c->keep_alive = 0;
+                moat_front_reject(&c->front, r == MOAT_ENEED_MORE ? 431 : status, "HTTP/1.1");
+                linger_close(c);
                 break;
             }
             c->scan = 0;
@@ -691,9 +458,9 @@ static void process(moat_conn_t *c)
             break;
         }
         if (c->state == ST_TUNNEL) {
-            if (in.len == 0 || c->x == NULL)
+            if (in.len == 0 || c->front.x == NULL)
                 break;
-            int r = moat_proxy_tunnel_write(c->x, in);
+            int r = moat_proxy_tunnel_write(c->front.x, in);
             moat_sock_consume(&c->sock, in.len);
             if (r != 0) {
                 conn_close(c);
@@ -730,11 +497,11 @@ static void on_eof(moat_sock_t *s, int err)
         moat_h2conn_on_eof(c->h2, err);
         return;
     }
-    if (c->state == ST_TUNNEL && err == 0 && c->x != NULL) {
-        moat_proxy_tunnel_client_eof(c->x);
+    if (c->state == ST_TUNNEL && err == 0 && c->front.x != NULL) {
+        moat_proxy_tunnel_client_eof(c->front.x);
         return;
     }
-    if (c->state == ST_WAIT && err == 0 && c->x != NULL)
+    if (c->state == ST_WAIT && err == 0 && c->front.x != NULL)
         return; /* a half-close after a whole request: still deliver the response */
     conn_close(c);
 }
@@ -746,8 +513,8 @@ static void on_drain(moat_sock_t *s)
         moat_h2conn_on_drain(c->h2);
         return;
     }
-    if (c->x != NULL)
-        moat_proxy_front_drained(c->x);
+    if (c->front.x != NULL)
+        moat_proxy_front_drained(c->front.x);
     else if (c->state == ST_LINGER && c->client_eof)
         conn_close(c);
 }
@@ -775,6 +542,9 @@ static void on_connect(moat_sock_t *s, int err)
             return;
         }
         set_timer(c, 0); /* the HTTP/2 connection keeps its own timers */
+        moat_sock_read_start(&c->sock);
+        moat_h2conn_on_read(c->h2); /* the client's first bytes, and our SETTINGS */
+        return;
     }
     moat_sock_read_start(&c->sock);
 }
@@ -807,19 +577,20 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
     c->w = w;
     c->port = port;
     c->tls = tls;
-    moat_runtime_t *rt = moat_runtime_acquire();
+    moat_runtime_t *rt = moat_worker_runtime_acquire(w);
     c->header_ms = rt ? rt->header_timeout_ms : 30000;
     c->keepalive_ms = rt ? rt->keepalive_timeout_ms : 300000;
-    moat_runtime_release(rt);
+    moat_worker_runtime_release(w, rt);
     memcpy(&c->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     if (moat_sock_init(&c->sock, &w->loop, fd, ssl, &conn_cb, c) != 0) {
-        free(c);
+        free(c); /* nothing of it is on the loop (moat_sock_init's contract) */
         return;
     }
+    moat_front_init(&c->front, w, &front_ops, c, (const struct sockaddr *)&c->peer, port, tls);
     uv_timer_init(&w->loop, &c->timer);
     c->timer.data = c;
-    c->open_handles = 2;
+    c->refs = 2;
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;

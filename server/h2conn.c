@@ -1,20 +1,21 @@
 /* HTTP/2 connections: the glue between a TLS socket, the sans-I/O session (http2/session.c)
- * and the proxy. Every stream is a front end of its own (moat_front_ops_t), exactly like an
- * HTTP/1.1 connection, so the proxy's timeouts, headers, streaming and errors apply as is. */
+ * and the front-end core (server/front.c). Every stream is a front end of its own
+ * (moat_front_ops_t), exactly like an HTTP/1.1 connection, so admission, the proxy's
+ * timeouts, headers, streaming and errors apply as is. What stays here is HTTP/2's own:
+ * frames out through the socket, flow control, stream and connection state.
+ *
+ * Re-entrancy: every entry point (socket event, timer, proxy-driven flush) runs between
+ * enter() and leave(); a close wanted inside only marks want_close, and leave() at depth 0
+ * asks the owner to close. The memory goes when the handles' close callbacks have run. */
+#include "front.h"
 #include "h2conn.h"
-#include "moat/h2.h"
-#include "moat/log.h"
-#include "moat/proxy.h"
-#include "moat/runtime.h"
-#include "moat/tls.h"
 #include "worker.h"
 
-#include <arpa/inet.h>
-#include <openssl/base64.h>
-#include <openssl/rand.h>
+#include "moat/h2.h"
+#include "moat/log.h"
+#include "moat/tls.h"
+
 #include <stdlib.h>
-#include <sys/time.h>
-#include <time.h>
 
 /* Above this many bytes in the socket's output queue, no more frames are produced (and the
  * client is not read) until it drains: the per-stream queues then fill and the proxy pauses
@@ -30,23 +31,16 @@
 typedef struct stream stream_t;
 
 struct stream {
+    moat_front_t front; /* the request as the core sees it */
     moat_h2conn_t *c;
     int32_t id;
     stream_t *next, *prev;
-    moat_exchange_t *x;
-    moat_runtime_t *rt;
-    uint64_t t_start, bytes_in, bytes_out, body_seen, max_body;
-    size_t held; /* request bytes given to the proxy but not yet to flow control (paused) */
-    int status;
-    unsigned ws : 1;         /* RFC 8441 websocket */
-    unsigned tunnel : 1;     /* after the upstream's 101 */
-    unsigned paused : 1;     /* the proxy paused the request body */
+    uint64_t bytes_in, bytes_out;
+    size_t held;         /* request bytes given to the proxy but not yet to flow control (paused) */
+    unsigned ws : 1;     /* RFC 8441 websocket */
+    unsigned tunnel : 1; /* after the upstream's 101 */
+    unsigned paused : 1; /* the proxy paused the request body */
     unsigned want_drain : 1; /* queued() said "above the high-water mark" */
-    unsigned responded : 1;
-    unsigned logged : 1;
-    char method[16];
-    char host[256];
-    char path[1024];
 };
 
 struct moat_h2conn {
@@ -58,8 +52,6 @@ struct moat_h2conn {
     void *owner_data;
     moat_h2_t *h2;
     uv_timer_t timer;
-    uv_idle_t idle; /* output produced outside a socket callback is flushed on the next turn */
-    int open_handles;
     int depth; /* nesting of entry points: the owner is told to close only at depth 0 */
     stream_t *streams;
     moat_buf_t wbuf;
@@ -72,8 +64,6 @@ struct moat_h2conn {
     unsigned blocked : 1;
     unsigned shutting : 1;
     unsigned seen_stream : 1;
-    unsigned scheduled : 1;
-    unsigned input_pending : 1;
     unsigned why_logged : 1;
 };
 
@@ -96,83 +86,23 @@ static void leave(moat_h2conn_t *c)
     }
 }
 
-static void handle_closed(uv_handle_t *hd)
+static void timer_closed(uv_handle_t *hd)
 {
-    moat_h2conn_t *c = hd->data;
-    if (--c->open_handles == 0)
-        free(c);
+    free(hd->data);
 }
 
-static void schedule(moat_h2conn_t *c);
-
-static void idle_cb(uv_idle_t *i)
+/* Output the proxy produced from an upstream event goes out now; inside an entry point the
+ * entry's own flush takes care of it. */
+static void flush_now(moat_h2conn_t *c)
 {
-    moat_h2conn_t *c = i->data;
-    uv_idle_stop(i);
-    c->scheduled = 0;
-    if (c->freed || c->close_called)
+    if (c->depth > 0 || c->freed)
         return;
     enter(c);
-    if (c->input_pending) {
-        c->input_pending = 0;
-        moat_h2conn_on_read(c);
-    }
     flush(c);
     leave(c);
 }
 
-/* Output produced from a proxy callback (an upstream event) leaves on the next loop turn;
- * inside an entry point the final flush takes care of it. */
-static void schedule(moat_h2conn_t *c)
-{
-    if (c->depth > 0 || c->scheduled || c->freed)
-        return;
-    c->scheduled = 1;
-    uv_idle_start(&c->idle, idle_cb);
-}
-
-/* ---- access log ---- */
-
-static void access_log(stream_t *st, const char *upstream, uint64_t upstream_ms)
-{
-    if (st->logged)
-        return;
-    st->logged = 1;
-    moat_access_entry_t e = {
-        .peer = (const struct sockaddr *)&st->c->peer,
-        .host = st->host,
-        .method = st->method,
-        .path = st->path,
-        .proto = "HTTP/2",
-        .tls = 1,
-        .status = st->status,
-        .bytes_in = st->bytes_in,
-        .bytes_out = st->bytes_out,
-        .duration_ms = uv_now(&st->c->w->loop) - st->t_start,
-        .upstream = upstream,
-        .upstream_ms = upstream_ms,
-    };
-    moat_access_log_request(&e);
-}
-
 /* ---- streams ---- */
-
-static void release_rt(stream_t *st)
-{
-    if (st->rt != NULL) {
-        moat_runtime_release(st->rt);
-        st->rt = NULL;
-    }
-}
-
-static void abort_exchange(stream_t *st)
-{
-    if (st->x != NULL) {
-        moat_proxy_abort(st->x);
-        st->x = NULL;
-    }
-    release_rt(st);
-}
 
 static void stream_free(stream_t *st)
 {
@@ -184,35 +114,6 @@ static void stream_free(stream_t *st)
     if (st->next)
         st->next->prev = st->prev;
     free(st);
-}
-
-/* A response moat writes itself (no proxy behind it). */
-static void respond_page(stream_t *st, int status)
-{
-    const char *reason, *body;
-    moat_proxy_error_page(status, &reason, &body);
-    size_t len = strlen(body);
-    moat_h2_t *h2 = st->c->h2;
-    st->status = status;
-    st->responded = 1;
-    if (status == 413)
-        moat_h2_drain_body(h2, st->id); /* so curl shows the 413; the body is dropped */
-    if (moat_h2_respond(h2, st->id, status, moat_proxy_page_headers, MOAT_PROXY_PAGE_NHEADERS,
-                        (int64_t)len, 1) != 0 ||
-        moat_h2_send_data(h2, st->id, moat_slice(body, len)) != 0 ||
-        moat_h2_send_end(h2, st->id) != 0)
-        moat_h2_reset(h2, st->id, MOAT_H2_INTERNAL_ERROR);
-    st->bytes_out += len;
-    access_log(st, "", 0);
-    release_rt(st);
-}
-
-static void copy_field(char *dst, size_t cap, moat_slice_t s)
-{
-    size_t n = MOAT_MIN(s.len, cap - 1);
-    if (n)
-        memcpy(dst, s.base, n);
-    dst[n] = 0;
 }
 
 static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
@@ -230,86 +131,29 @@ static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
         c->streams->prev = st;
     c->streams = st;
     c->seen_stream = 1;
-    st->t_start = uv_now(&st->c->w->loop);
     st->bytes_in = req->head_bytes;
-    copy_field(st->method, sizeof st->method, req->method);
-    copy_field(st->host, sizeof st->host, req->authority);
-    copy_field(st->path, sizeof st->path, req->path);
-
-    if (req->authority.len == 0) {
-        respond_page(st, 400);
-        return st;
-    }
-    st->rt = moat_runtime_acquire();
-    const moat_site_rt_t *site = moat_runtime_find_site(st->rt, req->authority, c->port, 1);
-    if (site == NULL) {
-        respond_page(st, 404);
-        return st;
-    }
-    c->keepalive_ms = site->site->keepalive_timeout_ms;
-    st->max_body = site->site->max_body;
-    int connect = moat_slice_eq(req->method, "CONNECT");
-    if (connect) {
-        /* Only RFC 8441 websockets: moat is not a forward proxy. */
-        if (!moat_slice_eq(req->protocol, "websocket") || !site->site->h2_websocket) {
-            respond_page(st, 501);
-            return st;
-        }
-        st->ws = 1;
-    }
-    if (st->max_body && req->content_length >= 0 && (uint64_t)req->content_length > st->max_body) {
-        respond_page(st, 413); /* refused before a byte of the body is read */
-        return st;
-    }
-    moat_request_t r = {
-        .method = st->ws ? MOAT_SLICE_LIT("GET") : req->method,
+    moat_front_init(&st->front, c->w, &front_ops, st, (const struct sockaddr *)&c->peer, c->port,
+                    1);
+    moat_front_req_t r = {
+        .method = req->method,
         .target = req->path,
         .authority = req->authority,
+        .protocol = req->protocol,
         .headers = req->headers,
         .nheaders = req->nheaders,
-        .h1 = NULL, /* the proxy drops its fixed hop-by-hop list */
         .content_length = req->content_length > 0 ? (uint64_t)req->content_length : 0,
-        .upgrade = st->ws,
-        .tls = 1,
-        .peer = (const struct sockaddr *)&c->peer,
+        .proto = "HTTP/2",
     };
-    if (req->end_stream || st->ws || req->content_length == 0)
+    if (req->end_stream || req->content_length == 0)
         r.body = MOAT_REQ_BODY_NONE;
     else if (req->content_length > 0)
         r.body = MOAT_REQ_BODY_LENGTH;
     else
         r.body = MOAT_REQ_BODY_STREAM;
-    moat_header_t *ws_headers = NULL;
-    char key[32];
-    if (st->ws) {
-        /* The upstream speaks HTTP/1.1 and needs an Upgrade with a Sec-WebSocket-Key; the
-         * client sent none on HTTP/2 (RFC 8441 §5), so moat makes one. Its Accept answer is
-         * dropped on the way back. Version, Extensions and Protocol pass through. */
-        uint8_t raw[16];
-        RAND_bytes(raw, sizeof raw);
-        EVP_EncodeBlock((uint8_t *)key, raw, sizeof raw);
-        ws_headers = malloc((req->nheaders + 2) * sizeof *ws_headers);
-        if (ws_headers == NULL) {
-            release_rt(st);
-            moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
-            return st;
-        }
-        size_t n = 0;
-        for (size_t i = 0; i < req->nheaders; i++)
-            if (!moat_slice_ieq(req->headers[i].name, "sec-websocket-key"))
-                ws_headers[n++] = req->headers[i];
-        ws_headers[n++] = (moat_header_t){MOAT_SLICE_LIT("upgrade"), MOAT_SLICE_LIT("websocket")};
-        ws_headers[n++] = (moat_header_t){MOAT_SLICE_LIT("sec-websocket-key"), moat_slice_str(key)};
-        r.headers = ws_headers;
-        r.nheaders = n;
+    if (moat_front_start(&st->front, &r) == MOAT_FRONT_PROXYING) {
+        st->ws = moat_slice_eq(req->method, "CONNECT");
+        c->keepalive_ms = st->front.site->site->keepalive_timeout_ms;
     }
-    st->x = (moat_exchange_t *)1; /* the proxy may finish synchronously: see fo_done */
-    moat_exchange_t *x = moat_proxy_start(c->w, st->rt, site, &r, &front_ops, st);
-    free(ws_headers);
-    if (x == NULL)
-        st->x = NULL; /* fo_done already ran (the 502 page) */
-    else if (st->x == (moat_exchange_t *)1)
-        st->x = x;
     return st;
 }
 
@@ -317,35 +161,21 @@ static void s_on_data(void *ud, void *stream, int32_t id, moat_slice_t data)
 {
     moat_h2conn_t *c = ud;
     stream_t *st = stream;
-    if (st == NULL || st->x == NULL || (st->ws && !st->tunnel)) {
+    if (st != NULL)
+        st->bytes_in += data.len;
+    if (st == NULL || st->front.x == NULL || (st->ws && !st->tunnel)) {
         /* Nobody takes these bytes: give the window back, drop them. */
-        if (st)
-            st->bytes_in += data.len;
         moat_h2_consume(c->h2, id, data.len);
         return;
     }
-    st->bytes_in += data.len;
-    int r;
-    if (st->tunnel) {
-        r = moat_proxy_tunnel_write(st->x, data);
-    } else {
-        st->body_seen += data.len;
-        if (st->max_body && st->body_seen > st->max_body) {
-            /* A body without content-length grew past max_body: the upstream gets a cut
-             * request and the client a 413 if nothing was answered yet. */
-            abort_exchange(st);
-            moat_h2_consume(c->h2, id, data.len);
-            if (!st->responded)
-                respond_page(st, 413);
-            else
-                moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
-            return;
-        }
-        r = moat_proxy_body(st->x, data);
-    }
+    int responded = st->front.responded;
+    int r =
+        st->tunnel ? moat_proxy_tunnel_write(st->front.x, data) : moat_front_body(&st->front, data);
     if (r != 0) {
-        abort_exchange(st);
         moat_h2_consume(c->h2, id, data.len);
+        if (r == MOAT_ETOO_LARGE && !responded)
+            return; /* the core answered 413 */
+        moat_front_abort(&st->front);
         moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
         return;
     }
@@ -360,29 +190,23 @@ static void s_on_end(void *ud, void *stream, int32_t id)
 {
     (void)ud, (void)id;
     stream_t *st = stream;
-    if (st == NULL || st->x == NULL)
+    if (st == NULL || st->front.x == NULL)
         return;
     if (st->tunnel)
-        moat_proxy_tunnel_client_eof(st->x); /* may complete the exchange (fo_done) */
+        moat_proxy_tunnel_client_eof(st->front.x); /* may complete the exchange (fo_done) */
     else if (!st->ws)
-        moat_proxy_body_end(st->x);
+        moat_front_body_end(&st->front);
 }
 
 static void s_on_close(void *ud, void *stream, int32_t id, uint32_t code)
 {
-    (void)ud, (void)id;
+    (void)ud;
     stream_t *st = stream;
     if (st == NULL)
         return;
-    if (st->x != NULL) {
-        /* The client reset the stream (or the connection failed) mid-exchange. */
-        abort_exchange(st);
-        if (!st->status)
-            st->status = 499;
+    if (st->front.x != NULL)
         MOAT_DEBUG("h2 stream %d closed with error %u before the response ended", (int)id, code);
-    }
-    release_rt(st);
-    access_log(st, "", 0);
+    moat_front_abort(&st->front); /* the client reset it mid-exchange: logged as 499 */
     stream_free(st);
 }
 
@@ -393,12 +217,13 @@ static const moat_h2_cb_t session_cb = {
     .on_close = s_on_close,
 };
 
-/* ---- the front-end ops the proxy calls ---- */
+/* ---- the front-end ops (the proxy and the core call them) ---- */
 
 static int fo_send_head(void *front, int status, const moat_header_t *h, size_t n,
                         int64_t content_length, int has_body)
 {
     stream_t *st = front;
+    moat_h2_t *h2 = st->c->h2;
     moat_header_t hdrs[128];
     if (st->ws && status == 101) {
         /* RFC 8441: the switch is a 200 on the stream; the HTTP/1.1 handshake fields stay
@@ -413,10 +238,12 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         has_body = 1;
         content_length = -1;
     }
-    st->status = status;
-    st->responded = 1;
-    int r = moat_h2_respond(st->c->h2, st->id, status, h, n, content_length, has_body);
-    schedule(st->c);
+    st->front.responded = 1;
+    if (st->front.body_unread && status == 413)
+        moat_h2_drain_body(h2, st->id); /* so curl shows the 413; the body is dropped */
+    int r = moat_h2_respond(h2, st->id, status, h, n, content_length, has_body);
+    if (r != 0)
+        moat_h2_reset(h2, st->id, MOAT_H2_INTERNAL_ERROR);
     return r;
 }
 
@@ -424,17 +251,13 @@ static int fo_send_data(void *front, moat_slice_t data)
 {
     stream_t *st = front;
     st->bytes_out += data.len;
-    int r = moat_h2_send_data(st->c->h2, st->id, data);
-    schedule(st->c);
-    return r;
+    return moat_h2_send_data(st->c->h2, st->id, data);
 }
 
 static int fo_send_end(void *front)
 {
     stream_t *st = front;
-    int r = moat_h2_send_end(st->c->h2, st->id);
-    schedule(st->c);
-    return r;
+    return moat_h2_send_end(st->c->h2, st->id);
 }
 
 static size_t fo_queued(void *front)
@@ -442,8 +265,21 @@ static size_t fo_queued(void *front)
     stream_t *st = front;
     size_t q = moat_h2_stream_queued(st->c->h2, st->id);
     if (q > MOAT_PROXY_HIGH_WATER)
-        st->want_drain = 1;
+        st->want_drain = 1; /* flush() wakes the upstream when the queue drains */
     return q;
+}
+
+static void fo_counts(void *front, uint64_t *in, uint64_t *out)
+{
+    stream_t *st = front;
+    *in = st->bytes_in;
+    *out = st->bytes_out;
+}
+
+static void fo_flush(void *front)
+{
+    stream_t *st = front;
+    flush_now(st->c);
 }
 
 static void fo_pause_body(void *front, int pause)
@@ -453,7 +289,7 @@ static void fo_pause_body(void *front, int pause)
     if (!pause && st->held) {
         moat_h2_consume(st->c->h2, st->id, st->held);
         st->held = 0;
-        schedule(st->c);
+        flush_now(st->c); /* the WINDOW_UPDATE */
     }
 }
 
@@ -467,11 +303,10 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
 {
     stream_t *st = front;
     moat_h2conn_t *c = st->c;
-    st->x = NULL;
-    if (res->status && !(st->ws && res->status == 101))
-        st->status = res->status;
-    access_log(st, res->upstream, res->upstream_ms);
-    release_rt(st);
+    moat_exchange_result_t r = *res;
+    if (st->ws && r.status == 101)
+        r.status = 0; /* the client saw a 200 */
+    moat_front_finish(&st->front, &r);
     if (err != 0) {
         /* The response was cut: the client must see a reset, not a short body that looks
          * whole. */
@@ -480,7 +315,7 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
         moat_h2_consume(c->h2, st->id, st->held);
         st->held = 0;
     }
-    schedule(c);
+    flush_now(c);
 }
 
 static const moat_front_ops_t front_ops = {
@@ -490,6 +325,8 @@ static const moat_front_ops_t front_ops = {
     .queued = fo_queued,
     .pause_body = fo_pause_body,
     .upgraded = fo_upgraded,
+    .flush = fo_flush,
+    .counts = fo_counts,
     .done = fo_done,
 };
 
@@ -567,10 +404,10 @@ static void flush(moat_h2conn_t *c)
         int woke = 0;
         for (stream_t *st = c->streams, *next; st != NULL; st = next) {
             next = st->next;
-            if (st->want_drain && st->x != NULL &&
+            if (st->want_drain && st->front.x != NULL &&
                 moat_h2_stream_queued(c->h2, st->id) <= MOAT_PROXY_HIGH_WATER / 2) {
                 st->want_drain = 0;
-                moat_proxy_front_drained(st->x);
+                moat_proxy_front_drained(st->front.x);
                 woke = 1;
             }
         }
@@ -638,14 +475,14 @@ moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct
     memcpy(&c->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     /* Advertise RFC 8441 only when some site accepts websockets over HTTP/2. */
-    moat_runtime_t *rt = moat_runtime_acquire();
+    moat_runtime_t *rt = moat_worker_runtime_acquire(w);
     int ws = 0;
     for (size_t i = 0; rt != NULL && i < rt->nsites; i++)
         if (rt->sites[i].site->h2_websocket)
             ws = 1;
     if (rt != NULL)
         c->keepalive_ms = rt->keepalive_timeout_ms;
-    moat_runtime_release(rt);
+    moat_worker_runtime_release(w, rt);
     moat_h2_settings_t set = {.enable_connect_protocol = ws};
     c->h2 = moat_h2_new(&set, &session_cb, c);
     if (c->h2 == NULL) {
@@ -653,14 +490,7 @@ moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct
         return NULL;
     }
     uv_timer_init(&w->loop, &c->timer);
-    uv_idle_init(&w->loop, &c->idle);
-    c->timer.data = c->idle.data = c;
-    c->open_handles = 2;
-    /* The client's first bytes may already be here; they and our SETTINGS are handled on
-     * the first loop turn (the owner must not be asked to close from inside this call). */
-    c->input_pending = 1;
-    c->scheduled = 1;
-    uv_idle_start(&c->idle, idle_cb);
+    c->timer.data = c;
     arm_timer(c, FIRST_REQUEST_TIMEOUT_MS);
     return c;
 }
@@ -734,16 +564,12 @@ void moat_h2conn_free(moat_h2conn_t *c)
     c->freed = 1;
     for (stream_t *st = c->streams, *next; st != NULL; st = next) {
         next = st->next;
-        abort_exchange(st);
-        if (!st->status)
-            st->status = 499;
-        access_log(st, "", 0);
+        moat_front_abort(&st->front);
         free(st);
     }
     c->streams = NULL;
     moat_h2_free(c->h2);
     c->h2 = NULL;
     moat_buf_free(&c->wbuf);
-    uv_close((uv_handle_t *)&c->timer, handle_closed);
-    uv_close((uv_handle_t *)&c->idle, handle_closed);
+    uv_close((uv_handle_t *)&c->timer, timer_closed);
 }

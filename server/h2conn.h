@@ -14,8 +14,8 @@ typedef struct moat_h2conn moat_h2conn_t;
 /* What the owning connection (server/conn.c) offers back. */
 typedef struct {
     /* End the connection now (after a GOAWAY was queued, or on a fatal error). The owner
-     * calls moat_h2conn_free and closes the socket. Never called from inside
-     * moat_h2conn_new. */
+     * calls moat_h2conn_free and closes the socket. Called at the end of an entry point
+     * (never from inside moat_h2conn_new). */
     void (*close)(void *owner);
 } moat_h2conn_owner_t;
 
@@ -24,7 +24,9 @@ typedef struct {
 void moat_h2conn_init_alpn(void);
 
 /* Take over a socket whose TLS handshake chose "h2". sock stays owned by the caller; bytes
- * already in its input are the client's first bytes. Returns NULL when out of memory. */
+ * already in its input are the client's first bytes: the owner calls moat_h2conn_on_read
+ * once it has stored the pointer (that also sends the server's SETTINGS). Returns NULL when
+ * out of memory. */
 moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct sockaddr *peer,
                                int port, const moat_h2conn_owner_t *owner, void *owner_data);
 /* Socket events, forwarded by the owner. */

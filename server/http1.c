@@ -762,3 +762,26 @@ moat_slice_t moat_http1_origin_form(moat_slice_t t)
     const char *q = memchr(p + 2, '/', (size_t)(end - (p + 2)));
     return q ? moat_slice(q, (size_t)(end - q)) : MOAT_SLICE_LIT("/");
 }
+
+int moat_http1_body_read(moat_http1_body_t *b, const char *in, size_t len, size_t *consumed,
+                         moat_slice_t *data)
+{
+    *consumed = 0;
+    *data = (moat_slice_t){NULL, 0};
+    switch (b->kind) {
+    case MOAT_BODY_NONE: return 1;
+    case MOAT_BODY_LENGTH: {
+        size_t take = (size_t)MOAT_MIN((uint64_t)len, b->left);
+        *data = moat_slice(in, take);
+        *consumed = take;
+        b->left -= take;
+        return b->left == 0;
+    }
+    case MOAT_BODY_UNTIL_CLOSE:
+        *data = moat_slice(in, len);
+        *consumed = len;
+        return 0;
+    case MOAT_BODY_CHUNKED: return moat_http1_chunked_decode(&b->chunked, in, len, consumed, data);
+    }
+    return MOAT_EPARSE;
+}

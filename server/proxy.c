@@ -1,10 +1,18 @@
 /* The reverse proxy: one exchange per request, between a front end (include/moat/proxy.h)
- * and an HTTP/1.1 upstream connection from the worker's pool. */
+ * and an HTTP/1.1 upstream connection (server/upstream.c).
+ *
+ * Re-entrancy: an exchange is reference-counted. Its life holds one reference, every
+ * upstream event another while it runs; complete() and moat_proxy_abort() only mark it over
+ * and drop the life reference, so code after a front-end call that ended the exchange still
+ * reads valid memory and stops at the `over` check. */
 #include "moat/proxy.h"
 #include "moat/log.h"
+#include "upstream.h"
 #include "worker.h"
 
 #include <arpa/inet.h>
+#include <openssl/base64.h>
+#include <openssl/rand.h>
 #include <stdlib.h>
 
 #define MAX_RESPONSE_HEADERS 128
@@ -13,6 +21,7 @@
 
 struct moat_exchange {
     moat_worker_t *w;
+    int refs;
     const moat_front_ops_t *ops;
     void *front;
     const moat_runtime_t *rt;
@@ -22,12 +31,12 @@ struct moat_exchange {
     moat_upconn_t *up;
     moat_buf_t head; /* the upstream request head, kept for one retry until a response byte */
     moat_req_body_t req_body;
-    moat_body_kind_t resp_body;
-    uint64_t resp_left;
-    moat_http1_chunked_t dec;
+    moat_http1_body_t resp;
     int status;
     uint64_t t_start, t_first_byte;
     int tries;
+    unsigned over : 1;     /* completed or aborted: no more calls to the front end */
+    unsigned produced : 1; /* output given to the front end since its last flush */
     unsigned head_req : 1;
     unsigned upgrade_req : 1;
     unsigned tls : 1;
@@ -35,7 +44,6 @@ struct moat_exchange {
     unsigned idempotent : 1;
     unsigned reused : 1;
     unsigned req_done : 1;
-    unsigned req_body_started : 1;
     unsigned resp_head_done : 1;
     unsigned resp_started : 1;
     unsigned resp_done : 1;
@@ -52,75 +60,50 @@ struct moat_exchange {
     char cookie[96];
 };
 
-static const moat_sock_cb_t up_cb;
-/* Returns 1 when the exchange ended (and was freed), 0 while it goes on. */
-static int handle_response(moat_exchange_t *x);
+static const moat_upconn_cb_t up_cb;
+static void handle_response(moat_exchange_t *x);
 static void fail(moat_exchange_t *x, int status, const char *why);
 
-/* ---- error pages ---- */
-
-const moat_header_t moat_proxy_page_headers[MOAT_PROXY_PAGE_NHEADERS] = {
-    {MOAT_SLICE_LIT("content-type"), MOAT_SLICE_LIT("text/html; charset=utf-8")},
-    {MOAT_SLICE_LIT("cache-control"), MOAT_SLICE_LIT("no-store")},
-};
-
-int moat_proxy_error_page(int status, const char **reason, const char **body)
+static void hold(moat_exchange_t *x)
 {
-    switch (status) {
-    case 400:
-        *reason = "Bad Request";
-        *body = "<!doctype html><title>400 Bad Request</title><h1>400 Bad Request</h1>"
-                "<p>The request was malformed and was not passed on.</p>\n";
-        return 0;
-    case 404:
-        *reason = "Not Found";
-        *body = "<!doctype html><title>404 Not Found</title><h1>404 Not Found</h1>"
-                "<p>No site is configured for this host name.</p>\n";
-        return 0;
-    case 413:
-        *reason = "Content Too Large";
-        *body = "<!doctype html><title>413 Content Too Large</title><h1>413 Content Too "
-                "Large</h1><p>The request body is larger than this site accepts "
-                "(max_body).</p>\n";
-        return 0;
-    case 414:
-        *reason = "URI Too Long";
-        *body = "<!doctype html><title>414 URI Too Long</title><h1>414 URI Too Long</h1>\n";
-        return 0;
-    case 431:
-        *reason = "Request Header Fields Too Large";
-        *body = "<!doctype html><title>431 Request Header Fields Too Large</title>"
-                "<h1>431 Request Header Fields Too Large</h1>\n";
-        return 0;
-    case 501:
-        *reason = "Not Implemented";
-        *body = "<!doctype html><title>501 Not Implemented</title><h1>501 Not "
-                "Implemented</h1>\n";
-        return 0;
-    case 502:
-        *reason = "Bad Gateway";
-        *body = "<!doctype html><title>502 Bad Gateway</title><h1>502 Bad Gateway</h1>"
-                "<p>moat could not get an answer from the app behind this site. If it was "
-                "just started it may still be starting: try again in a few seconds.</p>\n";
-        return 0;
-    case 503:
-        *reason = "Service Unavailable";
-        *body = "<!doctype html><title>503 Service Unavailable</title><h1>503 Service "
-                "Unavailable</h1><p>moat is shutting down.</p>\n";
-        return 0;
-    case 504:
-        *reason = "Gateway Timeout";
-        *body = "<!doctype html><title>504 Gateway Timeout</title><h1>504 Gateway Timeout</h1>"
-                "<p>The app behind this site stopped answering (read_timeout).</p>\n";
-        return 0;
-    case 505:
-        *reason = "HTTP Version Not Supported";
-        *body = "<!doctype html><title>505 HTTP Version Not Supported</title>"
-                "<h1>505 HTTP Version Not Supported</h1>\n";
-        return 0;
-    default: *reason = "Error"; *body = "";
+    x->refs++;
+}
+
+static void drop(moat_exchange_t *x)
+{
+    if (--x->refs > 0)
+        return;
+    moat_buf_free(&x->head);
+    free(x);
+}
+
+/* The end of an upstream event: what it gave the front end goes out now. */
+static void leave(moat_exchange_t *x)
+{
+    if (!x->over && x->produced) {
+        x->produced = 0;
+        x->ops->flush(x->front);
     }
-    return MOAT_EINVAL;
+    drop(x);
+}
+
+static int out_head(moat_exchange_t *x, int status, const moat_header_t *h, size_t n,
+                    int64_t content_length, int has_body)
+{
+    x->produced = 1;
+    return x->ops->send_head(x->front, status, h, n, content_length, has_body);
+}
+
+static int out_data(moat_exchange_t *x, moat_slice_t data)
+{
+    x->produced = 1;
+    return x->ops->send_data(x->front, data);
+}
+
+static int out_end(moat_exchange_t *x)
+{
+    x->produced = 1;
+    return x->ops->send_end(x->front);
 }
 
 /* ---- helpers ---- */
@@ -154,7 +137,7 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     int trusted = peer_trusted(site, req->peer);
     moat_slice_t xff = {0}, xfp = {0}, xfh = {0};
     int r = 0;
-    r |= put(b, req->method);
+    r |= put(b, req->extended_connect ? MOAT_SLICE_LIT("GET") : req->method);
     r |= moat_buf_append(b, " ", 1);
     r |= put(b, req->target);
     r |= moat_buf_append(b, " HTTP/1.1\r\nHost: ", 17);
@@ -163,7 +146,8 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     for (size_t i = 0; i < req->nheaders; i++) {
         moat_slice_t n = req->headers[i].name, v = req->headers[i].value;
         if (moat_http1_is_hop_by_hop(req->h1, n) || moat_slice_ieq(n, "host") ||
-            moat_slice_ieq(n, "content-length") || moat_slice_ieq(n, "expect"))
+            moat_slice_ieq(n, "content-length") || moat_slice_ieq(n, "expect") ||
+            (req->extended_connect && moat_slice_ieq(n, "sec-websocket-key")))
             continue;
         if (moat_slice_ieq(n, "x-forwarded-for")) {
             xff = v;
@@ -210,14 +194,22 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
         r |= moat_buf_puts(b, "Transfer-Encoding: chunked\r\n");
     }
     if (req->upgrade) {
-        moat_slice_t up = {0};
-        for (size_t i = 0; i < req->nheaders; i++)
-            if (moat_slice_ieq(req->headers[i].name, "upgrade"))
-                up = req->headers[i].value;
         /* Only a request that asks for a switch carries these: uvicorn's h11 parser answers
          * 400 to "Connection: upgrade" on an ordinary request. */
         r |= moat_buf_puts(b, "Connection: upgrade\r\nUpgrade: ");
-        r |= moat_buf_put(b, up);
+        r |= moat_buf_put(b, req->upgrade_proto);
+        r |= moat_buf_puts(b, "\r\n");
+    }
+    if (req->extended_connect) {
+        /* The upstream speaks HTTP/1.1 and needs a Sec-WebSocket-Key; an RFC 8441 client
+         * sends none (§5), so moat makes one. Its Accept answer is dropped on the way back
+         * by the HTTP/2 front end. Version, Extensions and Protocol pass through. */
+        uint8_t raw[16];
+        char key[32];
+        RAND_bytes(raw, sizeof raw);
+        EVP_EncodeBlock((uint8_t *)key, raw, sizeof raw);
+        r |= moat_buf_puts(b, "Sec-WebSocket-Key: ");
+        r |= moat_buf_puts(b, key);
         r |= moat_buf_puts(b, "\r\n");
     }
     r |= moat_buf_append(b, "\r\n", 2);
@@ -298,20 +290,6 @@ static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
     return &s->upstreams[best]; /* all marked down: try anyway */
 }
 
-static void release_upstream(moat_exchange_t *x, int reusable);
-
-void moat_proxy_timeout(moat_exchange_t *x)
-{
-    if (!x->up->connected) {
-        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
-        fail(x, 502, "connect timeout");
-    } else if (x->tunnel) {
-        fail(x, 0, "websocket idle timeout");
-    } else {
-        fail(x, 504, "upstream idle timeout");
-    }
-}
-
 /* The timeout that applies now, counted from now: called on every upstream read, so it only
  * moves a deadline (see moat_upconn_set_timeout). */
 static void arm_timer(moat_exchange_t *x)
@@ -322,51 +300,6 @@ static void arm_timer(moat_exchange_t *x)
                                                      : site->read_timeout_ms);
 }
 
-/* Attach x to an upstream connection (pooled or new) and send the head. */
-static int connect_upstream(moat_exchange_t *x)
-{
-    x->tries++;
-    x->upstream = pick_upstream(x);
-    x->ustate = moat_upstream_state(x->w, x->upstream->label);
-    moat_upconn_t *u = moat_pool_take(x->w, x->upstream->label);
-    x->reused = u != NULL;
-    if (u == NULL) {
-        u = moat_upconn_new(x->w, x->upstream->label);
-        SSL *ssl = NULL;
-        if (x->upstream->tls) {
-            ssl = SSL_new(x->rt->upstream_tls);
-            if (ssl == NULL) {
-                moat_upconn_close(u);
-                return MOAT_ENOMEM;
-            }
-            SSL_set_tlsext_host_name(ssl, x->upstream->tls_name);
-            SSL_set1_host(ssl, x->upstream->tls_name);
-            SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
-        }
-        int r =
-            moat_sock_connect(&u->sock, &x->w->loop, (const struct sockaddr *)&x->upstream->addr,
-                              x->upstream->addrlen, ssl, &up_cb, u);
-        if (r != 0) {
-            u->open_handles = 1; /* only the timer is open */
-            moat_upconn_close(u);
-            return r;
-        }
-    }
-    u->x = x;
-    x->up = u;
-    x->ustate->active++;
-    arm_timer(x);
-    moat_sock_read_start(&u->sock);
-    int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
-    if (r != 0) {
-        /* A pooled connection that broke while idle: try a fresh one. */
-        release_upstream(x, 0);
-        if (x->reused && x->tries < 3)
-            return connect_upstream(x);
-    }
-    return r;
-}
-
 static void release_upstream(moat_exchange_t *x, int reusable)
 {
     moat_upconn_t *u = x->up;
@@ -374,16 +307,45 @@ static void release_upstream(moat_exchange_t *x, int reusable)
         return;
     x->up = NULL;
     x->ustate->active--;
-    u->x = NULL;
-    if (reusable && moat_sock_input(&u->sock).len == 0 && !u->sock.eof)
-        moat_pool_put(x->w, u, x->site->site->pool_idle_ms);
-    else
-        moat_upconn_close(u);
+    moat_upconn_release(u, reusable, x->site->site->pool_idle_ms);
 }
 
-/* The exchange ends: give the upstream back or close it, tell the front end, free. */
+/* Attach x to an upstream connection (pooled or new) and send the head. No callback runs
+ * inside this call. */
+static int connect_upstream(moat_exchange_t *x)
+{
+    for (;;) {
+        x->tries++;
+        x->upstream = pick_upstream(x);
+        x->ustate = moat_upstream_state(x->w, x->upstream->label);
+        moat_upconn_t *u = moat_upconn_take(x->w, x->upstream, &up_cb, x);
+        x->reused = u != NULL;
+        if (u == NULL) {
+            int r = moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u);
+            if (r != 0)
+                return r;
+        }
+        x->up = u;
+        x->ustate->active++;
+        arm_timer(x);
+        moat_sock_read_start(&u->sock); /* a pooled one reads already: no event from here */
+        int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
+        if (r == 0)
+            return 0;
+        /* A pooled connection that broke while idle: try a fresh one. */
+        int reused = x->reused;
+        release_upstream(x, 0);
+        if (!reused || x->tries >= 3)
+            return r;
+    }
+}
+
+/* The exchange ends: give the upstream back or close it, tell the front end. */
 static void complete(moat_exchange_t *x, int err)
 {
+    if (x->over)
+        return;
+    x->over = 1;
     int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
     release_upstream(x, reusable);
     moat_exchange_result_t res = {
@@ -391,26 +353,19 @@ static void complete(moat_exchange_t *x, int err)
         .upstream = x->upstream ? x->upstream->label : "",
         .upstream_ms = x->t_first_byte ? x->t_first_byte - x->t_start : 0,
     };
-    char label[128];
-    snprintf(label, sizeof label, "%s", res.upstream);
-    res.upstream = label;
-    const moat_front_ops_t *ops = x->ops;
-    void *front = x->front;
-    moat_buf_free(&x->head);
-    free(x);
-    ops->done(front, err, &res);
+    x->ops->done(x->front, err, &res);
+    drop(x); /* the life reference; an event still running holds its own */
 }
 
 static void send_page(moat_exchange_t *x, int status)
 {
-    const char *reason, *body;
-    moat_proxy_error_page(status, &reason, &body);
+    const char *body = moat_http_error_page(status);
     size_t len = strlen(body);
     x->status = status;
-    if (x->ops->send_head(x->front, status, moat_proxy_page_headers, MOAT_PROXY_PAGE_NHEADERS,
-                          (int64_t)len, !x->head_req) == 0 &&
-        (x->head_req || x->ops->send_data(x->front, moat_slice(body, len)) == 0))
-        x->ops->send_end(x->front);
+    if (out_head(x, status, moat_http_page_headers, MOAT_HTTP_PAGE_NHEADERS, (int64_t)len,
+                 !x->head_req) == 0 &&
+        (x->head_req || out_data(x, moat_slice(body, len)) == 0))
+        out_end(x);
 }
 
 static void fail(moat_exchange_t *x, int status, const char *why)
@@ -429,109 +384,102 @@ static void fail(moat_exchange_t *x, int status, const char *why)
     complete(x, MOAT_EUPSTREAM);
 }
 
-/* ---- upstream socket callbacks ---- */
+/* ---- upstream events (each runs under a reference: see hold/leave) ---- */
 
-static void up_on_connect(moat_sock_t *s, int err)
+static void up_on_timeout(void *owner)
 {
-    moat_upconn_t *u = s->data;
-    moat_exchange_t *x = u->x;
-    if (x == NULL) {
-        moat_upconn_close(u);
-        return;
+    moat_exchange_t *x = owner;
+    hold(x);
+    if (!x->up->connected) {
+        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
+        fail(x, 502, "connect timeout");
+    } else if (x->tunnel) {
+        fail(x, 0, "websocket idle timeout");
+    } else {
+        fail(x, 504, "upstream idle timeout");
     }
+    leave(x);
+}
+
+static void up_on_connect(void *owner, int err)
+{
+    moat_exchange_t *x = owner;
+    hold(x);
     if (err != 0) {
         x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
         MOAT_WARN("upstream %s refused the connection (%s): marked down for %d s",
                   x->upstream->label, moat_strerror(err), UPSTREAM_DOWN_MS / 1000);
         /* Nothing reached the app yet: another upstream may take a body-less request. */
+        release_upstream(x, 0);
         if (x->req_body == MOAT_REQ_BODY_NONE && x->tries < (int)x->site->nupstreams &&
-            x->site->nupstreams > 1) {
-            release_upstream(x, 0);
-            if (connect_upstream(x) == 0)
-                return;
+            x->site->nupstreams > 1 && connect_upstream(x) == 0) {
+            leave(x);
+            return;
         }
         fail(x, 502, "connect failed");
-        return;
+    } else {
+        arm_timer(x);
     }
-    u->connected = 1;
-    arm_timer(x);
+    leave(x);
 }
 
-static void up_on_read(moat_sock_t *s)
+static void up_on_read(void *owner)
 {
-    moat_upconn_t *u = s->data;
-    if (u->x == NULL) {
-        /* An idle pooled connection must not speak: drop it. */
-        moat_upconn_close(u);
-        return;
-    }
-    handle_response(u->x);
+    moat_exchange_t *x = owner;
+    hold(x);
+    handle_response(x);
+    leave(x);
 }
 
-static void up_on_eof(moat_sock_t *s, int err)
+static void up_on_eof(void *owner, int err)
 {
-    moat_upconn_t *u = s->data;
-    moat_exchange_t *x = u->x;
-    if (x == NULL) {
-        moat_upconn_close(u);
-        return;
-    }
+    moat_exchange_t *x = owner;
+    hold(x);
     if (x->tunnel) {
         if (err != 0) {
             complete(x, err);
-            return;
+        } else {
+            x->tunnel_up_eof = 1;
+            out_end(x);
+            if (x->tunnel_client_eof)
+                complete(x, 0);
         }
-        x->tunnel_up_eof = 1;
-        x->ops->send_end(x->front);
-        if (x->tunnel_client_eof)
+    } else if (x->resp_head_done && x->resp.kind == MOAT_BODY_UNTIL_CLOSE && err == 0) {
+        handle_response(x); /* anything still buffered */
+        if (!x->over) {
+            x->resp_done = 1;
+            out_end(x);
             complete(x, 0);
-        return;
-    }
-    if (x->resp_head_done && x->resp_body == MOAT_BODY_UNTIL_CLOSE && err == 0) {
-        if (handle_response(x)) /* anything still buffered */
-            return;
-        x->resp_done = 1;
-        x->ops->send_end(x->front);
-        complete(x, 0);
-        return;
-    }
-    if (!x->resp_started && x->reused && x->idempotent && x->req_body == MOAT_REQ_BODY_NONE &&
-        x->tries < 3) {
+        }
+    } else if (!x->resp_started && x->reused && x->idempotent &&
+               x->req_body == MOAT_REQ_BODY_NONE && x->tries < 3) {
         /* A pooled connection the app had already closed: retry once on a fresh one. */
         release_upstream(x, 0);
         MOAT_DEBUG("upstream %s closed a pooled connection; retrying", x->upstream->label);
-        if (connect_upstream(x) == 0)
-            return;
+        if (connect_upstream(x) != 0)
+            fail(x, 502, "cannot connect");
+    } else {
+        fail(x, 502, err ? "connection reset" : "connection closed before the response");
     }
-    fail(x, 502, err ? "connection reset" : "connection closed before the response");
+    leave(x);
 }
 
-static void up_on_drain(moat_sock_t *s)
+static void up_on_drain(void *owner)
 {
-    moat_upconn_t *u = s->data;
-    moat_exchange_t *x = u->x;
-    if (x != NULL && x->client_paused) {
+    moat_exchange_t *x = owner;
+    if (x->client_paused) {
         x->client_paused = 0;
         x->ops->pause_body(x->front, 0);
     }
 }
 
-static void up_on_close(moat_sock_t *s);
-
-static const moat_sock_cb_t up_cb = {
+static const moat_upconn_cb_t up_cb = {
+    .on_connect = up_on_connect,
     .on_read = up_on_read,
     .on_eof = up_on_eof,
     .on_drain = up_on_drain,
-    .on_connect = up_on_connect,
-    .on_close = up_on_close,
+    .on_timeout = up_on_timeout,
 };
-
-static void up_on_close(moat_sock_t *s)
-{
-    moat_upconn_t *u = s->data;
-    if (--u->open_handles == 0)
-        free(u);
-}
 
 /* ---- response relay ---- */
 
@@ -566,6 +514,9 @@ static size_t filter_response_headers(moat_exchange_t *x, const moat_http1_msg_t
     return n;
 }
 
+/* Parse and relay the response head at the start of `in`. Returns 1 when a head was
+ * handled (an interim one dropped, or the final one sent), 0 when more bytes are needed, or
+ * a negative code. */
 static int relay_head(moat_exchange_t *x, moat_slice_t in)
 {
     moat_header_t hdrs[MAX_RESPONSE_HEADERS], out[MAX_RESPONSE_HEADERS];
@@ -603,41 +554,46 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
     }
     int has_body = m.body != MOAT_BODY_NONE && m.status != 101;
     x->resp_head_done = 1;
-    x->resp_body = m.body;
-    x->resp_left = m.content_length;
-    moat_http1_chunked_init(&x->dec);
-    int e =
-        x->ops->send_head(x->front, m.status, out, n, has_body || x->head_req ? cl : -1, has_body);
+    /* "Content-Length: 0" (FastAPI's 307 redirects) is complete with the head: waiting for
+     * body bytes would hold the response until the app closed its keep-alive. */
+    moat_http1_body_init(&x->resp, m.status == 101 ? MOAT_BODY_UNTIL_CLOSE : m.body,
+                         m.content_length);
+    int e = out_head(x, m.status, out, n, has_body || x->head_req ? cl : -1, has_body);
+    if (x->over)
+        return MOAT_ECLOSED;
     moat_sock_consume(&x->up->sock, (size_t)r);
     if (e != 0)
         return e;
     if (m.status == 101) {
         x->tunnel = 1;
         x->ops->upgraded(x->front);
-        arm_timer(x);
+        if (!x->over)
+            arm_timer(x);
         return 1;
     }
-    /* "Content-Length: 0" (FastAPI's 307 redirects) is complete with the head: waiting for
-     * body bytes would hold the response until the app closed its keep-alive. */
     if (!has_body || (m.body == MOAT_BODY_LENGTH && m.content_length == 0))
         x->resp_done = 1;
     return 1;
 }
 
-static int handle_response(moat_exchange_t *x)
+/* Relay what the upstream sent: the head, then body bytes by their framing until the front
+ * end's queue is full. */
+static void handle_response(moat_exchange_t *x)
 {
     moat_sock_t *s = &x->up->sock;
     arm_timer(x);
     while (!x->resp_head_done) {
         moat_slice_t in = moat_sock_input(s);
         if (in.len == 0)
-            return 0;
+            return;
         int r = relay_head(x, in);
+        if (x->over)
+            return;
         if (r == 0)
-            return 0;
+            return;
         if (r < 0) {
             fail(x, 502, "malformed response");
-            return 1;
+            return;
         }
     }
     int e = 0;
@@ -645,30 +601,20 @@ static int handle_response(moat_exchange_t *x)
         moat_slice_t in = moat_sock_input(s);
         if (in.len == 0)
             break;
-        if (x->tunnel || x->resp_body == MOAT_BODY_UNTIL_CLOSE) {
-            e = x->ops->send_data(x->front, in);
-            moat_sock_consume(s, in.len);
-        } else if (x->resp_body == MOAT_BODY_LENGTH) {
-            size_t take = (size_t)MOAT_MIN((uint64_t)in.len, x->resp_left);
-            e = x->ops->send_data(x->front, moat_slice(in.base, take));
-            moat_sock_consume(s, take);
-            x->resp_left -= take;
-            if (x->resp_left == 0)
-                x->resp_done = 1;
-        } else {
-            size_t used = 0;
-            moat_slice_t data = {0};
-            int r = moat_http1_chunked_decode(&x->dec, in.base, in.len, &used, &data);
-            if (r < 0) {
-                fail(x, 502, "malformed chunked body");
-                return 1;
-            }
-            if (data.len)
-                e = x->ops->send_data(x->front, data);
-            moat_sock_consume(s, used);
-            if (r == 1)
-                x->resp_done = 1;
+        size_t used = 0;
+        moat_slice_t data = {0};
+        int r = moat_http1_body_read(&x->resp, in.base, in.len, &used, &data);
+        if (r < 0) {
+            fail(x, 502, "malformed chunked body");
+            return;
         }
+        if (data.len)
+            e = out_data(x, data);
+        if (x->over)
+            return;
+        moat_sock_consume(s, used);
+        if (r == 1)
+            x->resp_done = 1;
         if (x->ops->queued(x->front) > MOAT_PROXY_HIGH_WATER) {
             /* The client is slower than the app: stop reading the app until it drains. */
             x->up_paused = 1;
@@ -678,28 +624,23 @@ static int handle_response(moat_exchange_t *x)
     }
     if (e != 0) {
         complete(x, e);
-        return 1;
-    }
-    if (x->resp_done) {
-        x->ops->send_end(x->front);
+    } else if (x->resp_done) {
+        out_end(x);
         complete(x, 0);
-        return 1;
     }
-    if (x->ops->flush)
-        x->ops->flush(x->front);
-    return 0;
 }
 
 /* ---- the front end's calls ---- */
 
-moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
-                                  const moat_site_rt_t *site, const moat_request_t *req,
-                                  const moat_front_ops_t *ops, void *front)
+int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site_rt_t *site,
+                     const moat_request_t *req, const moat_front_ops_t *ops, void *front,
+                     moat_exchange_t **out)
 {
     moat_exchange_t *x = calloc(1, sizeof *x);
     if (x == NULL)
-        return NULL;
+        return MOAT_ENOMEM;
     x->w = w;
+    x->refs = 1;
     x->rt = rt;
     x->site = site;
     x->ops = ops;
@@ -725,13 +666,17 @@ moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
     }
     x->hsts = hsts && req->tls;
     x->sticky = sticky_index(site, req);
-    if (build_head(x, req) != 0 || connect_upstream(x) != 0) {
-        /* Nothing reached the app: answer 502 at once (the front end handles a done()
-         * that comes from inside this call). */
-        fail(x, 502, "cannot connect");
-        return NULL;
+    int r = build_head(x, req);
+    if (r == 0)
+        r = connect_upstream(x);
+    if (r != 0) {
+        MOAT_DEBUG("upstream %s: cannot connect (%s)", x->upstream ? x->upstream->label : "-",
+                   moat_strerror(r));
+        drop(x);
+        return r;
     }
-    return x;
+    *out = x;
+    return 0;
 }
 
 int moat_proxy_body(moat_exchange_t *x, moat_slice_t data)
@@ -739,7 +684,6 @@ int moat_proxy_body(moat_exchange_t *x, moat_slice_t data)
     if (x->up == NULL || data.len == 0)
         return 0;
     int r;
-    x->req_body_started = 1;
     if (x->req_body == MOAT_REQ_BODY_STREAM) {
         char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
         moat_slice_t v[3] = {moat_slice(prefix, moat_http1_chunk_prefix(prefix, data.len)), data,
@@ -767,19 +711,23 @@ int moat_proxy_body_end(moat_exchange_t *x)
 
 void moat_proxy_front_drained(moat_exchange_t *x)
 {
-    if (x->up_paused && x->up != NULL) {
-        x->up_paused = 0;
-        moat_sock_read_start(&x->up->sock);
-        if (x->up != NULL && moat_sock_input(&x->up->sock).len > 0)
-            handle_response(x);
-    }
+    if (!x->up_paused || x->up == NULL)
+        return;
+    x->up_paused = 0;
+    hold(x);
+    moat_sock_read_start(&x->up->sock);
+    if (!x->over && x->up != NULL && moat_sock_input(&x->up->sock).len > 0)
+        handle_response(x);
+    leave(x);
 }
 
 void moat_proxy_abort(moat_exchange_t *x)
 {
+    if (x->over)
+        return;
+    x->over = 1;
     release_upstream(x, 0);
-    moat_buf_free(&x->head);
-    free(x);
+    drop(x);
 }
 
 int moat_proxy_tunnel_write(moat_exchange_t *x, moat_slice_t data)

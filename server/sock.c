@@ -196,16 +196,18 @@ int moat_sock_init(moat_sock_t *s, uv_loop_t *loop, int fd, SSL *ssl, const moat
     s->ssl = ssl;
     s->cb = cb;
     s->data = data;
-    if (uv_poll_init_socket(loop, &s->poll, fd) != 0) {
+    /* Everything that can fail comes before the poll handle exists: a failure then leaves
+     * nothing for the loop to walk (the caller just frees its memory). */
+    if ((ssl && attach_bios(s) != 0) || uv_poll_init_socket(loop, &s->poll, fd) != 0) {
         close(fd);
         if (ssl)
             SSL_free(ssl);
-        return MOAT_EIO;
+        s->fd = -1;
+        s->ssl = NULL;
+        return ssl ? MOAT_ENOMEM : MOAT_EIO;
     }
     set_nodelay(fd);
     if (ssl) {
-        if (attach_bios(s) != 0)
-            return MOAT_ENOMEM; /* the caller closes: the poll handle is initialised */
         SSL_set_accept_state(ssl);
         s->handshaking = 1;
         update_poll(s);

@@ -1,6 +1,8 @@
-/* The per-worker pool of idle upstream connections, and per-upstream health state. */
-#include "moat/log.h"
+/* Upstream connections and the per-worker pool (server/upstream.h). */
+#include "upstream.h"
 #include "worker.h"
+
+#include "moat/log.h"
 
 #include <stdlib.h>
 #include <time.h>
@@ -12,28 +14,22 @@ uint64_t moat_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-static void handle_closed(uv_handle_t *h)
+static void upconn_drop(moat_upconn_t *u)
 {
-    moat_upconn_t *u = h->data;
-    if (--u->open_handles == 0)
+    if (--u->refs == 0)
         free(u);
 }
 
-moat_upconn_t *moat_upconn_new(moat_worker_t *w, const char *key)
+static void timer_closed(uv_handle_t *h)
 {
-    moat_upconn_t *u = moat_xcalloc(1, sizeof *u);
-    u->w = w;
-    snprintf(u->key, sizeof u->key, "%s", key);
-    uv_timer_init(&w->loop, &u->timer);
-    u->timer.data = u;
-    u->open_handles = 2; /* the timer and the socket's poll handle */
-    return u;
+    upconn_drop(h->data);
 }
 
-static void pool_unlink(moat_worker_t *w, moat_upconn_t *u)
+static void pool_unlink(moat_upconn_t *u)
 {
     if (!u->in_pool)
         return;
+    moat_worker_t *w = u->w;
     if (u->prev)
         u->prev->next = u->next;
     else
@@ -44,46 +40,85 @@ static void pool_unlink(moat_worker_t *w, moat_upconn_t *u)
     u->in_pool = 0;
 }
 
-void moat_upconn_close(moat_upconn_t *u)
+static void upconn_close(moat_upconn_t *u)
 {
     if (u->closing)
         return;
     u->closing = 1;
-    pool_unlink(u->w, u);
-    int sock_open = u->open_handles == 2;
-    uv_close((uv_handle_t *)&u->timer, handle_closed);
-    if (sock_open)
-        moat_sock_close(&u->sock);
+    u->owner = NULL;
+    pool_unlink(u);
+    uv_close((uv_handle_t *)&u->timer, timer_closed);
+    moat_sock_close(&u->sock);
 }
 
-moat_upconn_t *moat_pool_take(moat_worker_t *w, const char *key)
+/* ---- socket events: to the owner, or handled here while idle ---- */
+
+static void on_connect(moat_sock_t *s, int err)
 {
-    for (moat_upconn_t *u = w->pool; u != NULL; u = u->next) {
-        if (strcmp(u->key, key) == 0 && !u->sock.eof) {
-            pool_unlink(w, u);
-            return u; /* its timer runs on; the new deadline is set by the exchange */
-        }
-    }
-    return NULL;
+    moat_upconn_t *u = s->data;
+    if (err == 0)
+        u->connected = 1;
+    if (u->owner == NULL)
+        upconn_close(u);
+    else
+        u->cb->on_connect(u->owner, err);
 }
+
+static void on_read(moat_sock_t *s)
+{
+    moat_upconn_t *u = s->data;
+    if (u->owner == NULL)
+        upconn_close(u); /* an idle pooled connection must not speak: drop it */
+    else
+        u->cb->on_read(u->owner);
+}
+
+static void on_eof(moat_sock_t *s, int err)
+{
+    moat_upconn_t *u = s->data;
+    if (u->owner == NULL)
+        upconn_close(u); /* the app closed an idle keep-alive connection */
+    else
+        u->cb->on_eof(u->owner, err);
+}
+
+static void on_drain(moat_sock_t *s)
+{
+    moat_upconn_t *u = s->data;
+    if (u->owner != NULL)
+        u->cb->on_drain(u->owner);
+}
+
+static void on_sock_close(moat_sock_t *s)
+{
+    upconn_drop(s->data);
+}
+
+static const moat_sock_cb_t sock_cb = {
+    .on_read = on_read,
+    .on_eof = on_eof,
+    .on_drain = on_drain,
+    .on_connect = on_connect,
+    .on_close = on_sock_close,
+};
 
 /* One timer per upstream connection serves every timeout it has (connect, idle read,
  * websocket idle, pool expiry). Moving a timeout only moves u->deadline: the timer fires at
  * the earlier time it was set for and re-arms itself for what is left. So a busy connection
  * costs no timer work per read or per request. */
-static void upconn_timer_fired(uv_timer_t *t)
+static void timer_fired(uv_timer_t *t)
 {
     moat_upconn_t *u = t->data;
     uint64_t now = uv_now(t->loop);
     if (now < u->deadline) {
         if (u->deadline != UINT64_MAX)
-            uv_timer_start(t, upconn_timer_fired, u->deadline - now, 0);
+            uv_timer_start(t, timer_fired, u->deadline - now, 0);
         return;
     }
-    if (u->x == NULL)
-        moat_upconn_close(u); /* idle in the pool for pool_idle */
+    if (u->owner == NULL)
+        upconn_close(u); /* idle in the pool for pool_idle */
     else
-        moat_proxy_timeout(u->x);
+        u->cb->on_timeout(u->owner);
 }
 
 void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms)
@@ -95,13 +130,64 @@ void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms)
     }
     u->deadline = uv_now(t->loop) + ms;
     if (!uv_is_active((uv_handle_t *)t) || uv_timer_get_due_in(t) > ms)
-        uv_timer_start(t, upconn_timer_fired, ms, 0);
+        uv_timer_start(t, timer_fired, ms, 0);
 }
 
-void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms)
+/* ---- the owner's calls ---- */
+
+moat_upconn_t *moat_upconn_take(moat_worker_t *w, const moat_upstream_t *up,
+                                const moat_upconn_cb_t *cb, void *owner)
 {
-    if (w->draining || idle_ms == 0) {
-        moat_upconn_close(u);
+    for (moat_upconn_t *u = w->pool; u != NULL; u = u->next) {
+        if (strcmp(u->key, up->label) == 0 && !u->sock.eof) {
+            pool_unlink(u);
+            u->cb = cb;
+            u->owner = owner;
+            return u; /* its timer runs on; the owner sets the next deadline */
+        }
+    }
+    return NULL;
+}
+
+int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_ctx,
+                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out)
+{
+    SSL *ssl = NULL;
+    if (up->tls) {
+        ssl = tls_ctx ? SSL_new(tls_ctx) : NULL;
+        if (ssl == NULL)
+            return MOAT_ENOMEM;
+        SSL_set_tlsext_host_name(ssl, up->tls_name);
+        SSL_set1_host(ssl, up->tls_name);
+        SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
+    }
+    moat_upconn_t *u = moat_xcalloc(1, sizeof *u);
+    /* moat_sock_connect frees ssl and leaves nothing open when it fails. */
+    int r = moat_sock_connect(&u->sock, &w->loop, (const struct sockaddr *)&up->addr, up->addrlen,
+                              ssl, &sock_cb, u);
+    if (r != 0) {
+        free(u);
+        return r;
+    }
+    u->w = w;
+    u->cb = cb;
+    u->owner = owner;
+    snprintf(u->key, sizeof u->key, "%s", up->label);
+    uv_timer_init(&w->loop, &u->timer);
+    u->timer.data = u;
+    u->deadline = UINT64_MAX;
+    u->refs = 2; /* the timer and the socket's poll handle */
+    *out = u;
+    return 0;
+}
+
+void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms)
+{
+    moat_worker_t *w = u->w;
+    u->owner = NULL;
+    if (!reusable || idle_ms == 0 || w->draining || moat_sock_input(&u->sock).len > 0 ||
+        u->sock.eof) {
+        upconn_close(u);
         return;
     }
     u->next = w->pool;
@@ -110,7 +196,6 @@ void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms)
         w->pool->prev = u;
     w->pool = u;
     u->in_pool = 1;
-    u->idle_since = moat_now_ms();
     moat_upconn_set_timeout(u, idle_ms);
     moat_sock_read_start(&u->sock); /* to notice the app closing it */
 }
@@ -118,7 +203,7 @@ void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms)
 void moat_pool_close_all(moat_worker_t *w)
 {
     while (w->pool != NULL)
-        moat_upconn_close(w->pool);
+        upconn_close(w->pool);
 }
 
 moat_upstream_state_t *moat_upstream_state(moat_worker_t *w, const char *label)
@@ -131,4 +216,13 @@ moat_upstream_state_t *moat_upstream_state(moat_worker_t *w, const char *label)
     st->next = w->ups;
     w->ups = st;
     return st;
+}
+
+void moat_upstream_states_free(moat_worker_t *w)
+{
+    for (moat_upstream_state_t *st = w->ups, *next; st != NULL; st = next) {
+        next = st->next;
+        free(st);
+    }
+    w->ups = NULL;
 }

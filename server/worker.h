@@ -5,35 +5,13 @@
 
 #include "moat/common.h"
 #include "moat/proxy.h"
+#include "moat/runtime.h"
 #include "server.h"
+#include "upstream.h"
 #include "moat/sock.h"
 #include <uv.h>
 
-typedef struct moat_upconn moat_upconn_t;
 typedef struct moat_conn moat_conn_t;
-
-/* An upstream connection: owned by an exchange while in use, by the pool while idle. */
-struct moat_upconn {
-    moat_sock_t sock;
-    uv_timer_t timer; /* connect and idle-read timeouts; pool expiry while idle */
-    int open_handles;
-    moat_worker_t *w;
-    moat_exchange_t *x; /* NULL while idle */
-    char key[128];      /* the upstream's label */
-    uint64_t idle_since;
-    uint64_t deadline; /* loop time the current timeout expires (the timer may fire early) */
-    moat_upconn_t *next, *prev; /* pool list */
-    unsigned connected : 1;
-    unsigned in_pool : 1;
-    unsigned closing : 1;
-};
-
-typedef struct moat_upstream_state {
-    struct moat_upstream_state *next; /* nodes never move: exchanges keep pointers */
-    char label[128];
-    uint64_t down_until_ms; /* passive health: skip until then */
-    unsigned active;        /* requests in flight, for least_conn */
-} moat_upstream_state_t;
 
 struct moat_worker {
     uv_loop_t loop;
@@ -61,16 +39,17 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
 void moat_conn_drain_all(moat_worker_t *w);
 void moat_conn_close_all(moat_worker_t *w);
 
-/* The upstream pool (server/upstream.c). */
-moat_upconn_t *moat_pool_take(moat_worker_t *w, const char *key);
-void moat_pool_put(moat_worker_t *w, moat_upconn_t *u, uint64_t idle_ms);
-void moat_pool_close_all(moat_worker_t *w);
-moat_upstream_state_t *moat_upstream_state(moat_worker_t *w, const char *label);
-moat_upconn_t *moat_upconn_new(moat_worker_t *w, const char *key);
-/* The connection's current timeout from now (0: none). When it passes, an idle pooled
- * connection is closed and an exchange gets moat_proxy_timeout. */
-void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms);
-void moat_upconn_close(moat_upconn_t *u);
+/* The worker's current runtime, with a reference for one request. */
+static inline moat_runtime_t *moat_worker_runtime_acquire(moat_worker_t *w)
+{
+    (void)w;
+    return moat_runtime_acquire();
+}
+static inline void moat_worker_runtime_release(moat_worker_t *w, moat_runtime_t *rt)
+{
+    (void)w;
+    moat_runtime_release(rt);
+}
 
 uint64_t moat_now_ms(void);
 

@@ -19,7 +19,7 @@
 #define MOAT_H2_H
 
 #include "moat/common.h"
-#include "moat/http1.h" /* moat_header_t */
+#include "moat/http.h" /* moat_header_t */
 
 #include <stdint.h>
 #include <sys/types.h>

@@ -15,16 +15,13 @@
 #include <stdint.h>
 
 #include "moat/common.h"
+#include "moat/http.h" /* moat_header_t */
 
 #define MOAT_HTTP1_MAX_HEAD       (128 * 1024) /* head larger than this -> 431 */
 #define MOAT_HTTP1_MAX_TARGET     (16 * 1024)  /* request line longer than this -> 414 */
 #define MOAT_HTTP1_MAX_HEADERS    256          /* more header fields -> 431 */
 #define MOAT_HTTP1_MAX_TRAILER    (16 * 1024)  /* chunked trailer section limit */
 #define MOAT_HTTP1_MAX_CHUNK_LINE 4096         /* chunk-size line incl. extensions */
-
-typedef struct {
-    moat_slice_t name, value; /* value has surrounding whitespace removed */
-} moat_header_t;
 
 typedef enum {
     MOAT_BODY_NONE,       /* no body follows the head */
@@ -98,6 +95,31 @@ static inline void moat_http1_chunked_init(moat_http1_chunked_t *st)
  * fields are validated and dropped. */
 int moat_http1_chunked_decode(moat_http1_chunked_t *st, const char *in, size_t len,
                               size_t *consumed, moat_slice_t *data);
+
+/* A message body read by its framing, the same way for a request body (the HTTP/1.1 front
+ * end), a proxied response (server/proxy.c) and the control plane's client
+ * (server/httpclient.c). */
+typedef struct {
+    moat_body_kind_t kind;
+    uint64_t left; /* MOAT_BODY_LENGTH: bytes still to come */
+    moat_http1_chunked_t chunked;
+} moat_http1_body_t;
+
+static inline void moat_http1_body_init(moat_http1_body_t *b, moat_body_kind_t kind,
+                                        uint64_t content_length)
+{
+    memset(b, 0, sizeof *b);
+    b->kind = kind;
+    b->left = kind == MOAT_BODY_LENGTH ? content_length : 0;
+}
+
+/* Read from in[0..len): *data gets the body bytes found (pointing into `in`, possibly empty)
+ * and *consumed the bytes used, framing included; call again with the rest. Returns 1 once
+ * the body is complete (nothing after *consumed belongs to it; a NONE or zero-length body is
+ * complete at once), 0 while more is to come (an UNTIL_CLOSE body ends only at EOF), or
+ * MOAT_EPARSE on bad chunked framing. */
+int moat_http1_body_read(moat_http1_body_t *b, const char *in, size_t len, size_t *consumed,
+                         moat_slice_t *data);
 
 /* Write the chunk header for n data bytes ("<hex>\r\n") into out; returns its length. The
  * data then needs "\r\n" after it; the body ends with "0\r\n\r\n". */

@@ -1,12 +1,14 @@
-/* The reverse proxy, written once for every front end. A front end (an HTTP/1.1 connection
- * today, an HTTP/2 stream later) parses a request, hands the proxy its head and then its
- * body bit by bit; the proxy talks HTTP/1.1 to an upstream from the worker's pool and hands
- * the response back through the front end's ops. Neither side buffers a whole body: each
- * pauses the other when its output queue passes MOAT_PROXY_HIGH_WATER. */
+/* The reverse proxy, written once for every front end. A front end (an HTTP/1.1 connection or
+ * an HTTP/2 stream, through the core in server/front.c) hands the proxy a request head and
+ * then its body bit by bit; the proxy talks HTTP/1.1 to an upstream from the worker's pool
+ * and hands the response back through the front end's ops. Neither side buffers a whole
+ * body: each pauses the other when its output queue passes MOAT_PROXY_HIGH_WATER. A
+ * websocket (HTTP/1.1 Upgrade or RFC 8441 CONNECT) is the same exchange after the switch. */
 #ifndef MOAT_PROXY_H
 #define MOAT_PROXY_H
 
 #include "moat/common.h"
+#include "moat/http.h"
 #include "moat/http1.h"
 #include "moat/runtime.h"
 #include <sys/socket.h>
@@ -31,8 +33,14 @@ typedef struct {
     const moat_http1_msg_t *h1; /* for Connection-listed names; NULL from HTTP/2 */
     moat_req_body_t body;
     uint64_t content_length;
-    int upgrade; /* the client asks for a protocol switch (websocket) */
-    int tls;     /* arrived over TLS: X-Forwarded-Proto https */
+    /* The client asks for a protocol switch: upgrade_proto names it (HTTP/1.1 Upgrade, or the
+     * :protocol of an RFC 8441 CONNECT). extended_connect: the client speaks HTTP/2 and sent
+     * no Sec-WebSocket-Key, so the proxy asks the upstream for an HTTP/1.1 Upgrade of its
+     * own (RFC 8441 §5). */
+    int upgrade;
+    int extended_connect;
+    moat_slice_t upgrade_proto;
+    int tls; /* arrived over TLS: X-Forwarded-Proto https */
     const struct sockaddr *peer;
 } moat_request_t;
 
@@ -42,7 +50,10 @@ typedef struct {
     uint64_t upstream_ms;
 } moat_exchange_result_t;
 
-/* What the proxy needs from a front end. `front` is the front end's own pointer. */
+/* What the proxy (and the front-end core) need from a front end. `front` is the front end's
+ * own pointer. The ops may be called from any upstream event; a front end that gathers
+ * output sends it in flush, which the proxy calls at the end of every upstream event that
+ * produced some (done implies it). */
 typedef struct {
     /* The response head. headers are end-to-end fields only (slices valid during the call);
      * content_length is -1 when unknown or when none must be sent (204, 304, 101), and for a
@@ -51,6 +62,8 @@ typedef struct {
                      int64_t content_length, int has_body);
     int (*send_data)(void *front, moat_slice_t data);
     int (*send_end)(void *front);
+    /* Optional: an interim 100 (Continue) before the request body is read. */
+    void (*send_continue)(void *front);
     /* Bytes the front end still has to deliver to the client. */
     size_t (*queued)(void *front);
     /* Stop (1) or resume (0) reading the request body: the upstream is not taking it. */
@@ -58,19 +71,23 @@ typedef struct {
     /* After a 101: the exchange is now a byte tunnel; the front end relays raw bytes with
      * moat_proxy_tunnel_write and gets them through send_data. */
     void (*upgraded)(void *front);
-    /* Optional: the upstream event is over; what was given so far must go out now (a front
-     * end may hold a head back to send it together with the first body bytes). */
+    /* What was given so far must go out now. */
     void (*flush)(void *front);
+    /* Bytes this request and its response took on the wire so far (access log). */
+    void (*counts)(void *front, uint64_t *bytes_in, uint64_t *bytes_out);
     /* The exchange is over: err 0 when the response was delivered whole, negative when it
-     * was cut (the front end must end the connection or stream abruptly). The exchange is
-     * freed right after; the front end must drop its pointer. */
+     * was cut (the front end must end the connection or stream abruptly). Never called from
+     * inside moat_proxy_start. The front end must drop its exchange pointer. */
     void (*done)(void *front, int err, const moat_exchange_result_t *res);
 } moat_front_ops_t;
 
-/* Begin proxying req for site. rt must stay acquired by the front end until done. */
-moat_exchange_t *moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt,
-                                  const moat_site_rt_t *site, const moat_request_t *req,
-                                  const moat_front_ops_t *ops, void *front);
+/* Begin proxying req for site. Returns 0 with *out set: the exchange runs and its end comes
+ * through ops->done, never from inside this call. Or a negative code when nothing was started
+ * (no callback follows; nothing reached the app, so the caller answers 502). rt must stay
+ * held by the front end until done. */
+int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site_rt_t *site,
+                     const moat_request_t *req, const moat_front_ops_t *ops, void *front,
+                     moat_exchange_t **out);
 /* Request body bytes, and its end. Return 0 or a negative code. */
 int moat_proxy_body(moat_exchange_t *x, moat_slice_t data);
 int moat_proxy_body_end(moat_exchange_t *x);
@@ -81,14 +98,5 @@ void moat_proxy_abort(moat_exchange_t *x);
 /* Tunnel mode: client bytes to the upstream, and the client's end of stream. */
 int moat_proxy_tunnel_write(moat_exchange_t *x, moat_slice_t data);
 void moat_proxy_tunnel_client_eof(moat_exchange_t *x);
-
-/* The upstream connection's timeout passed (server/upstream.c calls this). */
-void moat_proxy_timeout(moat_exchange_t *x);
-
-/* Response pages the front ends send themselves (redirects and errors before a proxy). */
-int moat_proxy_error_page(int status, const char **reason, const char **body);
-/* The header fields every such page is sent with (an HTML body that must not be cached). */
-#define MOAT_PROXY_PAGE_NHEADERS 2
-extern const moat_header_t moat_proxy_page_headers[MOAT_PROXY_PAGE_NHEADERS];
 
 #endif

@@ -53,7 +53,8 @@ struct moat_sock {
 };
 
 /* Adopt a connected fd (accepted). ssl may be NULL; when set, the server handshake runs
- * first and on_connect reports its end. Returns 0 or a negative code (fd is then closed). */
+ * first and on_connect reports its end. Returns 0, or a negative code with nothing left
+ * behind: fd closed, ssl freed, no handle on the loop (the caller only frees its memory). */
 int moat_sock_init(moat_sock_t *s, uv_loop_t *loop, int fd, SSL *ssl, const moat_sock_cb_t *cb,
                    void *data);
 /* Start a non-blocking connect to addr; on_connect reports the result (after the TLS client
