@@ -44,8 +44,8 @@ struct req {
     size_t head_len;
     moat_http1_msg_t msg;
     moat_header_t headers[MOAT_HTTPC_MAX_HEADERS];
-    moat_http1_chunked_t chunked;
-    size_t chunk_pos; /* how far the chunked decoder got in `in` */
+    moat_http1_body_t reader;
+    size_t body_pos; /* how far the body reader got in `in` */
     moat_buf_t body;
 };
 
@@ -172,7 +172,8 @@ static void complete(req_t *r)
         free(copies[i]);
 }
 
-/* Look at what arrived: the head first, then the body by its framing. */
+/* Look at what arrived: the head first, then the body by its framing (the same reader the
+ * proxy uses). */
 static void progress(req_t *r, int eof)
 {
     const char *base = moat_buf_data(&r->in);
@@ -189,71 +190,37 @@ static void progress(req_t *r, int eof)
             finish(r, MOAT_EPARSE, NULL);
             return;
         }
+        if (r->msg.body == MOAT_BODY_LENGTH && r->msg.content_length > MOAT_HTTPC_MAX_BODY) {
+            finish(r, MOAT_ETOO_LARGE, NULL);
+            return;
+        }
         r->head_len = (size_t)n;
-        r->chunk_pos = r->head_len;
+        r->body_pos = r->head_len;
+        moat_http1_body_init(&r->reader, r->msg.body, r->msg.content_length);
     }
-    size_t have = len - r->head_len;
-    switch (r->msg.body) {
-    case MOAT_BODY_NONE: complete(r); return;
-    case MOAT_BODY_LENGTH:
-        if (r->msg.content_length > MOAT_HTTPC_MAX_BODY) {
+    for (;;) {
+        size_t used = 0;
+        moat_slice_t d = {0};
+        int rc = moat_http1_body_read(&r->reader, base + r->body_pos, len - r->body_pos, &used, &d);
+        if (rc < 0) {
+            finish(r, MOAT_EPARSE, NULL);
+            return;
+        }
+        r->body_pos += used;
+        if (d.len && (moat_buf_size(&r->body) + d.len > MOAT_HTTPC_MAX_BODY ||
+                      moat_buf_append(&r->body, d.base, d.len) != 0)) {
             finish(r, MOAT_ETOO_LARGE, NULL);
             return;
         }
-        if (have >= r->msg.content_length) {
-            moat_buf_reset(&r->body);
-            /* (An empty moat_buf reports a zero-byte append as out of memory.) */
-            if (r->msg.content_length &&
-                moat_buf_append(&r->body, base + r->head_len, r->msg.content_length) != 0) {
-                finish(r, MOAT_ENOMEM, NULL);
-                return;
-            }
+        if (rc == 1 || (eof && r->msg.body == MOAT_BODY_UNTIL_CLOSE && r->body_pos == len)) {
             complete(r);
-        } else if (eof) {
-            finish(r, MOAT_ECLOSED, NULL);
-        }
-        return;
-    case MOAT_BODY_UNTIL_CLOSE:
-        if (have > MOAT_HTTPC_MAX_BODY) {
-            finish(r, MOAT_ETOO_LARGE, NULL);
             return;
         }
-        if (eof) {
-            moat_buf_reset(&r->body);
-            if (have && moat_buf_append(&r->body, base + r->head_len, have) != 0) {
-                finish(r, MOAT_ENOMEM, NULL);
-                return;
-            }
-            complete(r);
-        }
-        return;
-    case MOAT_BODY_CHUNKED:
-        while (r->chunk_pos < len) {
-            size_t used = 0;
-            moat_slice_t d = {0};
-            int rc = moat_http1_chunked_decode(&r->chunked, base + r->chunk_pos, len - r->chunk_pos,
-                                               &used, &d);
-            if (rc < 0) {
-                finish(r, MOAT_EPARSE, NULL);
-                return;
-            }
-            r->chunk_pos += used;
-            if (d.len && (moat_buf_size(&r->body) + d.len > MOAT_HTTPC_MAX_BODY ||
-                          moat_buf_append(&r->body, d.base, d.len) != 0)) {
-                finish(r, MOAT_ETOO_LARGE, NULL);
-                return;
-            }
-            if (rc == 1) {
-                complete(r);
-                return;
-            }
-            if (used == 0)
-                break;
-        }
-        if (eof)
-            finish(r, MOAT_ECLOSED, NULL);
-        return;
+        if (used == 0 || r->body_pos == len)
+            break;
     }
+    if (eof)
+        finish(r, MOAT_ECLOSED, NULL);
 }
 
 static void on_read(moat_sock_t *s)
