@@ -52,6 +52,7 @@ struct moat_conn {
     unsigned paused : 1;
     unsigned client_eof : 1;
     unsigned head_pending : 1; /* scratch holds a response head not yet written */
+    unsigned line_checked : 1; /* the request line of the head in progress was judged */
     moat_buf_t scratch;        /* response head being serialized */
     moat_h2conn_t *h2;         /* set when ALPN chose h2: every socket event goes there */
 };
@@ -174,6 +175,8 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
     }
     if (!c->keep_alive && status != 101)
         r |= moat_buf_append(b, "Connection: close\r\n", 19);
+    else if (c->http10 && status != 101)
+        r |= moat_buf_puts(b, "Connection: keep-alive\r\n"); /* RFC 9112 §9.3 for 1.0 */
     r |= moat_buf_append(b, "\r\n", 2);
     if (r)
         return MOAT_ENOMEM;
@@ -425,8 +428,26 @@ static void process(moat_conn_t *c)
             size_t end = moat_http1_head_end(in.base, in.len, &c->scan);
             /* Wait for the whole head (the scan is resumable, so this is linear); parse an
              * incomplete one only once it is too big, to answer 414 or 431. */
-            if (end == 0 && in.len <= MOAT_HTTP1_MAX_HEAD)
+            if (end == 0 && in.len <= MOAT_HTTP1_MAX_HEAD) {
+                /* A complete request line is judged at once: an HTTP/0.9 "GET /" has no head
+                 * to wait for, and must not hold the connection until the header timeout. */
+                const char *nl = c->line_checked ? NULL : memchr(in.base, '\n', in.len);
+                if (nl == NULL)
+                    break;
+                c->line_checked = 1;
+                int status = 400;
+                moat_header_t none[1];
+                moat_http1_msg_t m;
+                size_t line_len = (size_t)(nl - in.base) + 1;
+                if (moat_http1_parse_request(in.base, line_len, &m, none, 1, &status) !=
+                    MOAT_EPARSE)
+                    break;
+                mark_start(c);
+                c->keep_alive = 0;
+                moat_front_reject(&c->front, status, "HTTP/1.1");
+                linger_close(c);
                 break;
+            }
             int status = 400;
             moat_header_t headers[MAX_REQUEST_HEADERS];
             moat_http1_msg_t m;
@@ -440,6 +461,7 @@ static void process(moat_conn_t *c)
                 break;
             }
             c->scan = 0;
+            c->line_checked = 0;
             start_request(c, (size_t)r, &m);
             continue;
         }

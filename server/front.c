@@ -170,10 +170,20 @@ moat_front_result_t moat_front_start(moat_front_t *f, const moat_front_req_t *re
         answer_page(f, 413); /* refused before a byte of the body is read */
         return MOAT_FRONT_ANSWERED;
     }
+    if (moat_slice_eq(req->method, "TRACE")) {
+        /* As nginx does: a TRACE would echo the request, cookies included, back to whoever
+         * can make a browser send one; no app behind moat needs it. */
+        answer_page(f, 405);
+        return MOAT_FRONT_ANSWERED;
+    }
     moat_slice_t upgrade_proto = req->protocol;
     for (size_t i = 0; req->upgrade && i < req->nheaders; i++)
         if (moat_slice_ieq(req->headers[i].name, "upgrade"))
             upgrade_proto = req->headers[i].value;
+    /* Only a websocket upgrade passes. Anything else (h2c above all: it would let a client
+     * speak HTTP/2 straight to the app, past moat's checks) goes upstream as an ordinary
+     * request, its Connection, Upgrade and HTTP2-Settings fields dropped as hop-by-hop. */
+    int upgrade = req->upgrade && moat_slice_ieq(upgrade_proto, "websocket");
     moat_request_t r = {
         .method = req->method,
         .target = req->target,
@@ -183,7 +193,7 @@ moat_front_result_t moat_front_start(moat_front_t *f, const moat_front_req_t *re
         .h1 = req->h1,
         .body = extended_connect ? MOAT_REQ_BODY_NONE : req->body,
         .content_length = req->content_length,
-        .upgrade = req->upgrade || extended_connect,
+        .upgrade = upgrade || extended_connect,
         .extended_connect = extended_connect,
         .upgrade_proto = upgrade_proto,
         .tls = f->tls,

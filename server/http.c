@@ -52,6 +52,9 @@ const char *moat_http_error_page(int status)
     case 404:
         return "<!doctype html><title>404 Not Found</title><h1>404 Not Found</h1>"
                "<p>No site is configured for this host name.</p>\n";
+    case 405:
+        return "<!doctype html><title>405 Method Not Allowed</title><h1>405 Method Not "
+               "Allowed</h1><p>moat does not pass TRACE requests on.</p>\n";
     case 413:
         return "<!doctype html><title>413 Content Too Large</title><h1>413 Content Too "
                "Large</h1><p>The request body is larger than this site accepts "
