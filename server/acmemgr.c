@@ -1,4 +1,4 @@
-/* The ACME manager (include/moat/acme.h), on the control thread: one job per site line whose
+/* The ACME manager (server/acmemgr.h), on the control thread: one job per site line whose
  * names use ACME. A job sleeps on its timer until the certificate is due (a third of its life
  * left) or its backoff ends, takes the storage lock for its id, runs an order and stores the
  * result; the control thread then rebuilds and publishes the certificate snapshot.
@@ -21,7 +21,7 @@
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
  * renewal order then names the certificate it replaces. */
-#include "moat/acme.h"
+#include "acmemgr.h"
 #include "moat/certs.h"
 #include "moat/config.h"
 #include "moat/httpclient.h"

@@ -2,7 +2,7 @@
  * options. Options are rows of one table; a row names its parser kind and the site field it
  * fills, so adding an option is adding a row. Every error is collected rather than stopping
  * at the first: whoever fixes a site file wants the whole list at once. */
-#include "moat/address.h"
+#include "address.h"
 #include "moat/config.h"
 #include "moat/common.h"
 
