@@ -36,7 +36,8 @@ int moat_slice_eq(moat_slice_t a, const char *lit)
 
 char *moat_buf_reserve(moat_buf_t *b, size_t n)
 {
-    if (b->cap - b->len >= n)
+    /* An empty buffer has no memory yet: base + len would be NULL, which means failure. */
+    if (b->base != NULL && b->cap - b->len >= n)
         return b->base + b->len;
     /* Slide live bytes to the front before growing: a consumed prefix is free space. */
     if (b->off > 0) {
@@ -62,11 +63,13 @@ char *moat_buf_reserve(moat_buf_t *b, size_t n)
 
 int moat_buf_append(moat_buf_t *b, const void *p, size_t n)
 {
+    /* Nothing to add is not a reason to allocate: an idle connection holds no buffer. */
+    if (n == 0)
+        return 0;
     char *dst = moat_buf_reserve(b, n);
     if (dst == NULL)
         return MOAT_ENOMEM;
-    if (n)
-        memcpy(dst, p, n);
+    memcpy(dst, p, n);
     b->len += n;
     return 0;
 }
