@@ -17,13 +17,21 @@ typedef struct {
     const char *ca_url;  /* default Let's Encrypt production */
     const char *ca_root; /* extra trust anchor PEM file for the directory's HTTPS, or NULL */
     int staging;
+    /* Optional: send the CA's requests through this instead of an HTTP client of the
+     * manager's own (ca_root is then unused). The contract of moat_acme_io_t.request; tests
+     * script a CA this way. */
+    int (*request)(void *data, const char *method, const char *url, const char *content_type,
+                   const char *body, moat_httpc_cb cb, void *cb_data);
+    void *request_data;
 } moat_acmemgr_opts_t;
 
 /* The manager: which sites need ACME, their orders, backoff, locks and storage. `republish` is
  * called after a certificate was stored, to rebuild the certificate snapshot. */
 moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat_acmemgr_opts_t *o,
                                  void (*republish)(void *), void *data, char *err, size_t errlen);
-/* Take a (new) configuration: start, keep or cancel jobs. cfg is borrowed for the call only. */
+/* Take a (new) configuration: start, keep or cancel jobs. A kept job (same names) takes the
+ * site's new email, CA list, preferred chain and EAB for its next order; an order in flight
+ * finishes with what it started with. cfg is borrowed for the call only. */
 void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg);
 /* `moat renew`: renew certificates covering name (NULL: all) now; force ignores backoff and
  * freshness. */
