@@ -84,7 +84,7 @@ static void order_free(moat_acme_order_t *o)
     free(o->dir_url);
     free(o->email);
     free(o->eab_kid);
-    free(o->eab_hmac);
+    moat_secret_free(o->eab_hmac);
     free(o->preferred);
     free(o->replaces);
     for (size_t i = 0; i < o->nnames; i++)
@@ -117,10 +117,7 @@ static void order_free(moat_acme_order_t *o)
 void moat_acme_result_clear(moat_acme_result_t *r)
 {
     free(r->chain_pem);
-    if (r->key_pem) {
-        memset(r->key_pem, 0, strlen(r->key_pem));
-        free(r->key_pem);
-    }
+    moat_secret_free(r->key_pem);
     free(r->error);
     free(r->account_url);
     memset(r, 0, sizeof *r);

@@ -429,10 +429,7 @@ static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *emai
         EVP_PKEY_free(k);
         k = NULL;
     }
-    if (pem) {
-        memset(pem, 0, strlen(pem));
-        free(pem);
-    }
+    moat_secret_free(pem);
     return k;
 }
 
@@ -754,7 +751,7 @@ static void job_clear_settings(job_t *j)
     free(j->email);
     free(j->preferred);
     free(j->eab_kid);
-    free(j->eab_hmac);
+    moat_secret_free(j->eab_hmac);
     for (size_t i = 0; i < j->ncas; i++)
         free(j->cas[i]);
     free(j->cas);

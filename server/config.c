@@ -715,7 +715,7 @@ static void site_clear(moat_site_t *s)
     free(s->cas);
     free(s->preferred_chain);
     free(s->eab_kid);
-    free(s->eab_hmac);
+    moat_secret_free(s->eab_hmac);
     memset(s, 0, sizeof *s);
 }
 

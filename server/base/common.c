@@ -171,6 +171,20 @@ char *moat_xstrndup(const char *s, size_t n)
     return check(strndup(s, n));
 }
 
+void moat_secret_wipe(void *p, size_t n)
+{
+    if (p != NULL && n > 0)
+        explicit_bzero(p, n);
+}
+
+void moat_secret_free(char *s)
+{
+    if (s == NULL)
+        return;
+    moat_secret_wipe(s, strlen(s));
+    free(s);
+}
+
 void moat_format_ip(const struct sockaddr *sa, char *out, size_t cap)
 {
     out[0] = 0;

@@ -134,6 +134,23 @@ static void test_xalloc(void)
     free(p);
 }
 
+/* The wipe itself, on memory that stays live (reading freed memory would be undefined). */
+static void test_secret_wipe(void)
+{
+    char key[] = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n";
+    size_t n = sizeof key;
+    moat_secret_wipe(key, n - 1);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < n; i++)
+        nonzero += key[i] != 0;
+    CHECK_INT(nonzero, 0);
+    moat_secret_wipe(NULL, 10);
+    moat_secret_wipe(key, 0);
+    moat_secret_free(NULL);
+    moat_secret_free(moat_xstrdup("hmac-key")); /* ASan: no leak, no overflow */
+    moat_secret_free(moat_xstrdup(""));
+}
+
 int main(void)
 {
     test_slices();
@@ -144,5 +161,6 @@ int main(void)
     test_strerror();
     test_format_ip();
     test_xalloc();
+    test_secret_wipe();
     return test_summary("common_test");
 }
