@@ -355,8 +355,8 @@ out:
                   "cannot create the internal CA: key or certificate generation failed");
     X509_free(inter);
     EVP_PKEY_free(inter_key);
-    free(root_key_pem);
-    free(inter_key_pem);
+    moat_secret_free(root_key_pem);
+    moat_secret_free(inter_key_pem);
     return rc;
 }
 
@@ -382,7 +382,7 @@ int moat_ca_maintain(moat_ca_t *ca, int *renewed, char *err, size_t errlen)
              : MOAT_ECRYPTO;
     free(rec.issuer);
     free(pem);
-    free(key_pem);
+    moat_secret_free(key_pem);
     free(cn);
     if (rc != 0) {
         X509_free(x);
@@ -531,7 +531,7 @@ int moat_ca_issue(moat_ca_t *ca, const char *const *names, size_t n, int64_t lif
         rc = 0;
     }
     free(leaf);
-    free(kp);
+    moat_secret_free(kp);
     X509_free(x);
     EVP_PKEY_free(key);
     return rc;

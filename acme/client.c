@@ -4,9 +4,11 @@
  *   the chosen challenge, tell the CA, poll until valid -> finalize with a CSR -> poll the order
  *   -> download the chain (and the alternates when a preferred chain is asked for).
  *
- * Every request goes through post() or get(), whose responses land in on_response(), which
- * dispatches on o->state. Each response carries a fresh nonce; a badNonce problem resends the
- * same request with it. Nothing here blocks or sleeps: waits are io->after() timers. */
+ * Every request goes through post() or get(), whose responses land in on_response(): it does
+ * what every response needs (transport errors, the nonce, problem documents in on_problem())
+ * and hands the rest to the handler for o->state in state_handlers[]. Each response carries a
+ * fresh nonce; a badNonce problem resends the same request with it. Nothing here blocks or sleeps:
+ * waits are io->after() timers. */
 #include "moat/acme.h"
 #include "moat/log.h"
 
@@ -82,7 +84,7 @@ static void order_free(moat_acme_order_t *o)
     free(o->dir_url);
     free(o->email);
     free(o->eab_kid);
-    free(o->eab_hmac);
+    moat_secret_free(o->eab_hmac);
     free(o->preferred);
     free(o->replaces);
     for (size_t i = 0; i < o->nnames; i++)
@@ -115,10 +117,7 @@ static void order_free(moat_acme_order_t *o)
 void moat_acme_result_clear(moat_acme_result_t *r)
 {
     free(r->chain_pem);
-    if (r->key_pem) {
-        memset(r->key_pem, 0, strlen(r->key_pem));
-        free(r->key_pem);
-    }
+    moat_secret_free(r->key_pem);
     free(r->error);
     free(r->account_url);
     memset(r, 0, sizeof *r);
@@ -305,8 +304,9 @@ static void challenge_fire(void *arg)
     post(o, S_CHALLENGE, o->chal_url, "{}");
 }
 
-static void on_authz(moat_acme_order_t *o, json_t *j)
+static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
 {
+    (void)r;
     const char *status = jstr(j, "status");
     const char *name = jstr(json_object_get(j, "identifier"), "value");
     if (status && strcmp(status, "valid") == 0) {
@@ -465,6 +465,239 @@ static int is_replaces_problem(const char *msg)
     return strncmp(msg, "alreadyReplaced:", 16) == 0 || strncmp(msg, "malformed:", 10) == 0;
 }
 
+/* --- one handler per state ---------------------------------------------------------------- *
+ * Each gets a response that passed on_response()'s common checks (delivered, status < 400)
+ * and its JSON body (NULL when there is none), which on_response() releases afterwards. */
+
+static void on_directory(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)r;
+    const char *nn = jstr(j, "newNonce"), *na = jstr(j, "newAccount"), *no = jstr(j, "newOrder");
+    if (!nn || !na || !no) {
+        fail(o, MOAT_EPARSE, "%s is not an ACME directory", o->dir_url);
+        return;
+    }
+    o->new_nonce = moat_xstrdup(nn);
+    o->new_account = moat_xstrdup(na);
+    o->new_order = moat_xstrdup(no);
+    json_t *meta = json_object_get(j, "meta");
+    if (json_is_true(json_object_get(meta, "externalAccountRequired")) && !o->eab_kid) {
+        fail(o, MOAT_EINVAL,
+             "%s requires external account binding: set eab_kid= and "
+             "eab_hmac= on the site",
+             o->dir_url);
+        return;
+    }
+    get(o, S_NONCE, "HEAD", o->new_nonce);
+}
+
+static void on_nonce(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)r;
+    (void)j;
+    if (o->nonce == NULL) {
+        fail(o, MOAT_EPARSE, "the CA sent no Replay-Nonce");
+        return;
+    }
+    json_t *p = json_object();
+    json_object_set_new(p, "termsOfServiceAgreed", json_true());
+    if (o->email && *o->email) {
+        char mail[512];
+        snprintf(mail, sizeof mail, "mailto:%s", o->email);
+        json_object_set_new(p, "contact", json_pack("[s]", mail));
+    }
+    if (o->eab_kid && o->eab_hmac) {
+        char *eab = moat_acme_eab(o->account, o->eab_kid, o->eab_hmac, o->new_account);
+        json_t *e = eab ? json_loads(eab, 0, NULL) : NULL;
+        free(eab);
+        if (e == NULL) {
+            json_decref(p);
+            fail(o, MOAT_EINVAL, "eab_hmac is not valid base64url");
+            return;
+        }
+        json_object_set_new(p, "externalAccountBinding", e);
+    }
+    char *ps = json_dumps(p, JSON_COMPACT);
+    json_decref(p);
+    post(o, S_ACCOUNT, o->new_account, ps);
+    free(ps);
+}
+
+static void on_account(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)j;
+    const char *loc = moat_httpc_header(r, "Location", 0, NULL);
+    if (loc == NULL) {
+        fail(o, MOAT_EPARSE, "the CA returned no account URL");
+        return;
+    }
+    o->kid = moat_xstrdup(loc);
+    send_new_order(o);
+}
+
+static void on_order(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    const char *loc = moat_httpc_header(r, "Location", 0, NULL);
+    const char *fin = jstr(j, "finalize");
+    json_t *az = json_object_get(j, "authorizations");
+    if (loc == NULL || fin == NULL || !json_is_array(az) || json_array_size(az) == 0) {
+        fail(o, MOAT_EPARSE, "the CA's order response is malformed");
+        return;
+    }
+    o->order_url = moat_xstrdup(loc);
+    o->finalize_url = moat_xstrdup(fin);
+    o->nauthz = json_array_size(az);
+    o->authz = moat_xcalloc(o->nauthz, sizeof *o->authz);
+    for (size_t i = 0; i < o->nauthz; i++) {
+        const char *u = json_string_value(json_array_get(az, i));
+        o->authz[i] = moat_xstrdup(u ? u : "");
+    }
+    MOAT_INFO("acme: order %s placed for %s", o->order_url, o->names[0]);
+    o->authz_i = 0;
+    start_authz(o);
+}
+
+/* The CA took the challenge: poll the authorization until it is decided. */
+static void on_challenge(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)j;
+    o->state = S_AUTHZ_POLL;
+    poll_later(o, r);
+}
+
+static void on_authz_poll(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    const char *st = jstr(j, "status");
+    if (st && strcmp(st, "valid") == 0) {
+        withdraw(o);
+        o->authz_i++;
+        start_authz(o);
+        return;
+    }
+    if (st && strcmp(st, "pending") == 0) {
+        poll_later(o, r);
+        return;
+    }
+    /* invalid: the challenge's error says why. */
+    char msg[1536] = "no reason given";
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(j, "challenges"), i, c)
+    {
+        json_t *e = json_object_get(c, "error");
+        if (e)
+            describe_problem(e, msg, sizeof msg, NULL, NULL);
+    }
+    o->res.challenge_failed = 1;
+    fail(o, MOAT_EIO, "%s validation of %s failed: %s",
+         o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01",
+         o->authz_name ? o->authz_name : "?", msg);
+}
+
+/* The answer to finalize and to each poll of the order. */
+static void on_order_status(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    const char *st = jstr(j, "status");
+    const char *cert = jstr(j, "certificate");
+    if (st && strcmp(st, "valid") == 0 && cert) {
+        o->cert_url = moat_xstrdup(cert);
+        post(o, S_CERT, o->cert_url, NULL);
+        return;
+    }
+    if (st && (strcmp(st, "processing") == 0 || strcmp(st, "ready") == 0 ||
+               strcmp(st, "pending") == 0 || strcmp(st, "valid") == 0)) {
+        o->state = S_ORDER_POLL;
+        poll_later(o, r);
+        return;
+    }
+    char msg[1536] = "no reason given";
+    json_t *e = json_object_get(j, "error");
+    if (e)
+        describe_problem(e, msg, sizeof msg, NULL, NULL);
+    fail(o, MOAT_EIO, "the order became %s: %s", st ? st : "malformed", msg);
+}
+
+/* The default chain (S_CERT), then the alternates in turn (S_ALT) while a preferred chain is
+ * asked for and not found; without a match the default chain wins. */
+static void on_certificate(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)j;
+    if (r->body == NULL || strstr(r->body, "-----BEGIN CERTIFICATE-----") == NULL) {
+        fail(o, MOAT_EPARSE, "the CA's certificate download is not PEM");
+        return;
+    }
+    if (o->state == S_CERT) {
+        collect_alternates(o, r);
+        if (o->preferred == NULL || chain_matches(r->body, o->preferred)) {
+            succeed(o, r->body);
+            return;
+        }
+        o->first_chain = moat_xstrdup(r->body);
+    } else if (chain_matches(r->body, o->preferred)) {
+        succeed(o, r->body);
+        return;
+    }
+    if (o->alt_i < o->nalts) {
+        post(o, S_ALT, o->alts[o->alt_i++], NULL);
+        return;
+    }
+    MOAT_WARN("acme: no chain issued by \"%s\" is offered; using the default chain", o->preferred);
+    char *first = o->first_chain;
+    o->first_chain = NULL;
+    succeed(o, first);
+    free(first);
+}
+
+typedef void (*state_handler_fn)(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j);
+
+static const state_handler_fn state_handlers[] = {
+    [S_DIR] = on_directory,
+    [S_NONCE] = on_nonce,
+    [S_ACCOUNT] = on_account,
+    [S_ORDER] = on_order,
+    [S_AUTHZ] = on_authz,
+    [S_CHALLENGE] = on_challenge,
+    [S_AUTHZ_POLL] = on_authz_poll,
+    [S_FINALIZE] = on_order_status,
+    [S_ORDER_POLL] = on_order_status,
+    [S_CERT] = on_certificate,
+    [S_ALT] = on_certificate,
+};
+
+/* A status >= 400: a badNonce is resent with the fresh nonce, a refused "replaces" is
+ * ordered again without it, anything else ends the order with the CA's problem. */
+static void on_problem(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    char msg[1536];
+    int rl = 0, bn = 0;
+    if (j)
+        describe_problem(j, msg, sizeof msg, &rl, &bn);
+    else
+        snprintf(msg, sizeof msg, "HTTP %d", r->status);
+    if (bn && o->state != S_DIR && o->state != S_NONCE && o->nonce &&
+        ++o->bad_nonces <= MAX_BAD_NONCE) {
+        MOAT_DEBUG("acme: badNonce from %s; retrying with the fresh nonce", o->req_url);
+        send_post(o);
+        return;
+    }
+    if (o->state == S_ORDER && o->replaces && is_replaces_problem(msg)) {
+        /* RFC 9773 §5: the CA may refuse "replaces" (already replaced, or not one of its
+         * certificates); the renewal itself should still happen. */
+        MOAT_WARN("acme: the CA refused \"replaces\" (%s); ordering without it", msg);
+        free(o->replaces);
+        o->replaces = NULL;
+        send_new_order(o);
+        return;
+    }
+    o->res.rate_limited = rl;
+    o->res.retry_after = moat_acme_parse_retry_after(moat_httpc_header(r, "Retry-After", 0, NULL),
+                                                     (int64_t)time(NULL));
+    fail(o, MOAT_EIO, "%s (HTTP %d from %s)", msg, r->status,
+         o->state == S_DIR || o->state == S_NONCE ? o->dir_url : o->req_url);
+}
+
+/* What every response needs before its state's handler sees it: a cancelled order is freed,
+ * a transport error ends the order, the nonce is kept for the next request. */
 static void on_response(void *data, const moat_httpc_response_t *r)
 {
     moat_acme_order_t *o = data;
@@ -492,220 +725,11 @@ static void on_response(void *data, const moat_httpc_response_t *r)
     const char *ct = moat_httpc_header(r, "Content-Type", 0, NULL);
     if (r->body_len && ct && (strstr(ct, "json") != NULL))
         j = json_loadb(r->body, r->body_len, 0, NULL);
-    if (r->status >= 400) {
-        char msg[1536];
-        int rl = 0, bn = 0;
-        if (j)
-            describe_problem(j, msg, sizeof msg, &rl, &bn);
-        else
-            snprintf(msg, sizeof msg, "HTTP %d", r->status);
-        json_decref(j);
-        if (bn && o->state != S_DIR && o->state != S_NONCE && o->nonce &&
-            ++o->bad_nonces <= MAX_BAD_NONCE) {
-            MOAT_DEBUG("acme: badNonce from %s; retrying with the fresh nonce", o->req_url);
-            send_post(o);
-            return;
-        }
-        if (o->state == S_ORDER && o->replaces && is_replaces_problem(msg)) {
-            /* RFC 9773 §5: the CA may refuse "replaces" (already replaced, or not one of its
-             * certificates); the renewal itself should still happen. */
-            MOAT_WARN("acme: the CA refused \"replaces\" (%s); ordering without it", msg);
-            free(o->replaces);
-            o->replaces = NULL;
-            send_new_order(o);
-            return;
-        }
-        o->res.rate_limited = rl;
-        o->res.retry_after = moat_acme_parse_retry_after(
-            moat_httpc_header(r, "Retry-After", 0, NULL), (int64_t)time(NULL));
-        fail(o, MOAT_EIO, "%s (HTTP %d from %s)", msg, r->status,
-             o->state == S_DIR || o->state == S_NONCE ? o->dir_url : o->req_url);
-        return;
-    }
-    switch (o->state) {
-    case S_DIR: {
-        const char *nn = jstr(j, "newNonce"), *na = jstr(j, "newAccount"),
-                   *no = jstr(j, "newOrder");
-        if (!nn || !na || !no) {
-            json_decref(j);
-            fail(o, MOAT_EPARSE, "%s is not an ACME directory", o->dir_url);
-            return;
-        }
-        o->new_nonce = moat_xstrdup(nn);
-        o->new_account = moat_xstrdup(na);
-        o->new_order = moat_xstrdup(no);
-        json_t *meta = json_object_get(j, "meta");
-        if (json_is_true(json_object_get(meta, "externalAccountRequired")) && !o->eab_kid) {
-            json_decref(j);
-            fail(o, MOAT_EINVAL,
-                 "%s requires external account binding: set eab_kid= and "
-                 "eab_hmac= on the site",
-                 o->dir_url);
-            return;
-        }
-        json_decref(j);
-        get(o, S_NONCE, "HEAD", o->new_nonce);
-        return;
-    }
-    case S_NONCE: {
-        if (o->nonce == NULL) {
-            fail(o, MOAT_EPARSE, "the CA sent no Replay-Nonce");
-            return;
-        }
-        json_t *p = json_object();
-        json_object_set_new(p, "termsOfServiceAgreed", json_true());
-        if (o->email && *o->email) {
-            char mail[512];
-            snprintf(mail, sizeof mail, "mailto:%s", o->email);
-            json_object_set_new(p, "contact", json_pack("[s]", mail));
-        }
-        if (o->eab_kid && o->eab_hmac) {
-            char *eab = moat_acme_eab(o->account, o->eab_kid, o->eab_hmac, o->new_account);
-            json_t *e = eab ? json_loads(eab, 0, NULL) : NULL;
-            free(eab);
-            if (e == NULL) {
-                json_decref(p);
-                fail(o, MOAT_EINVAL, "eab_hmac is not valid base64url");
-                return;
-            }
-            json_object_set_new(p, "externalAccountBinding", e);
-        }
-        char *ps = json_dumps(p, JSON_COMPACT);
-        json_decref(p);
-        post(o, S_ACCOUNT, o->new_account, ps);
-        free(ps);
-        return;
-    }
-    case S_ACCOUNT: {
-        json_decref(j);
-        const char *loc = moat_httpc_header(r, "Location", 0, NULL);
-        if (loc == NULL) {
-            fail(o, MOAT_EPARSE, "the CA returned no account URL");
-            return;
-        }
-        o->kid = moat_xstrdup(loc);
-        send_new_order(o);
-        return;
-    }
-    case S_ORDER: {
-        const char *loc = moat_httpc_header(r, "Location", 0, NULL);
-        const char *fin = jstr(j, "finalize");
-        json_t *az = json_object_get(j, "authorizations");
-        if (loc == NULL || fin == NULL || !json_is_array(az) || json_array_size(az) == 0) {
-            json_decref(j);
-            fail(o, MOAT_EPARSE, "the CA's order response is malformed");
-            return;
-        }
-        o->order_url = moat_xstrdup(loc);
-        o->finalize_url = moat_xstrdup(fin);
-        o->nauthz = json_array_size(az);
-        o->authz = moat_xcalloc(o->nauthz, sizeof *o->authz);
-        for (size_t i = 0; i < o->nauthz; i++) {
-            const char *u = json_string_value(json_array_get(az, i));
-            o->authz[i] = moat_xstrdup(u ? u : "");
-        }
-        json_decref(j);
-        MOAT_INFO("acme: order %s placed for %s", o->order_url, o->names[0]);
-        o->authz_i = 0;
-        start_authz(o);
-        return;
-    }
-    case S_AUTHZ:
-        on_authz(o, j);
-        json_decref(j);
-        return;
-    case S_CHALLENGE:
-        json_decref(j);
-        o->state = S_AUTHZ_POLL;
-        poll_later(o, r);
-        return;
-    case S_AUTHZ_POLL: {
-        const char *st = jstr(j, "status");
-        if (st && strcmp(st, "valid") == 0) {
-            json_decref(j);
-            withdraw(o);
-            o->authz_i++;
-            start_authz(o);
-            return;
-        }
-        if (st && strcmp(st, "pending") == 0) {
-            json_decref(j);
-            poll_later(o, r);
-            return;
-        }
-        /* invalid: the challenge's error says why. */
-        char msg[1536] = "no reason given";
-        size_t i;
-        json_t *c;
-        json_array_foreach(json_object_get(j, "challenges"), i, c)
-        {
-            json_t *e = json_object_get(c, "error");
-            if (e)
-                describe_problem(e, msg, sizeof msg, NULL, NULL);
-        }
-        json_decref(j);
-        o->res.challenge_failed = 1;
-        fail(o, MOAT_EIO, "%s validation of %s failed: %s",
-             o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01",
-             o->authz_name ? o->authz_name : "?", msg);
-        return;
-    }
-    case S_FINALIZE:
-    case S_ORDER_POLL: {
-        const char *st = jstr(j, "status");
-        const char *cert = jstr(j, "certificate");
-        if (st && strcmp(st, "valid") == 0 && cert) {
-            o->cert_url = moat_xstrdup(cert);
-            json_decref(j);
-            post(o, S_CERT, o->cert_url, NULL);
-            return;
-        }
-        if (st && (strcmp(st, "processing") == 0 || strcmp(st, "ready") == 0 ||
-                   strcmp(st, "pending") == 0 || strcmp(st, "valid") == 0)) {
-            json_decref(j);
-            o->state = S_ORDER_POLL;
-            poll_later(o, r);
-            return;
-        }
-        char msg[1536] = "no reason given";
-        json_t *e = json_object_get(j, "error");
-        if (e)
-            describe_problem(e, msg, sizeof msg, NULL, NULL);
-        json_decref(j);
-        fail(o, MOAT_EIO, "the order became %s: %s", st ? st : "malformed", msg);
-        return;
-    }
-    case S_CERT:
-    case S_ALT: {
-        json_decref(j);
-        if (r->body == NULL || strstr(r->body, "-----BEGIN CERTIFICATE-----") == NULL) {
-            fail(o, MOAT_EPARSE, "the CA's certificate download is not PEM");
-            return;
-        }
-        if (o->state == S_CERT) {
-            collect_alternates(o, r);
-            if (o->preferred == NULL || chain_matches(r->body, o->preferred)) {
-                succeed(o, r->body);
-                return;
-            }
-            o->first_chain = moat_xstrdup(r->body);
-        } else if (chain_matches(r->body, o->preferred)) {
-            succeed(o, r->body);
-            return;
-        }
-        if (o->alt_i < o->nalts) {
-            post(o, S_ALT, o->alts[o->alt_i++], NULL);
-            return;
-        }
-        MOAT_WARN("acme: no chain issued by \"%s\" is offered; using the default chain",
-                  o->preferred);
-        char *first = o->first_chain;
-        o->first_chain = NULL;
-        succeed(o, first);
-        free(first);
-        return;
-    }
-    }
+    /* The handler may finish (and free) the order; j is ours either way. */
+    if (r->status >= 400)
+        on_problem(o, r, j);
+    else
+        state_handlers[o->state](o, r, j);
     json_decref(j);
 }
 

@@ -1,4 +1,4 @@
-/* The ACME manager (include/moat/acme.h), on the control thread: one job per site line whose
+/* The ACME manager (server/acmemgr.h), on the control thread: one job per site line whose
  * names use ACME. A job sleeps on its timer until the certificate is due (a third of its life
  * left) or its backoff ends, takes the storage lock for its id, runs an order and stores the
  * result; the control thread then rebuilds and publishes the certificate snapshot.
@@ -21,7 +21,7 @@
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
  * renewal order then names the certificate it replaces. */
-#include "moat/acme.h"
+#include "acmemgr.h"
 #include "moat/certs.h"
 #include "moat/config.h"
 #include "moat/httpclient.h"
@@ -64,7 +64,10 @@ struct moat_acmemgr {
     uv_loop_t *loop;
     moat_storage_t *st;
     char *email, *ca_url;
-    moat_httpc_t *http;
+    moat_httpc_t *http; /* NULL when requests go through opts.request */
+    int (*request)(void *, const char *, const char *, const char *, const char *, moat_httpc_cb,
+                   void *);
+    void *request_data;
     void (*republish)(void *);
     void *republish_data;
     job_t *jobs;
@@ -155,6 +158,8 @@ static int io_request(void *data, const char *method, const char *url, const cha
                       const char *body, moat_httpc_cb cb, void *cb_data)
 {
     moat_acmemgr_t *m = data;
+    if (m->request)
+        return m->request(m->request_data, method, url, ctype, body, cb, cb_data);
     return moat_httpc_request(m->http, method, url, ctype, body, body ? strlen(body) : 0, cb,
                               cb_data);
 }
@@ -424,10 +429,7 @@ static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *emai
         EVP_PKEY_free(k);
         k = NULL;
     }
-    if (pem) {
-        memset(pem, 0, strlen(pem));
-        free(pem);
-    }
+    moat_secret_free(pem);
     return k;
 }
 
@@ -739,20 +741,75 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     job_at(j, next);
 }
 
+static char *dup_or_null(const char *s)
+{
+    return s && *s ? moat_xstrdup(s) : NULL;
+}
+
+static void job_clear_settings(job_t *j)
+{
+    free(j->email);
+    free(j->preferred);
+    free(j->eab_kid);
+    moat_secret_free(j->eab_hmac);
+    for (size_t i = 0; i < j->ncas; i++)
+        free(j->cas[i]);
+    free(j->cas);
+    j->email = j->preferred = j->eab_kid = j->eab_hmac = NULL;
+    j->cas = NULL;
+    j->ncas = 0;
+}
+
+static int same_cas(const job_t *j, const moat_site_t *s, const char *default_ca)
+{
+    size_t n = s->ncas ? s->ncas : 1;
+    if (n != j->ncas)
+        return 0;
+    for (size_t k = 0; k < n; k++)
+        if (strcmp(j->cas[k], s->ncas ? s->cas[k] : default_ca) != 0)
+            return 0;
+    return 1;
+}
+
+/* Take the site's ACME settings (contact, CAs, chain preference, EAB): every order the job
+ * places from now on uses them; an order in flight finishes with the ones it started with. */
+static void job_take_settings(job_t *j, const moat_site_t *s)
+{
+    moat_acmemgr_t *m = j->m;
+    int cas_changed = !same_cas(j, s, m->ca_url);
+    job_clear_settings(j);
+    j->email = dup_or_null(s->email ? s->email : m->email);
+    j->preferred = dup_or_null(s->preferred_chain);
+    j->eab_kid = dup_or_null(s->eab_kid);
+    j->eab_hmac = dup_or_null(s->eab_hmac);
+    j->ncas = s->ncas ? s->ncas : 1;
+    j->cas = moat_xcalloc(j->ncas, sizeof *j->cas);
+    for (size_t k = 0; k < j->ncas; k++)
+        j->cas[k] = moat_xstrdup(s->ncas ? s->cas[k] : m->ca_url);
+    if (!cas_changed)
+        return;
+    /* Another CA list: start from its first CA, and forget renewal information that came
+     * from a CA that may no longer be in it (the next check asks the new one). */
+    j->ca_i = 0;
+    j->ari_supported = 0;
+    j->ari_start = j->ari_end = j->ari_next = 0;
+    if (j->ari_fetch != NULL) {
+        /* Its answer would be about the old CA, and job_check waits for it: look again now. */
+        moat_acme_ari_fetch_cancel(j->ari_fetch);
+        j->ari_fetch = NULL;
+        if (j->order == NULL)
+            uv_timer_start(&j->timer, on_job_timer, 0, 0);
+    }
+}
+
 static void job_closed(uv_handle_t *h)
 {
     job_t *j = h->data;
     for (size_t i = 0; i < j->nnames; i++)
         free(j->names[i]);
     free(j->names);
-    for (size_t i = 0; i < j->ncas; i++)
-        free(j->cas[i]);
-    free(j->cas);
+    job_clear_settings(j);
     free(j->id);
-    free(j->email);
-    free(j->preferred);
-    free(j->eab_kid);
-    free(j->eab_hmac);
     free(j->ari_cert_id);
     free(j);
 }
@@ -767,11 +824,6 @@ static void job_free(job_t *j)
         lock_release(j->m, j->id);
     }
     uv_close((uv_handle_t *)&j->timer, job_closed);
-}
-
-static char *dup_or_null(const char *s)
-{
-    return s && *s ? moat_xstrdup(s) : NULL;
 }
 
 void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg)
@@ -791,7 +843,10 @@ void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg)
         for (j = m->jobs; j && strcmp(j->id, id) != 0; j = j->next)
             ;
         if (j != NULL) {
-            /* Same names: keep the job (and any order in flight); take new settings. */
+            /* Same names: keep the job (and any order in flight); take new settings. Two
+             * lines with the same names (other ports) share one job: the first one's. */
+            if (!j->seen)
+                job_take_settings(j, s);
             j->seen = 1;
             free(id);
             free(names);
@@ -806,14 +861,7 @@ void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg)
             j->names[k] = moat_xstrdup(names[k]);
         j->nnames = n;
         free(names);
-        j->email = dup_or_null(s->email ? s->email : m->email);
-        j->preferred = dup_or_null(s->preferred_chain);
-        j->eab_kid = dup_or_null(s->eab_kid);
-        j->eab_hmac = dup_or_null(s->eab_hmac);
-        j->ncas = s->ncas ? s->ncas : 1;
-        j->cas = moat_xcalloc(j->ncas, sizeof *j->cas);
-        for (size_t k = 0; k < j->ncas; k++)
-            j->cas[k] = moat_xstrdup(s->ncas ? s->cas[k] : m->ca_url);
+        job_take_settings(j, s);
         /* known_not_after stays 0: the first check republishes when a certificate is stored,
          * in case another process stored it after our snapshot was built. */
         uv_timer_init(m->loop, &j->timer);
@@ -882,13 +930,16 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
     const char *ca = o->ca_url    ? o->ca_url
                      : o->staging ? MOAT_ACME_LE_STAGING
                                   : MOAT_ACME_LE_PRODUCTION;
-    moat_httpc_t *h = moat_httpc_new(loop, o->ca_root, HTTP_TIMEOUT_MS, err, errlen);
-    if (h == NULL)
+    moat_httpc_t *h = NULL;
+    if (o->request == NULL &&
+        (h = moat_httpc_new(loop, o->ca_root, HTTP_TIMEOUT_MS, err, errlen)) == NULL)
         return NULL;
     moat_acmemgr_t *m = moat_xcalloc(1, sizeof *m);
     m->loop = loop;
     m->st = st;
     m->http = h;
+    m->request = o->request;
+    m->request_data = o->request_data;
     m->email = dup_or_null(o->email);
     m->ca_url = moat_xstrdup(ca);
     m->republish = republish;
@@ -930,7 +981,8 @@ void moat_acmemgr_free(moat_acmemgr_t *m)
         uv_close((uv_handle_t *)&a->t, after_closed);
         a->cb(a->arg);
     }
-    moat_httpc_free(m->http);
+    if (m->http)
+        moat_httpc_free(m->http);
     uv_close((uv_handle_t *)m->tok_timer, tok_timer_closed);
     char key[256];
     snprintf(key, sizeof key, "acme-instance:%s", m->owner);

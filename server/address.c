@@ -1,6 +1,6 @@
 /* Addresses in the site file: site addresses, upstreams, CIDR ranges, and which host names
- * are internal (include/moat/address.h). Pure functions over byte ranges. */
-#include "moat/address.h"
+ * are internal (server/address.h). Pure functions over byte ranges. */
+#include "address.h"
 #include "moat/common.h"
 
 #include <arpa/inet.h>

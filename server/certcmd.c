@@ -1,4 +1,5 @@
-/* Certificate CLI commands (declared in include/moat/certs.h): ca-root, trust, certs. */
+/* Certificate CLI commands (server/certcmd.h): ca-root, trust, certs. */
+#include "certcmd.h"
 #include "moat/ca.h"
 #include "moat/acme.h"
 #include "moat/certs.h"

@@ -2,8 +2,8 @@
  * options. Options are rows of one table; a row names its parser kind and the site field it
  * fills, so adding an option is adding a row. Every error is collected rather than stopping
  * at the first: whoever fixes a site file wants the whole list at once. */
+#include "address.h"
 #include "config_kinds.h"
-#include "moat/address.h"
 #include "moat/config.h"
 #include "moat/common.h"
 
@@ -302,7 +302,7 @@ static void site_clear(moat_site_t *s)
     free(s->cas);
     free(s->preferred_chain);
     free(s->eab_kid);
-    free(s->eab_hmac);
+    moat_secret_free(s->eab_hmac);
     memset(s, 0, sizeof *s);
 }
 

@@ -1,7 +1,7 @@
 /* The option value kinds of the site-file parser (server/config_kinds.h): enums, durations,
  * sizes, strings and secrets, e-mail addresses, URL and CIDR lists, and tls=. */
 #include "config_kinds.h"
-#include "moat/address.h"
+#include "address.h"
 #include "moat/common.h"
 
 #include <arpa/inet.h>

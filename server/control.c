@@ -1,7 +1,7 @@
 /* The control thread (include/moat/control.h). It alone touches the disk and SQLite; the
  * workers see only immutable snapshots it publishes. */
 #include "control.h"
-#include "moat/acme.h"
+#include "acmemgr.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/config.h"

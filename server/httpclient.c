@@ -49,19 +49,6 @@ struct req {
     moat_buf_t body;
 };
 
-const char *moat_httpc_header(const moat_httpc_response_t *r, const char *name, size_t from,
-                              size_t *index)
-{
-    for (size_t i = from; i < r->nheaders; i++) {
-        if (strcasecmp(r->names[i], name) == 0) {
-            if (index)
-                *index = i;
-            return r->values[i];
-        }
-    }
-    return NULL;
-}
-
 moat_httpc_t *moat_httpc_new(uv_loop_t *loop, const char *extra_root_pem, uint64_t timeout_ms,
                              char *err, size_t errlen)
 {

@@ -1,8 +1,8 @@
 /* moat: automatic HTTPS in front of Open WebUI and any HTTP app. Command-line dispatch. */
-#include "moat/certs.h"
+#include "certcmd.h"
 #include "moat/common.h"
 #include "moat/config.h"
-#include "moat/acme.h"
+#include "acmemgr.h"
 #include "control.h"
 #include "moat/log.h"
 #include "system.h"

@@ -1,4 +1,4 @@
-/* moat and the system around it (include/moat/system.h): systemd notify, privilege drop,
+/* moat and the system around it (server/system.h): systemd notify, privilege drop,
  * the status file and `moat health`. */
 #include "system.h"
 #include "moat/common.h"

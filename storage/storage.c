@@ -13,14 +13,8 @@ void moat_cert_record_clear(moat_cert_record_t *r)
     free(r->issuer);
     free(r->source);
     free(r->cert_pem);
-    if (r->key_pem != NULL) {
-        /* Do not leave a private key lying in freed heap memory. The volatile pointer keeps
-         * the compiler from dropping the stores as dead. */
-        volatile char *p = r->key_pem;
-        while (*p != '\0')
-            *p++ = 0;
-        free(r->key_pem);
-    }
+    /* Do not leave a private key lying in freed heap memory. */
+    moat_secret_free(r->key_pem);
     memset(r, 0, sizeof *r);
 }
 

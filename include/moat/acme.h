@@ -204,35 +204,4 @@ moat_acme_ari_fetch_t *moat_acme_ari_fetch(const moat_acme_io_t *io, const char 
                                            const char *cert_id, moat_acme_ari_cb done, void *data);
 void moat_acme_ari_fetch_cancel(moat_acme_ari_fetch_t *f);
 
-/* --- the manager (server/acmemgr.c) ---------------------------------------------------------- */
-
-typedef struct moat_acmemgr moat_acmemgr_t;
-typedef struct moat_storage moat_storage_t;
-typedef struct moat_config moat_config_t;
-typedef struct uv_loop_s uv_loop_t;
-
-typedef struct {
-    const char *email;
-    const char *ca_url;  /* default Let's Encrypt production */
-    const char *ca_root; /* extra trust anchor PEM file for the directory's HTTPS, or NULL */
-    int staging;
-} moat_acmemgr_opts_t;
-
-/* The manager: which sites need ACME, their orders, backoff, locks and storage. `republish` is
- * called after a certificate was stored, to rebuild the certificate snapshot. */
-moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat_acmemgr_opts_t *o,
-                                 void (*republish)(void *), void *data, char *err, size_t errlen);
-/* Take a (new) configuration: start, keep or cancel jobs. cfg is borrowed for the call only. */
-void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg);
-/* `moat renew`: renew certificates covering name (NULL: all) now; force ignores backoff and
- * freshness. */
-void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force);
-/* `moat renew` writes DATA/renew.request ("NAME or *" on the first line, "force" or "normal"
- * on the second) and sends SIGUSR1; the control thread then calls this, which reads, removes
- * and acts on the file. */
-#define MOAT_ACME_RENEW_REQUEST "renew.request"
-void moat_acmemgr_renew_request(moat_acmemgr_t *m, const char *data_dir);
-/* Cancel everything; handles close on the loop, so run it once afterwards. */
-void moat_acmemgr_free(moat_acmemgr_t *m);
-
 #endif

@@ -1,6 +1,7 @@
 /* The internal certificate authority: a long-lived root (10 years) and a short-lived
- * intermediate (180 days) that signs leaf certificates for local names, IP literals and, until
- * ACME lands, every other name. ECDSA P-256 keys and SHA-256 signatures throughout.
+ * intermediate (180 days) that signs leaf certificates for the names no public CA issues for
+ * (local names, IP literals: moat_host_is_internal) and for sites with tls=internal; public
+ * names get theirs over ACME. ECDSA P-256 keys and SHA-256 signatures throughout.
  *
  * Both CA certificates and their keys live in storage under the ids "internal-root" and
  * "internal-intermediate". The root is created once and never overwritten; the intermediate is

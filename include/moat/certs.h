@@ -1,5 +1,6 @@
-/* Certificates: the immutable in-memory snapshot the TLS handshake reads, the certificate
- * manager that builds it on the control thread, and the certificate CLI commands.
+/* Certificates: the immutable in-memory snapshot the TLS handshake reads, and the certificate
+ * manager that builds it on the control thread. (The certificate CLI commands that use them
+ * are server-internal: server/certcmd.h.)
  *
  * Snapshot. A moat_certs_t maps host names (and IP literals) to certificates. Each certificate
  * is held ready for BoringSSL: the chain as CRYPTO_BUFFERs (DER) and the key as an EVP_PKEY,
@@ -80,7 +81,7 @@ int64_t moat_cert_not_after(const moat_cert_t *cert);
 /* Build a snapshot for every TLS site of `cfg` (sites/addresses with plain_http == 0):
  *   names that use ACME (moat_certs_site_uses_acme): the stored "acme:<sorted names>"
  *     certificate until it expires; none while it is pending (their handshakes are refused).
- *     Issuing and renewing it is server/acmemgr.c's job.
+ *     Issuing and renewing it is the ACME manager's job, not this module's.
  *   tls=files: load the site's tls_cert/tls_key PEM files and check them (key matches the
  *     leaf, each certificate issued by the next, none expired; a warning when the leaf expires
  *     within 14 days); stored as "files:<first name>" with source "files".
@@ -109,21 +110,5 @@ char *moat_certs_acme_id(const char *const *names, size_t n);
 int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **chain_pem,
                             char **key_pem, int64_t *not_before, int64_t *not_after, char *err,
                             size_t errlen);
-
-/* --- CLI commands (server/certcmd.c): print to stdout/stderr, return a process exit code --- */
-
-/* Print the internal root CA certificate (PEM), creating the CA on first use. */
-int moat_cmd_ca_root(const char *data_dir);
-/* add != 0: install the root into the system trust store
- * (/usr/local/share/ca-certificates/moat-root.crt + update-ca-certificates); add == 0: remove
- * it again. Needs root privileges. */
-int moat_cmd_trust(const char *data_dir, int add);
-/* Print a table of stored certificates (ID NAMES ISSUER NOT-AFTER NEXT-RENEWAL SOURCE
- * LAST-ERROR), then the ACME names of the site file at config_path (may be NULL) that are
- * still pending, with the next attempt and the last error. */
-int moat_cmd_certs(const char *data_dir, const char *config_path);
-
-/* moat_cmd_trust with the trust folder and the updater command given: for tests. */
-int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater);
 
 #endif

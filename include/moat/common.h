@@ -119,6 +119,13 @@ void *moat_xrealloc(void *p, size_t n);
 char *moat_xstrdup(const char *s);
 char *moat_xstrndup(const char *s, size_t n);
 
+/* Secrets (private keys as PEM, EAB HMAC keys). A memset right before free() is a dead store
+ * the compiler may drop; these wipe in a way it may not (explicit_bzero: the base needs no
+ * BoringSSL for it). moat_secret_free wipes a NUL-terminated secret and frees it; NULL is
+ * fine. */
+void moat_secret_wipe(void *p, size_t n);
+void moat_secret_free(char *s);
+
 #define MOAT_ARRAY_LEN(a)                    (sizeof(a) / sizeof((a)[0]))
 #define MOAT_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 #define MOAT_MIN(a, b)                       ((a) < (b) ? (a) : (b))

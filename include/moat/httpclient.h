@@ -8,6 +8,7 @@
 #include "moat/common.h"
 #include <stddef.h>
 #include <stdint.h>
+#include <strings.h>
 
 #define MOAT_HTTPC_MAX_BODY    (1024 * 1024)
 #define MOAT_HTTPC_MAX_HEADERS 64
@@ -28,9 +29,20 @@ typedef void (*moat_httpc_cb)(void *data, const moat_httpc_response_t *resp);
 
 /* The first header named `name` (case-insensitive), or NULL. Pass `from` = 0, or the index
  * after a previous match in *index to walk repeated headers; *index (may be NULL) gets the
- * match's index. */
-const char *moat_httpc_header(const moat_httpc_response_t *r, const char *name, size_t from,
-                              size_t *index);
+ * match's index. A lookup in the response struct, not a call into the client: inline here so
+ * that code handed a response (acme/, through moat_acme_io_t) needs nothing of server/. */
+static inline const char *moat_httpc_header(const moat_httpc_response_t *r, const char *name,
+                                            size_t from, size_t *index)
+{
+    for (size_t i = from; i < r->nheaders; i++) {
+        if (strcasecmp(r->names[i], name) == 0) {
+            if (index)
+                *index = i;
+            return r->values[i];
+        }
+    }
+    return NULL;
+}
 
 typedef struct moat_httpc moat_httpc_t;
 typedef struct uv_loop_s uv_loop_t;

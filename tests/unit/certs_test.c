@@ -1,5 +1,6 @@
 /* Unit tests for the certificate snapshot, the certificate manager, the TLS context and the
  * certificate commands: SQLite storage in a temporary folder, handshakes over a BIO pair. */
+#include "certcmd.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/common.h"

@@ -36,7 +36,8 @@ int moat_slice_eq(moat_slice_t a, const char *lit)
 
 char *moat_buf_reserve(moat_buf_t *b, size_t n)
 {
-    if (b->cap - b->len >= n)
+    /* An empty buffer has no memory yet: base + len would be NULL, which means failure. */
+    if (b->base != NULL && b->cap - b->len >= n)
         return b->base + b->len;
     /* Slide live bytes to the front before growing: a consumed prefix is free space. */
     if (b->off > 0) {
@@ -62,11 +63,13 @@ char *moat_buf_reserve(moat_buf_t *b, size_t n)
 
 int moat_buf_append(moat_buf_t *b, const void *p, size_t n)
 {
+    /* Nothing to add is not a reason to allocate: an idle connection holds no buffer. */
+    if (n == 0)
+        return 0;
     char *dst = moat_buf_reserve(b, n);
     if (dst == NULL)
         return MOAT_ENOMEM;
-    if (n)
-        memcpy(dst, p, n);
+    memcpy(dst, p, n);
     b->len += n;
     return 0;
 }
@@ -166,6 +169,20 @@ char *moat_xstrdup(const char *s)
 char *moat_xstrndup(const char *s, size_t n)
 {
     return check(strndup(s, n));
+}
+
+void moat_secret_wipe(void *p, size_t n)
+{
+    if (p != NULL && n > 0)
+        explicit_bzero(p, n);
+}
+
+void moat_secret_free(char *s)
+{
+    if (s == NULL)
+        return;
+    moat_secret_wipe(s, strlen(s));
+    free(s);
 }
 
 void moat_format_ip(const struct sockaddr *sa, char *out, size_t cap)

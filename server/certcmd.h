@@ -1,0 +1,21 @@
+/* Certificate CLI commands (server/certcmd.c): `moat ca-root`, `moat trust`, `moat certs`.
+ * Each prints to stdout/stderr and returns a process exit code. Server-internal: main.c calls
+ * them; they use the certificate module (include/moat/certs.h) and storage. */
+#ifndef MOAT_CERTCMD_H
+#define MOAT_CERTCMD_H
+
+/* Print the internal root CA certificate (PEM), creating the CA on first use. */
+int moat_cmd_ca_root(const char *data_dir);
+/* add != 0: install the root into the system trust store
+ * (/usr/local/share/ca-certificates/moat-root.crt + update-ca-certificates); add == 0: remove
+ * it again. Needs root privileges. */
+int moat_cmd_trust(const char *data_dir, int add);
+/* Print a table of stored certificates (ID NAMES ISSUER NOT-AFTER NEXT-RENEWAL SOURCE
+ * LAST-ERROR), then the ACME names of the site file at config_path (may be NULL) that are
+ * still pending, with the next attempt and the last error. */
+int moat_cmd_certs(const char *data_dir, const char *config_path);
+
+/* moat_cmd_trust with the trust folder and the updater command given: for tests. */
+int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater);
+
+#endif
