@@ -15,7 +15,6 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -228,29 +227,6 @@ void moat_certs_release(moat_certs_t *c)
 {
     if (c != NULL && atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
         certs_free(c);
-}
-
-/* The pointer and the reference taken on it must change together: without the lock a reader
- * could load the pointer, be preempted while publish drops the last reference, and then
- * increment freed memory. The critical section is two instructions, so a mutex is fine. */
-static pthread_mutex_t current_lock = PTHREAD_MUTEX_INITIALIZER;
-static moat_certs_t *current;
-
-void moat_certs_publish(moat_certs_t *c)
-{
-    pthread_mutex_lock(&current_lock);
-    moat_certs_t *old = current;
-    current = c;
-    pthread_mutex_unlock(&current_lock);
-    moat_certs_release(old);
-}
-
-moat_certs_t *moat_certs_acquire(void)
-{
-    pthread_mutex_lock(&current_lock);
-    moat_certs_t *c = moat_certs_ref(current);
-    pthread_mutex_unlock(&current_lock);
-    return c;
 }
 
 static const moat_cert_t *find(const moat_certs_t *c, const char *name)
@@ -474,8 +450,7 @@ out:
     BIO_free(out);
     free(cert_text);
     if (key_text != NULL) {
-        memset(key_text, 0, strlen(key_text));
-        free(key_text);
+        moat_secret_free(key_text);
     }
     return rc;
 }
@@ -585,8 +560,7 @@ static int site_files(moat_storage_t *st, const moat_site_t *s, const char *cons
     free(id);
     free(all);
     free(chain);
-    memset(key, 0, strlen(key));
-    free(key);
+    moat_secret_free(key);
     return rc;
 }
 
@@ -673,8 +647,7 @@ static int site_internal(moat_storage_t *st, moat_ca_t *ca, const moat_site_t *s
     }
     free(chain);
     if (key != NULL) {
-        memset(key, 0, strlen(key));
-        free(key);
+        moat_secret_free(key);
     }
 out:
     if (found)

@@ -1,4 +1,4 @@
-/* The control thread (include/moat/control.h). It alone touches the disk and SQLite; the
+/* The control thread (server/control.h). It alone touches the disk and SQLite; the
  * workers see only immutable snapshots it publishes. */
 #include "control.h"
 #include "acmemgr.h"
@@ -9,6 +9,7 @@
 #include "moat/log.h"
 #include "moat/runtime.h"
 #include "server.h"
+#include "snapshot.h"
 #include "moat/storage.h"
 #include "system.h"
 #include "moat/tls.h"
@@ -36,6 +37,12 @@ typedef struct {
     int stopping;
     moat_acmemgr_t *acme;
     uv_signal_t sigusr1; /* `moat renew` */
+    /* The control thread's own pointer to the current snapshot (the workers have theirs). */
+    moat_snapmgr_t *snap;
+    int reload_again; /* SIGHUP during a reload: read the file again when it ends */
+    int started;      /* first load done: status of the start below */
+    int start_status;
+    char start_err[1100];
 } control_t;
 
 static moat_config_t *load_config(const moat_run_opts_t *o)
@@ -115,46 +122,75 @@ static int plan_listeners(const moat_config_t *cfg, const moat_run_opts_t *o, mo
 
 static void on_renew(uv_timer_t *t);
 
-static int build_certs(control_t *c, const moat_config_t *cfg)
+/* Look at the certificates again when the current ones first need it. */
+static void schedule_renew(control_t *c)
 {
-    char err[1024] = "";
-    moat_certs_t *certs = NULL;
-    int64_t next = 0;
-    int r = moat_certmgr_build(c->storage, c->ca, cfg, &certs, &next, err, sizeof err);
-    if (r != 0) {
-        MOAT_ERROR("certificates: %s", err);
-        return r;
-    }
-    moat_certs_publish(certs);
+    int64_t next = moat_snapmgr_next_check(c->snap);
     int64_t now = (int64_t)time(NULL);
     int64_t delay = next > now ? next - now : 60;
     if (delay > 86400)
         delay = 86400; /* look again at least daily */
     uv_timer_start(&c->renew_timer, on_renew, (uint64_t)delay * 1000, 0);
+}
+
+static int recert(control_t *c)
+{
+    char err[1100] = "";
+    int r = moat_snapmgr_recert(c->snap, err, sizeof err);
+    if (r != 0) {
+        MOAT_ERROR("%s", err);
+        return r;
+    }
+    schedule_renew(c);
     return 0;
 }
 
 static void on_renew(uv_timer_t *t)
 {
     control_t *c = t->data;
-    moat_runtime_t *rt = moat_runtime_acquire();
     int renewed = 0;
     char err[512];
     if (moat_ca_maintain(c->ca, &renewed, err, sizeof err) != 0)
         MOAT_ERROR("internal CA: %s", err);
-    if (build_certs(c, rt->config) != 0)
+    if (recert(c) != 0)
         uv_timer_start(&c->renew_timer, on_renew, 60 * 1000, 0);
-    moat_runtime_release(rt);
 }
 
 /* The ACME manager stored a certificate: rebuild the snapshot from the current config. */
 static void acme_republish(void *data)
 {
+    recert(data);
+}
+
+/* The workers get every snapshot the manager publishes (nothing before they start: they
+ * start from the current one). */
+static void publish_to_workers(const moat_snapshot_t *s, void *data)
+{
+    (void)data;
+    moat_workers_publish(s);
+}
+
+static void reload(control_t *c);
+
+static void reload_done(int status, const char *err, void *data)
+{
     control_t *c = data;
-    moat_runtime_t *rt = moat_runtime_acquire();
-    if (rt != NULL) {
-        build_certs(c, rt->config);
-        moat_runtime_release(rt);
+    if (status != 0) {
+        if (!c->stopping)
+            MOAT_ERROR("reload: %s; still serving the previous configuration", err);
+    } else {
+        const moat_runtime_t *rt = moat_snapmgr_current(c->snap)->rt;
+        schedule_renew(c);
+        if (c->acme)
+            moat_acmemgr_update(c->acme, rt->config);
+        MOAT_INFO("reload: now serving %zu site(s) from %s", rt->config->nsites,
+                  c->opts->config_path);
+    }
+    if (!c->stopping)
+        moat_system_reloaded();
+    if (c->reload_again && !c->stopping) {
+        c->reload_again = 0;
+        reload(c);
     }
 }
 
@@ -165,11 +201,19 @@ static void reload(control_t *c)
         MOAT_INFO("reload: the site came from the command line; nothing to re-read");
         return;
     }
+    if (moat_snapmgr_busy(c->snap)) {
+        MOAT_INFO("reload: still resolving the previous reload; reading %s again after it",
+                  o->config_path);
+        c->reload_again = 1;
+        return;
+    }
+    moat_system_reloading();
     MOAT_INFO("reload: reading %s", o->config_path);
     moat_config_t *cfg = load_config(o);
     if (cfg == NULL) {
         MOAT_ERROR("reload: %s has errors; still serving the previous configuration",
                    o->config_path);
+        moat_system_reloaded();
         return;
     }
     moat_server_opts_t plan = {0};
@@ -177,6 +221,7 @@ static void reload(control_t *c)
     if (plan_listeners(cfg, o, &plan, err, sizeof err) != 0) {
         MOAT_ERROR("reload: %s; still serving the previous configuration", err);
         moat_config_free(cfg);
+        moat_system_reloaded();
         return;
     }
     int same = plan.nlistens == c->server.nlistens;
@@ -186,20 +231,8 @@ static void reload(control_t *c)
     if (!same)
         MOAT_WARN("reload: the set of listening ports changed; that takes a restart "
                   "(sites on new ports are not served until then)");
-    if (build_certs(c, cfg) != 0) {
-        MOAT_ERROR("reload: still serving the previous configuration");
-        moat_config_free(cfg);
-        return;
-    }
-    moat_runtime_t *rt = moat_runtime_new(cfg, o->http_port, o->https_port, err, sizeof err);
-    if (rt == NULL) {
-        MOAT_ERROR("reload: %s; still serving the previous configuration", err);
-        return;
-    }
-    moat_runtime_publish(rt);
-    if (c->acme)
-        moat_acmemgr_update(c->acme, rt->config);
-    MOAT_INFO("reload: now serving %zu site(s) from %s", cfg->nsites, o->config_path);
+    /* Resolving, building and publishing go on in the loop; reload_done reports. */
+    moat_snapmgr_load(c->snap, cfg, reload_done, c);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -211,9 +244,7 @@ static void on_signal(uv_signal_t *s, int signum)
         return;
     }
     if (signum == SIGHUP) {
-        moat_system_reloading();
         reload(c);
-        moat_system_reloaded();
         return;
     }
     if (c->stopping)
@@ -227,8 +258,17 @@ static void on_signal(uv_signal_t *s, int signum)
 
 static void on_tickets(uv_timer_t *t)
 {
-    (void)t;
-    moat_tls_rotate_ticket_keys();
+    control_t *c = t->data;
+    moat_snapmgr_rotate_keys(c->snap);
+}
+
+static void start_done(int status, const char *err, void *data)
+{
+    control_t *c = data;
+    c->started = 1;
+    c->start_status = status;
+    if (err != NULL)
+        snprintf(c->start_err, sizeof c->start_err, "%s", err);
 }
 
 static int write_pid_file(control_t *c)
@@ -254,7 +294,7 @@ int moat_control_run(const moat_run_opts_t *o)
     control_t c = {.opts = o};
     char err[1024] = "";
     int code = MOAT_EXIT_START; /* see system.h: 1 only for configuration errors */
-    moat_runtime_t *rt = NULL;
+    const moat_runtime_t *rt = NULL;
     SSL_CTX *tls = NULL;
 
     moat_config_t *cfg = load_config(o);
@@ -287,16 +327,26 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_timer_init(c.loop, &c.renew_timer);
     uv_timer_init(c.loop, &c.ticket_timer);
     c.renew_timer.data = c.ticket_timer.data = &c;
-    if (build_certs(&c, cfg) != 0) {
-        moat_config_free(cfg);
+    moat_snapmgr_opts_t so = {.loop = c.loop,
+                              .storage = c.storage,
+                              .ca = c.ca,
+                              .http_port = o->http_port,
+                              .https_port = o->https_port,
+                              .publish = publish_to_workers};
+    c.snap = moat_snapmgr_new(&so);
+    /* The first load goes through the loop like any reload (uv_getaddrinfo), but nothing else
+     * runs yet, so for the operator it is simply the start: serve, or say why not. */
+    moat_snapmgr_load(c.snap, cfg, start_done, &c);
+    cfg = NULL; /* the runtime owns it now */
+    while (!c.started)
+        uv_run(c.loop, UV_RUN_ONCE);
+    if (c.start_status != 0) {
+        MOAT_ERROR("%s", c.start_err);
         goto out;
     }
-    rt = moat_runtime_new(cfg, o->http_port, o->https_port, err, sizeof err);
-    if (rt == NULL) {
-        MOAT_ERROR("%s", err);
-        goto out;
-    }
-    moat_runtime_publish(rt);
+    rt = moat_snapmgr_current(c.snap)->rt;
+    schedule_renew(&c);
+    /* ALPN is fixed before the context exists and stays so: handshakes read it unlocked. */
     moat_h2conn_init_alpn();
     tls = moat_tls_server_ctx_new(err, sizeof err);
     if (tls == NULL) {
@@ -324,15 +374,15 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_signal_start(&c.sigint, on_signal, SIGINT);
     uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
-    if (moat_workers_start(&c.server) != 0) {
+    if (moat_workers_start(&c.server, moat_snapmgr_current(c.snap)) != 0) {
         MOAT_ERROR("cannot start the worker threads");
         goto out;
     }
     for (size_t i = 0; i < c.server.nlistens; i++)
         MOAT_INFO("listening on port %d (%s)", c.server.listens[i].port,
                   c.server.listens[i].tls ? "HTTPS" : "HTTP");
-    for (size_t i = 0; i < cfg->nsites; i++) {
-        const moat_site_addr_t *a = &cfg->sites[i].addrs[0];
+    for (size_t i = 0; i < rt->config->nsites; i++) {
+        const moat_site_addr_t *a = &rt->config->sites[i].addrs[0];
         int v6 = a->kind == MOAT_HOST_IPV6;
         MOAT_INFO("serving %s://%s%s%s:%d -> %s", a->plain_http ? "http" : "https", v6 ? "[" : "",
                   a->host, v6 ? "]" : "", moat_runtime_addr_port(rt, a),
@@ -358,6 +408,12 @@ int moat_control_run(const moat_run_opts_t *o)
     code = 0;
     MOAT_INFO("stopped");
 out:
+    if (c.snap != NULL) {
+        /* A reload still resolving: its lookups must end before the loop and memory go. */
+        moat_snapmgr_cancel(c.snap);
+        while (moat_snapmgr_busy(c.snap))
+            uv_run(c.loop, UV_RUN_ONCE);
+    }
     moat_listen_close_all(&c.server);
     if (c.pid_path[0])
         unlink(c.pid_path);
@@ -375,7 +431,7 @@ out:
         }
         uv_run(c.loop, UV_RUN_NOWAIT);
     }
-    moat_runtime_clear();
+    moat_snapmgr_free(c.snap);
     moat_sock_thread_cleanup(); /* the ACME client used sockets on this thread */
     if (tls)
         SSL_CTX_free(tls);

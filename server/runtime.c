@@ -3,15 +3,13 @@
 #include "moat/log.h"
 
 #include <netdb.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <sys/un.h>
 
 #define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
 
-static pthread_mutex_t publish_lock = PTHREAD_MUTEX_INITIALIZER;
-static moat_runtime_t *current;
-static uint64_t generation;
+/* Publish order, for logs; only the control thread builds, but tests build from others. */
+static atomic_uint_fast64_t generation;
 
 static void runtime_free(moat_runtime_t *rt)
 {
@@ -27,32 +25,79 @@ static void runtime_free(moat_runtime_t *rt)
     free(rt);
 }
 
-static int resolve(const moat_upstream_addr_t *a, moat_upstream_t *u, char *err, size_t errlen)
+moat_runtime_t *moat_runtime_ref(moat_runtime_t *rt)
 {
-    if (a->kind == MOAT_UPSTREAM_UNIX) {
-        struct sockaddr_un *sun = (struct sockaddr_un *)&u->addr;
-        if (strlen(a->path) >= sizeof sun->sun_path) {
-            snprintf(err, errlen, "unix socket path too long: %s", a->path);
-            return MOAT_EINVAL;
-        }
-        sun->sun_family = AF_UNIX;
-        strcpy(sun->sun_path, a->path);
-        u->addrlen = sizeof *sun;
-        snprintf(u->label, sizeof u->label, "unix:%s", a->path);
-        return 0;
+    if (rt != NULL)
+        atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+    return rt;
+}
+
+void moat_runtime_unref(moat_runtime_t *rt)
+{
+    if (rt != NULL && atomic_fetch_sub_explicit(&rt->refs, 1, memory_order_acq_rel) == 1)
+        runtime_free(rt);
+}
+
+/* --- the asynchronous build ------------------------------------------------------------- */
+
+/* One upstream being looked up. */
+typedef struct {
+    uv_getaddrinfo_t req;
+    moat_runtime_build_t *b;
+    const moat_upstream_addr_t *a;
+    moat_upstream_t *u;
+    int status; /* 0 or a libuv error */
+    unsigned done : 1;
+    unsigned path_too_long : 1;
+} lookup_t;
+
+struct moat_runtime_build {
+    moat_runtime_t *rt;
+    moat_runtime_built_cb cb;
+    void *data;
+    lookup_t *lookups; /* one per upstream, in file order */
+    size_t nlookups, pending;
+    uv_work_t nothing; /* completes a build that has no host name to look up */
+    int cancelled;
+};
+
+/* The resolver's reason as getaddrinfo itself words it ("Name or service not known"): the
+ * same sentence moat printed when it still called getaddrinfo directly. */
+static const char *lookup_reason(int status)
+{
+    static const struct {
+        int uv, eai;
+    } map[] = {
+        {UV_EAI_NONAME, EAI_NONAME}, {UV_EAI_AGAIN, EAI_AGAIN},
+        {UV_EAI_FAIL, EAI_FAIL},     {UV_EAI_NODATA, EAI_NODATA},
+        {UV_EAI_FAMILY, EAI_FAMILY}, {UV_EAI_SERVICE, EAI_SERVICE},
+        {UV_EAI_MEMORY, EAI_MEMORY}, {UV_EAI_ADDRFAMILY, EAI_ADDRFAMILY},
+    };
+    for (size_t i = 0; i < MOAT_ARRAY_LEN(map); i++)
+        if (map[i].uv == status)
+            return gai_strerror(map[i].eai);
+    return uv_strerror(status);
+}
+
+static void unix_upstream(lookup_t *l)
+{
+    struct sockaddr_un *sun = (struct sockaddr_un *)&l->u->addr;
+    if (strlen(l->a->path) >= sizeof sun->sun_path) {
+        l->path_too_long = 1;
+        return;
     }
-    char port[16];
-    snprintf(port, sizeof port, "%d", a->port);
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_family = AF_UNSPEC};
-    struct addrinfo *res = NULL;
-    int r = getaddrinfo(a->host, port, &hints, &res);
-    if (r != 0 || res == NULL) {
-        snprintf(err, errlen, "cannot resolve upstream host '%s': %s", a->host, gai_strerror(r));
-        return MOAT_ENOT_FOUND;
-    }
+    sun->sun_family = AF_UNIX;
+    strcpy(sun->sun_path, l->a->path);
+    l->u->addrlen = sizeof *sun;
+    snprintf(l->u->label, sizeof l->u->label, "unix:%s", l->a->path);
+}
+
+static void tcp_upstream(lookup_t *l, const struct addrinfo *res)
+{
+    const moat_upstream_addr_t *a = l->a;
+    moat_upstream_t *u = l->u;
     memcpy(&u->addr, res->ai_addr, res->ai_addrlen);
     u->addrlen = res->ai_addrlen;
-    freeaddrinfo(res);
     int v6 = strchr(a->host, ':') != NULL;
     snprintf(u->label, sizeof u->label, "%s%s%s:%d", v6 ? "[" : "", a->host, v6 ? "]" : "",
              a->port);
@@ -60,34 +105,33 @@ static int resolve(const moat_upstream_addr_t *a, moat_upstream_t *u, char *err,
         u->tls = 1;
         u->tls_name = moat_xstrdup(a->host);
     }
-    return 0;
 }
 
-moat_runtime_t *moat_runtime_new(moat_config_t *cfg, int http_port, int https_port, char *err,
-                                 size_t errlen)
+static void build_finish(moat_runtime_build_t *b)
 {
-    moat_runtime_t *rt = moat_xcalloc(1, sizeof *rt);
-    rt->config = cfg;
-    rt->http_port = http_port;
-    rt->https_port = https_port;
-    rt->nsites = cfg->nsites;
-    rt->sites = moat_xcalloc(cfg->nsites, sizeof *rt->sites);
+    moat_runtime_t *rt = b->rt;
+    char err[512] = "";
+    if (b->cancelled)
+        snprintf(err, sizeof err, "cancelled");
+    for (size_t i = 0; err[0] == '\0' && i < b->nlookups; i++) {
+        const lookup_t *l = &b->lookups[i];
+        if (l->path_too_long)
+            snprintf(err, sizeof err, "unix socket path too long: %s", l->a->path);
+        else if (l->status != 0)
+            snprintf(err, sizeof err, "cannot resolve upstream host '%s': %s", l->a->host,
+                     lookup_reason(l->status));
+    }
     int need_tls = 0;
-    for (size_t i = 0; i < cfg->nsites; i++) {
-        moat_site_rt_t *s = &rt->sites[i];
-        s->site = &cfg->sites[i];
-        rt->header_timeout_ms = MOAT_MAX(rt->header_timeout_ms, s->site->header_timeout_ms);
-        rt->keepalive_timeout_ms =
-            MOAT_MAX(rt->keepalive_timeout_ms, s->site->keepalive_timeout_ms);
-        s->nupstreams = s->site->nupstreams;
-        s->upstreams = moat_xcalloc(s->nupstreams, sizeof *s->upstreams);
-        for (size_t j = 0; j < s->nupstreams; j++) {
-            if (resolve(&s->site->upstreams[j], &s->upstreams[j], err, errlen) != 0) {
-                runtime_free(rt);
-                return NULL;
-            }
-            need_tls |= s->upstreams[j].tls;
-        }
+    for (size_t i = 0; i < b->nlookups; i++)
+        need_tls |= b->lookups[i].u->tls;
+    moat_runtime_built_cb cb = b->cb;
+    void *data = b->data;
+    free(b->lookups);
+    free(b);
+    if (err[0] != '\0') {
+        runtime_free(rt);
+        cb(NULL, err, data);
+        return;
     }
     if (need_tls) {
         rt->upstream_tls = SSL_CTX_new(TLS_method());
@@ -97,52 +141,97 @@ moat_runtime_t *moat_runtime_new(moat_config_t *cfg, int http_port, int https_po
                       "(install ca-certificates)",
                       SYSTEM_CA_BUNDLE);
     }
-    return rt;
+    rt->generation = atomic_fetch_add(&generation, 1) + 1;
+    cb(rt, NULL, data);
 }
 
-void moat_runtime_publish(moat_runtime_t *rt)
+static void on_lookup(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 {
-    pthread_mutex_lock(&publish_lock);
-    moat_runtime_t *old = current;
-    rt->refs++;
-    rt->generation = ++generation;
-    current = rt;
-    int free_old = old != NULL && --old->refs == 0;
-    pthread_mutex_unlock(&publish_lock);
-    if (free_old)
-        runtime_free(old);
+    lookup_t *l = MOAT_CONTAINER_OF(req, lookup_t, req);
+    moat_runtime_build_t *b = l->b;
+    l->done = 1;
+    if (status == 0 && res == NULL)
+        status = UV_EAI_NODATA;
+    l->status = status;
+    if (status == 0)
+        tcp_upstream(l, res);
+    uv_freeaddrinfo(res);
+    if (--b->pending == 0)
+        build_finish(b);
 }
 
-void moat_runtime_clear(void)
+static void nothing_work(uv_work_t *w)
 {
-    pthread_mutex_lock(&publish_lock);
-    moat_runtime_t *old = current;
-    current = NULL;
-    int free_old = old != NULL && --old->refs == 0;
-    pthread_mutex_unlock(&publish_lock);
-    if (free_old)
-        runtime_free(old);
+    (void)w;
 }
 
-moat_runtime_t *moat_runtime_acquire(void)
+static void nothing_done(uv_work_t *w, int status)
 {
-    pthread_mutex_lock(&publish_lock);
-    moat_runtime_t *rt = current;
-    if (rt)
-        rt->refs++;
-    pthread_mutex_unlock(&publish_lock);
-    return rt;
+    (void)status;
+    build_finish(MOAT_CONTAINER_OF(w, moat_runtime_build_t, nothing));
 }
 
-void moat_runtime_release(moat_runtime_t *rt)
+moat_runtime_build_t *moat_runtime_build(uv_loop_t *loop, moat_config_t *cfg, int http_port,
+                                         int https_port, moat_runtime_built_cb cb, void *data)
 {
-    if (rt == NULL)
-        return;
-    pthread_mutex_lock(&publish_lock);
-    int last = --rt->refs == 0;
-    pthread_mutex_unlock(&publish_lock);
-    if (last)
-        runtime_free(rt);
+    moat_runtime_t *rt = moat_xcalloc(1, sizeof *rt);
+    atomic_init(&rt->refs, 1);
+    rt->config = cfg;
+    rt->http_port = http_port;
+    rt->https_port = https_port;
+    rt->nsites = cfg->nsites;
+    rt->sites = moat_xcalloc(cfg->nsites, sizeof *rt->sites);
+    moat_runtime_build_t *b = moat_xcalloc(1, sizeof *b);
+    b->rt = rt;
+    b->cb = cb;
+    b->data = data;
+    for (size_t i = 0; i < cfg->nsites; i++)
+        b->nlookups += cfg->sites[i].nupstreams;
+    b->lookups = moat_xcalloc(b->nlookups ? b->nlookups : 1, sizeof *b->lookups);
+    size_t k = 0;
+    for (size_t i = 0; i < cfg->nsites; i++) {
+        moat_site_rt_t *s = &rt->sites[i];
+        s->site = &cfg->sites[i];
+        rt->header_timeout_ms = MOAT_MAX(rt->header_timeout_ms, s->site->header_timeout_ms);
+        rt->keepalive_timeout_ms =
+            MOAT_MAX(rt->keepalive_timeout_ms, s->site->keepalive_timeout_ms);
+        s->nupstreams = s->site->nupstreams;
+        s->upstreams = moat_xcalloc(s->nupstreams, sizeof *s->upstreams);
+        for (size_t j = 0; j < s->nupstreams; j++, k++)
+            b->lookups[k] = (lookup_t){.b = b, .a = &s->site->upstreams[j], .u = &s->upstreams[j]};
+    }
+    /* Every lookup is started before any can complete (completions run on the loop, never
+     * inside uv_getaddrinfo), so `pending` only reaches zero from a callback. */
+    b->pending = 1;
+    for (size_t i = 0; i < b->nlookups; i++) {
+        lookup_t *l = &b->lookups[i];
+        if (l->a->kind == MOAT_UPSTREAM_UNIX) {
+            l->done = 1;
+            unix_upstream(l);
+            continue;
+        }
+        char port[16];
+        snprintf(port, sizeof port, "%d", l->a->port);
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_family = AF_UNSPEC};
+        int r = uv_getaddrinfo(loop, &l->req, on_lookup, l->a->host, port, &hints);
+        if (r != 0) {
+            l->done = 1;
+            l->status = r;
+        } else {
+            b->pending++;
+        }
+    }
+    if (--b->pending == 0 && uv_queue_work(loop, &b->nothing, nothing_work, nothing_done) != 0)
+        abort(); /* only fails for a NULL callback */
+    return b;
+}
+
+void moat_runtime_build_cancel(moat_runtime_build_t *b)
+{
+    b->cancelled = 1;
+    for (size_t i = 0; i < b->nlookups; i++)
+        if (!b->lookups[i].done)
+            uv_cancel((uv_req_t *)&b->lookups[i].req);
 }
 
 int moat_runtime_addr_port(const moat_runtime_t *rt, const moat_site_addr_t *a)

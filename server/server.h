@@ -6,6 +6,7 @@
 
 #include "moat/common.h"
 #include "moat/sock.h"
+#include "snapshot.h"
 #include <openssl/ssl.h>
 #include <uv.h>
 
@@ -34,8 +35,13 @@ typedef struct {
 int moat_listen_all(moat_server_opts_t *o, char *err, size_t errlen);
 void moat_listen_close_all(moat_server_opts_t *o);
 
-/* Start the worker threads; they run until moat_workers_stop(). */
-int moat_workers_start(const moat_server_opts_t *o);
+/* Start the worker threads from snapshot `first` (references taken; first->rt not NULL); they
+ * run until moat_workers_stop(). */
+int moat_workers_start(const moat_server_opts_t *o, const moat_snapshot_t *first);
+/* Hand a new snapshot to every running worker (references taken); each swaps it in at its next
+ * loop turn, and the old one is freed when no worker and no request uses it any more. A
+ * no-op before the start. Control thread. */
+void moat_workers_publish(const moat_snapshot_t *s);
 /* Stop accepting; let requests in flight finish within the grace period; join the threads. */
 void moat_workers_stop(void);
 

@@ -15,6 +15,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,32 +36,55 @@ typedef struct {
     uint8_t name[16];
     uint8_t aes[32];
     uint8_t hmac[32];
-    int valid;
 } ticket_key_t;
 
-/* keys[0] encrypts new tickets; keys[1..] only decrypt. */
+/* k[0] encrypts new tickets; k[1..n-1] only decrypt. Never changes after moat_tls_keys_new:
+ * a rotation is a new set, published to the workers like any other snapshot. */
 #define TICKET_KEYS 3
-static ticket_key_t ticket_keys[TICKET_KEYS];
-static pthread_rwlock_t ticket_lock = PTHREAD_RWLOCK_INITIALIZER;
+struct moat_tls_keys {
+    atomic_size_t refs;
+    size_t n;
+    ticket_key_t k[TICKET_KEYS];
+};
 
-static void new_ticket_key(ticket_key_t *k)
+/* What this thread's handshakes read (moat_tls_thread_use). A worker sets both between
+ * events, and the objects stay alive until it sets others, so callbacks read them without a
+ * lock or a reference. */
+static _Thread_local const moat_certs_t *thread_certs;
+static _Thread_local const moat_tls_keys_t *thread_keys;
+
+moat_tls_keys_t *moat_tls_keys_new(const moat_tls_keys_t *prev)
 {
-    RAND_bytes(k->name, sizeof k->name);
-    RAND_bytes(k->aes, sizeof k->aes);
-    RAND_bytes(k->hmac, sizeof k->hmac);
-    k->valid = 1;
+    moat_tls_keys_t *ks = moat_xcalloc(1, sizeof *ks);
+    atomic_init(&ks->refs, 1);
+    RAND_bytes(ks->k[0].name, sizeof ks->k[0].name);
+    RAND_bytes(ks->k[0].aes, sizeof ks->k[0].aes);
+    RAND_bytes(ks->k[0].hmac, sizeof ks->k[0].hmac);
+    ks->n = 1;
+    for (size_t i = 0; prev != NULL && i < prev->n && ks->n < TICKET_KEYS; i++)
+        ks->k[ks->n++] = prev->k[i];
+    return ks;
 }
 
-void moat_tls_rotate_ticket_keys(void)
+moat_tls_keys_t *moat_tls_keys_ref(moat_tls_keys_t *ks)
 {
-    ticket_key_t fresh;
-    new_ticket_key(&fresh);
-    pthread_rwlock_wrlock(&ticket_lock);
-    OPENSSL_cleanse(&ticket_keys[TICKET_KEYS - 1], sizeof ticket_keys[0]);
-    memmove(&ticket_keys[1], &ticket_keys[0], (TICKET_KEYS - 1) * sizeof ticket_keys[0]);
-    ticket_keys[0] = fresh;
-    pthread_rwlock_unlock(&ticket_lock);
-    OPENSSL_cleanse(&fresh, sizeof fresh);
+    if (ks != NULL)
+        atomic_fetch_add_explicit(&ks->refs, 1, memory_order_relaxed);
+    return ks;
+}
+
+void moat_tls_keys_release(moat_tls_keys_t *ks)
+{
+    if (ks != NULL && atomic_fetch_sub_explicit(&ks->refs, 1, memory_order_acq_rel) == 1) {
+        OPENSSL_cleanse(ks, sizeof *ks);
+        free(ks);
+    }
+}
+
+void moat_tls_thread_use(const moat_certs_t *certs, const moat_tls_keys_t *keys)
+{
+    thread_certs = certs;
+    thread_keys = keys;
 }
 
 /* BoringSSL's ticket callback: encrypt mode returns 1 or -1; decrypt mode returns 1 (ok),
@@ -69,32 +93,33 @@ static int ticket_cb(SSL *ssl, uint8_t *key_name, uint8_t *iv, EVP_CIPHER_CTX *c
                      int encrypt)
 {
     (void)ssl;
-    ticket_key_t k;
-    int idx = -1;
-    pthread_rwlock_rdlock(&ticket_lock);
+    const moat_tls_keys_t *ks = thread_keys;
+    if (ks == NULL)
+        return encrypt ? -1 : 0;
+    const ticket_key_t *k = NULL;
+    size_t idx = 0;
     if (encrypt) {
-        idx = 0;
+        k = &ks->k[0];
     } else {
-        for (int i = 0; i < TICKET_KEYS && idx < 0; i++)
-            if (ticket_keys[i].valid && CRYPTO_memcmp(ticket_keys[i].name, key_name, 16) == 0)
+        for (size_t i = 0; i < ks->n && k == NULL; i++) {
+            if (CRYPTO_memcmp(ks->k[i].name, key_name, 16) == 0) {
+                k = &ks->k[i];
                 idx = i;
+            }
+        }
+        if (k == NULL)
+            return 0;
     }
-    if (idx >= 0)
-        k = ticket_keys[idx];
-    pthread_rwlock_unlock(&ticket_lock);
-    if (idx < 0)
-        return 0;
 
     int ok;
     if (encrypt) {
-        memcpy(key_name, k.name, sizeof k.name);
+        memcpy(key_name, k->name, sizeof k->name);
         ok = RAND_bytes(iv, EVP_CIPHER_iv_length(EVP_aes_256_cbc())) &&
-             EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv);
+             EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv);
     } else {
-        ok = EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv);
+        ok = EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv);
     }
-    ok = ok && HMAC_Init_ex(hctx, k.hmac, sizeof k.hmac, EVP_sha256(), NULL);
-    OPENSSL_cleanse(&k, sizeof k);
+    ok = ok && HMAC_Init_ex(hctx, k->hmac, sizeof k->hmac, EVP_sha256(), NULL);
     if (!ok)
         return -1;
     return encrypt ? 1 : (idx == 0 ? 1 : 2);
@@ -105,19 +130,25 @@ static int ticket_cb(SSL *ssl, uint8_t *key_name, uint8_t *iv, EVP_CIPHER_CTX *c
 #define MAX_ALPN 8
 
 /* Per-connection marks (SSL ex_data): the local address, an unknown SNI name to refuse, and a
- * TLS-ALPN-01 validation connection. */
-static int ex_local_addr = -1, ex_refused = -1, ex_acme = -1;
+ * TLS-ALPN-01 validation connection. Per-context: the ALPN preference list. */
+static int ex_local_addr = -1, ex_refused = -1, ex_acme = -1, ex_ctx_alpn = -1;
 static char refused_marker, acme_marker;
 
-/* Protocol names are interned forever so that moat_tls_selected_alpn can hand out stable
- * pointers even after the preference list changes. */
+/* A context's preference list, copied from the defaults when the context is made and never
+ * changed afterwards: the ALPN callback reads it on every handshake without a lock. */
+typedef struct {
+    size_t n;
+    const char *p[MAX_ALPN];
+} alpn_list_t;
+
+/* Protocol names are interned forever so that lists and moat_tls_selected_alpn can hand out
+ * stable pointers. Written only by moat_tls_set_alpn, before any context exists. */
 static const char *interned[32] = {"http/1.1", "h2", "acme-tls/1"};
 static size_t ninterned = 3;
-static const char *alpn_prefs[MAX_ALPN] = {"http/1.1"};
-static size_t nalpn_prefs = 1;
-static pthread_rwlock_t alpn_lock = PTHREAD_RWLOCK_INITIALIZER;
+#define NBUILTIN 3
+static alpn_list_t alpn_defaults = {1, {"http/1.1"}};
 
-static const char *intern_locked(const char *p)
+static const char *intern(const char *p)
 {
     for (size_t i = 0; i < ninterned; i++)
         if (strcmp(interned[i], p) == 0)
@@ -129,22 +160,31 @@ static const char *intern_locked(const char *p)
 
 void moat_tls_set_alpn(const char *const *protos, size_t n)
 {
-    pthread_rwlock_wrlock(&alpn_lock);
-    nalpn_prefs = 0;
-    for (size_t i = 0; i < n && nalpn_prefs < MAX_ALPN; i++) {
+    alpn_defaults.n = 0;
+    for (size_t i = 0; i < n && alpn_defaults.n < MAX_ALPN; i++) {
         size_t len = strlen(protos[i]);
-        const char *p = (len > 0 && len < 256) ? intern_locked(protos[i]) : NULL;
+        const char *p = (len > 0 && len < 256) ? intern(protos[i]) : NULL;
         if (p != NULL)
-            alpn_prefs[nalpn_prefs++] = p;
+            alpn_defaults.p[alpn_defaults.n++] = p;
     }
-    pthread_rwlock_unlock(&alpn_lock);
+}
+
+static void alpn_list_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int index, long argl,
+                           void *argp)
+{
+    (void)parent;
+    (void)ad;
+    (void)index;
+    (void)argl;
+    (void)argp;
+    free(ptr);
 }
 
 /* Server preference: the first of our protocols that the client offered wins. */
 static int alpn_cb(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uint8_t *in,
                    unsigned inlen, void *arg)
 {
-    (void)arg;
+    const alpn_list_t *prefs = arg;
     if (SSL_get_ex_data(ssl, ex_acme) != NULL) {
         for (unsigned off = 0; off < inlen;) {
             unsigned l = in[off];
@@ -159,25 +199,21 @@ static int alpn_cb(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uint8_t
         }
         return SSL_TLSEXT_ERR_ALERT_FATAL;
     }
-    int rc = SSL_TLSEXT_ERR_NOACK;
-    pthread_rwlock_rdlock(&alpn_lock);
-    for (size_t i = 0; i < nalpn_prefs && rc != SSL_TLSEXT_ERR_OK; i++) {
-        size_t plen = strlen(alpn_prefs[i]);
+    for (size_t i = 0; i < prefs->n; i++) {
+        size_t plen = strlen(prefs->p[i]);
         for (unsigned off = 0; off < inlen;) {
             unsigned l = in[off];
             if (l == 0 || off + 1 + l > inlen)
                 break;
-            if (l == plen && memcmp(in + off + 1, alpn_prefs[i], plen) == 0) {
+            if (l == plen && memcmp(in + off + 1, prefs->p[i], plen) == 0) {
                 *out = in + off + 1;
                 *outlen = (uint8_t)l;
-                rc = SSL_TLSEXT_ERR_OK;
-                break;
+                return SSL_TLSEXT_ERR_OK;
             }
             off += 1 + l;
         }
     }
-    pthread_rwlock_unlock(&alpn_lock);
-    return rc;
+    return SSL_TLSEXT_ERR_NOACK;
 }
 
 const char *moat_tls_selected_alpn(const SSL *ssl)
@@ -187,13 +223,16 @@ const char *moat_tls_selected_alpn(const SSL *ssl)
     SSL_get0_alpn_selected(ssl, &p, &len);
     if (len == 0)
         return NULL;
-    const char *r = NULL;
-    pthread_rwlock_rdlock(&alpn_lock);
-    for (size_t i = 0; i < ninterned && r == NULL; i++)
+    /* The context's own list, then the built-in names, which never change: nothing here reads
+     * what moat_tls_set_alpn writes. */
+    const alpn_list_t *prefs = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_alpn);
+    for (size_t i = 0; prefs != NULL && i < prefs->n; i++)
+        if (strlen(prefs->p[i]) == len && memcmp(prefs->p[i], p, len) == 0)
+            return prefs->p[i];
+    for (size_t i = 0; i < NBUILTIN; i++)
         if (strlen(interned[i]) == len && memcmp(interned[i], p, len) == 0)
-            r = interned[i];
-    pthread_rwlock_unlock(&alpn_lock);
-    return r;
+            return interned[i];
+    return NULL;
 }
 
 /* --- certificate selection ---------------------------------------------------------------- */
@@ -205,6 +244,7 @@ static void ex_init(void)
     ex_local_addr = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
     ex_refused = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
     ex_acme = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    ex_ctx_alpn = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_list_free);
 }
 
 /* Whether the ClientHello's ALPN list offers `proto`. */
@@ -257,14 +297,18 @@ static const char *local_ip(SSL *ssl, char *buf, size_t cap)
     return NULL;
 }
 
-/* Runs first on every ClientHello, on a worker thread: a reference on the snapshot, a lookup
- * and SSL_set_chain_and_key (references only). An unknown SNI name is not rejected here,
- * because returning an error from this callback sends handshake_failure; it is marked, and the
- * servername callback, which runs next, sends the unrecognized_name alert instead. */
+/* Runs first on every ClientHello, on a worker thread: a lookup in the thread's snapshot (no
+ * lock, no reference: the worker swaps it only between events, and SSL_set_chain_and_key takes
+ * its own references on the chain and key, so the handshake outlives a swap). An unknown SNI name
+ * is not rejected here, because returning an error from this callback sends handshake_failure; it
+ * is marked, and the servername callback, which runs next, sends the unrecognized_name alert
+ * instead. */
 static enum ssl_select_cert_result_t select_cert_cb(const SSL_CLIENT_HELLO *ch)
 {
     SSL *ssl = ch->ssl;
     const char *sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (thread_keys == NULL)
+        SSL_set_options(ssl, SSL_OP_NO_TICKET); /* nothing to encrypt a ticket with */
     /* TLS-ALPN-01 (RFC 8737): a validation connection gets the challenge certificate and
      * nothing else; it speaks no HTTP. */
     if (sni != NULL && offers_alpn(ch, "acme-tls/1")) {
@@ -277,10 +321,8 @@ static enum ssl_select_cert_result_t select_cert_cb(const SSL_CLIENT_HELLO *ch)
     }
     char ipbuf[INET6_ADDRSTRLEN];
     const char *ip = sni ? NULL : local_ip(ssl, ipbuf, sizeof ipbuf);
-    moat_certs_t *c = moat_certs_acquire();
-    const moat_cert_t *cert = moat_certs_lookup(c, sni, ip);
+    const moat_cert_t *cert = moat_certs_lookup(thread_certs, sni, ip);
     int rc = cert ? moat_cert_install(cert, ssl) : MOAT_ENOT_FOUND;
-    moat_certs_release(c);
     if (rc == 0)
         return ssl_select_cert_success;
     if (rc == MOAT_ENOT_FOUND && sni != NULL) {
@@ -304,21 +346,10 @@ static int servername_cb(SSL *ssl, int *alert, void *arg)
 
 /* --- the context ------------------------------------------------------------------------ */
 
-static pthread_once_t keys_once = PTHREAD_ONCE_INIT;
-
-static void keys_init(void)
-{
-    pthread_rwlock_wrlock(&ticket_lock);
-    if (!ticket_keys[0].valid)
-        new_ticket_key(&ticket_keys[0]);
-    pthread_rwlock_unlock(&ticket_lock);
-}
-
 SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
 {
     pthread_once(&ex_once, ex_init);
-    pthread_once(&keys_once, keys_init);
-    if (ex_local_addr < 0 || ex_refused < 0 || ex_acme < 0) {
+    if (ex_local_addr < 0 || ex_refused < 0 || ex_acme < 0 || ex_ctx_alpn < 0) {
         moat_errf(err, errlen, "TLS setup failed: no ex_data index");
         return NULL;
     }
@@ -327,12 +358,18 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
         moat_errf(err, errlen, "TLS setup failed: cannot create an SSL_CTX");
         return NULL;
     }
-    int ok = SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) &&
-             SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION) &&
-             SSL_CTX_set_strict_cipher_list(ctx, cipher_list) &&
-             SSL_CTX_set1_curves_list(ctx, "X25519:P-256") &&
-             SSL_CTX_set_tlsext_ticket_key_cb(ctx, ticket_cb) &&
-             SSL_CTX_set_tlsext_servername_callback(ctx, servername_cb);
+    /* Owned by the context from here on (freed with it by alpn_list_free). */
+    alpn_list_t *prefs = moat_xmalloc(sizeof *prefs);
+    *prefs = alpn_defaults;
+    int ok = SSL_CTX_set_ex_data(ctx, ex_ctx_alpn, prefs);
+    if (!ok)
+        free(prefs);
+    ok = ok && SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) &&
+         SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION) &&
+         SSL_CTX_set_strict_cipher_list(ctx, cipher_list) &&
+         SSL_CTX_set1_curves_list(ctx, "X25519:P-256") &&
+         SSL_CTX_set_tlsext_ticket_key_cb(ctx, ticket_cb) &&
+         SSL_CTX_set_tlsext_servername_callback(ctx, servername_cb);
     if (!ok) {
         uint32_t e = ERR_get_error();
         char buf[256];
@@ -347,7 +384,7 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen)
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_timeout(ctx, SESSION_TIMEOUT_S);
     SSL_CTX_set_select_certificate_cb(ctx, select_cert_cb);
-    SSL_CTX_set_alpn_select_cb(ctx, alpn_cb, NULL);
+    SSL_CTX_set_alpn_select_cb(ctx, alpn_cb, prefs);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                               SSL_MODE_RELEASE_BUFFERS);
     return ctx;

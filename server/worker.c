@@ -1,4 +1,4 @@
-/* Listening sockets and worker threads (include/moat/server.h). */
+/* Listening sockets, worker threads and their snapshots (server/server.h, server/worker.h). */
 #include "moat/log.h"
 #include "worker.h"
 
@@ -13,6 +13,7 @@
 
 static moat_worker_t *workers;
 static int nworkers;
+/* The worker whose loop runs on this thread, for the compatibility wrappers below. */
 
 static int open_listener(const char *bind_addr, int port, int reuseport, int *fd_out)
 {
@@ -144,6 +145,114 @@ static void on_accept(uv_poll_t *h, int status, int events)
     }
 }
 
+/* --- snapshots --------------------------------------------------------------------------- */
+
+moat_runtime_t *moat_worker_runtime_acquire(moat_worker_t *w)
+{
+    w->rts->refs++;
+    return w->rts->rt;
+}
+
+/* Drop one worker-local use of node *pp; the last one unlinks it and gives back its atomic
+ * reference (the only atomic operation a request ever causes, and only on an old runtime). */
+static void rt_put(moat_worker_rt_t **pp)
+{
+    moat_worker_rt_t *n = *pp;
+    if (--n->refs > 0)
+        return;
+    *pp = n->next;
+    moat_runtime_unref(n->rt);
+    free(n);
+}
+
+void moat_worker_runtime_release(moat_worker_t *w, moat_runtime_t *rt)
+{
+    if (rt == NULL)
+        return;
+    moat_worker_rt_t **pp = &w->rts;
+    while (*pp != NULL && (*pp)->rt != rt)
+        pp = &(*pp)->next;
+    if (*pp == NULL) {
+        MOAT_ERROR("worker %d: released a runtime it does not hold", w->id);
+        abort();
+    }
+    rt_put(pp);
+}
+
+/* Swap in the pending snapshot, if any. Runs on the worker, between events: nothing in
+ * flight on this thread is looking at the certificates or keys being replaced, and requests
+ * keep the runtime they started with through their own count. */
+static void take_pending(moat_worker_t *w)
+{
+    moat_snapshot_t *s = atomic_exchange_explicit(&w->pending, NULL, memory_order_acquire);
+    if (s == NULL)
+        return;
+    if (w->rts != NULL && w->rts->rt == s->rt) {
+        moat_runtime_unref(s->rt); /* same runtime, new certificates or keys */
+    } else {
+        /* A runtime this worker still holds for old requests can only come back if the
+         * control thread republishes it; reuse its node so each runtime has one. */
+        moat_worker_rt_t **pp = &w->rts, *n;
+        while (*pp != NULL && (*pp)->rt != s->rt)
+            pp = &(*pp)->next;
+        if (*pp != NULL) {
+            n = *pp;
+            *pp = n->next;
+            moat_runtime_unref(s->rt);
+        } else {
+            n = moat_xcalloc(1, sizeof *n);
+            n->rt = s->rt;
+        }
+        n->refs++; /* the "current" use */
+        moat_worker_rt_t *old = w->rts;
+        n->next = old;
+        w->rts = n;
+        if (old != NULL)
+            rt_put(&n->next);
+    }
+    moat_certs_t *old_certs = w->certs;
+    moat_tls_keys_t *old_keys = w->keys;
+    w->certs = s->certs;
+    w->keys = s->keys;
+    moat_tls_thread_use(w->certs, w->keys);
+    moat_certs_release(old_certs);
+    moat_tls_keys_release(old_keys);
+    free(s);
+}
+
+/* At the end of the thread, once every connection is closed. */
+static void drop_snapshot(moat_worker_t *w)
+{
+    moat_tls_thread_use(NULL, NULL);
+    if (w->rts != NULL)
+        rt_put(&w->rts);
+    if (w->rts != NULL)
+        MOAT_WARN("worker %d: a request still held a runtime at exit", w->id);
+    while (w->rts != NULL) {
+        moat_worker_rt_t *n = w->rts;
+        w->rts = n->next;
+        moat_runtime_unref(n->rt);
+        free(n);
+    }
+    moat_certs_release(w->certs);
+    moat_tls_keys_release(w->keys);
+    w->certs = NULL;
+    w->keys = NULL;
+}
+
+void moat_worker_publish(moat_worker_t *w, const moat_snapshot_t *s)
+{
+    moat_snapshot_t *n = moat_xmalloc(sizeof *n);
+    moat_snapshot_ref(n, s);
+    /* A snapshot the worker has not taken yet is simply replaced: it never saw it. */
+    moat_snapshot_t *old = atomic_exchange_explicit(&w->pending, n, memory_order_acq_rel);
+    if (old != NULL) {
+        moat_snapshot_release(old);
+        free(old);
+    }
+    uv_async_send(&w->wakeup);
+}
+
 static void close_walk(uv_handle_t *h, void *arg)
 {
     (void)arg;
@@ -172,7 +281,8 @@ static void check_idle(uv_timer_t *t);
 static void on_wakeup(uv_async_t *a)
 {
     moat_worker_t *w = a->loop->data;
-    if (!w->stop_requested || w->draining)
+    take_pending(w);
+    if (!atomic_load(&w->stop_requested) || w->draining)
         return;
     w->draining = 1;
     for (size_t i = 0; i < w->nlisteners; i++)
@@ -199,57 +309,87 @@ static void check_idle(uv_timer_t *t)
     }
 }
 
-static void worker_main(void *arg)
+void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
+                      const moat_snapshot_t *first)
+{
+    w->id = id;
+    w->opts = o;
+    uv_loop_init(&w->loop);
+    w->loop.data = w;
+    uv_async_init(&w->loop, &w->wakeup, on_wakeup);
+    uv_timer_init(&w->loop, &w->grace_timer);
+    for (size_t j = 0; j < o->nlistens; j++) {
+        uv_poll_init_socket(&w->loop, &w->listeners[j], o->listens[j].fds[id]);
+        w->listener_port[j] = o->listens[j].port;
+        w->listener_tls[j] = o->listens[j].tls;
+        uv_poll_start(&w->listeners[j], UV_READABLE, on_accept);
+    }
+    w->nlisteners = o->nlistens;
+    moat_snapshot_t *s = moat_xmalloc(sizeof *s);
+    moat_snapshot_ref(s, first);
+    atomic_init(&w->pending, s);
+}
+
+void moat_worker_run(void *arg)
 {
     moat_worker_t *w = arg;
+    take_pending(w); /* the first snapshot, before the first connection */
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
+    drop_snapshot(w);
     uv_loop_close(&w->loop);
     moat_sock_thread_cleanup();
 }
 
-int moat_workers_start(const moat_server_opts_t *o)
+void moat_worker_stop(moat_worker_t *w)
+{
+    atomic_store(&w->stop_requested, 1);
+    uv_async_send(&w->wakeup);
+}
+
+void moat_worker_cleanup(moat_worker_t *w)
+{
+    moat_snapshot_t *s = atomic_exchange(&w->pending, NULL);
+    if (s != NULL) {
+        moat_snapshot_release(s);
+        free(s);
+    }
+    moat_upstream_state_t *st = w->ups, *next;
+    for (; st != NULL; st = next) {
+        next = st->next;
+        free(st);
+    }
+    w->ups = NULL;
+}
+
+int moat_workers_start(const moat_server_opts_t *o, const moat_snapshot_t *first)
 {
     nworkers = o->nworkers;
     workers = moat_xcalloc((size_t)nworkers, sizeof *workers);
-    for (int i = 0; i < nworkers; i++) {
-        moat_worker_t *w = &workers[i];
-        w->id = i;
-        w->opts = o;
-        uv_loop_init(&w->loop);
-        w->loop.data = w;
-        uv_async_init(&w->loop, &w->wakeup, on_wakeup);
-        uv_timer_init(&w->loop, &w->grace_timer);
-        for (size_t j = 0; j < o->nlistens; j++) {
-            uv_poll_init_socket(&w->loop, &w->listeners[j], o->listens[j].fds[i]);
-            w->listener_port[j] = o->listens[j].port;
-            w->listener_tls[j] = o->listens[j].tls;
-            uv_poll_start(&w->listeners[j], UV_READABLE, on_accept);
-        }
-        w->nlisteners = o->nlistens;
-    }
     for (int i = 0; i < nworkers; i++)
-        if (uv_thread_create(&workers[i].thread, worker_main, &workers[i]) != 0)
+        moat_worker_init(&workers[i], i, o, first);
+    for (int i = 0; i < nworkers; i++)
+        if (uv_thread_create(&workers[i].thread, moat_worker_run, &workers[i]) != 0)
             return MOAT_EIO;
     return 0;
 }
 
+void moat_workers_publish(const moat_snapshot_t *s)
+{
+    for (int i = 0; i < nworkers; i++)
+        moat_worker_publish(&workers[i], s);
+}
+
 void moat_workers_stop(void)
 {
-    for (int i = 0; i < nworkers; i++) {
-        workers[i].stop_requested = 1;
-        uv_async_send(&workers[i].wakeup);
-    }
+    for (int i = 0; i < nworkers; i++)
+        moat_worker_stop(&workers[i]);
     for (int i = 0; i < nworkers; i++)
         uv_thread_join(&workers[i].thread);
-    for (int i = 0; i < nworkers; i++) {
-        moat_upstream_state_t *st = workers[i].ups, *next;
-        for (; st != NULL; st = next) {
-            next = st->next;
-            free(st);
-        }
-    }
+    for (int i = 0; i < nworkers; i++)
+        moat_worker_cleanup(&workers[i]);
     free(workers);
     workers = NULL;
+    nworkers = 0;
 }

@@ -1,5 +1,6 @@
-/* Worker internals shared by the files of server/: the per-thread state, the per-worker
- * upstream pool and the list of client connections (for a graceful stop). */
+/* Worker internals shared by the files of server/: the per-thread state, the worker's own
+ * pointer to the current snapshot, the per-worker upstream pool and the list of client
+ * connections (for a graceful stop). */
 #ifndef MOAT_WORKER_H
 #define MOAT_WORKER_H
 
@@ -9,14 +10,26 @@
 #include "server.h"
 #include "upstream.h"
 #include "moat/sock.h"
+#include "snapshot.h"
+#include <stdatomic.h>
 #include <uv.h>
 
 typedef struct moat_conn moat_conn_t;
 
+/* A worker's hold on one runtime: one atomic reference on it, and a plain worker-local count
+ * of its users (each request, plus one while it is the worker's current runtime). The worker
+ * keeps one node per runtime, the current one first; an older one leaves when its last
+ * request ends, and only then is its atomic reference dropped. */
+typedef struct moat_worker_rt {
+    struct moat_worker_rt *next;
+    moat_runtime_t *rt;
+    unsigned refs;
+} moat_worker_rt_t;
+
 struct moat_worker {
     uv_loop_t loop;
     uv_thread_t thread;
-    uv_async_t wakeup; /* the control thread asks for a stop */
+    uv_async_t wakeup; /* the control thread published a snapshot or asks for a stop */
     int id;
     const moat_server_opts_t *opts;
     uv_poll_t listeners[MOAT_MAX_LISTENERS];
@@ -30,26 +43,39 @@ struct moat_worker {
     uv_timer_t grace_timer;
     uint64_t grace_deadline;
     int draining;
-    int stop_requested;
+    atomic_int stop_requested;
+    /* Snapshots. After the start, `pending` is the only field another thread touches: the
+     * control thread exchanges a new snapshot into it and sends wakeup; the worker exchanges
+     * it out in the wakeup callback, between events, and swaps it in. */
+    _Atomic(moat_snapshot_t *) pending;
+    moat_worker_rt_t *rts; /* the current runtime first, then older ones still in use */
+    moat_certs_t *certs;   /* current; what this thread's handshakes read (one reference) */
+    moat_tls_keys_t *keys; /* current session-ticket keys (one reference) */
 };
+
+/* The worker's current runtime, with a worker-local reference for one request; release
+ * it on the same worker. Never NULL once the worker runs. No lock, no atomic. */
+moat_runtime_t *moat_worker_runtime_acquire(moat_worker_t *w);
+void moat_worker_runtime_release(moat_worker_t *w, moat_runtime_t *rt);
+
+/* One worker's life, for moat_workers_start and for tests that run workers of their own.
+ * init (on the starting thread): the loop, wakeup, grace timer and the listeners of o (none
+ * when o->nlistens is 0), with `first` as the snapshot it starts from (references taken).
+ * run: the thread body; returns when the worker stopped. publish (the control thread, any
+ * time after init): hand over a new snapshot (references taken). stop: ask it to drain and
+ * stop. cleanup (after the thread was joined): free what is left. */
+void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
+                      const moat_snapshot_t *first);
+void moat_worker_run(void *w);
+void moat_worker_publish(moat_worker_t *w, const moat_snapshot_t *s);
+void moat_worker_stop(moat_worker_t *w);
+void moat_worker_cleanup(moat_worker_t *w);
 
 /* Client connections (server/conn.c). */
 void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int port, int tls);
 /* Close idle connections and make busy ones close after their current request. */
 void moat_conn_drain_all(moat_worker_t *w);
 void moat_conn_close_all(moat_worker_t *w);
-
-/* The worker's current runtime, with a reference for one request. */
-static inline moat_runtime_t *moat_worker_runtime_acquire(moat_worker_t *w)
-{
-    (void)w;
-    return moat_runtime_acquire();
-}
-static inline void moat_worker_runtime_release(moat_worker_t *w, moat_runtime_t *rt)
-{
-    (void)w;
-    moat_runtime_release(rt);
-}
 
 uint64_t moat_now_ms(void);
 

@@ -7,7 +7,9 @@
  * parsed once when the snapshot is built. A handshake then costs a binary search and
  * SSL_set_chain_and_key, which only takes references: no parsing, no PEM, no copies of the
  * certificate bytes. The snapshot is reference-counted and never changes after it is built;
- * the control thread publishes a new one and workers pick it up at their next handshake.
+ * the control thread publishes a new one together with the runtime (server/worker.h), each
+ * worker swaps it in between events, and its handshakes read it without a lock
+ * (moat_tls_thread_use).
  *
  * Which certificate a ClientHello gets (the choice is deliberate):
  *   - SNI present: the certificate whose names contain it exactly (ASCII case-insensitive).
@@ -49,15 +51,11 @@ moat_certs_t *moat_certs_builder_finish(moat_certs_builder_t *b);
 /* Abandon a builder that will not be finished. */
 void moat_certs_builder_free(moat_certs_builder_t *b);
 
-/* --- references and the process-wide current snapshot (any thread) --- */
+/* --- references (any thread; atomic, taken only where threads meet: publish and retire) --- */
 
 moat_certs_t *moat_certs_ref(moat_certs_t *c);
+/* Drop a reference; the last one frees the snapshot. NULL is ignored. */
 void moat_certs_release(moat_certs_t *c);
-/* Make `c` the current snapshot, taking over the caller's reference; the previous one is
- * released (and freed once the last handshake using it lets go). NULL clears it. */
-void moat_certs_publish(moat_certs_t *c);
-/* The current snapshot with a new reference (release it), or NULL before the first publish. */
-moat_certs_t *moat_certs_acquire(void);
 
 /* --- lookup (any thread; no allocation) --- */
 

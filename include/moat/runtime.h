@@ -1,7 +1,10 @@
 /* The runtime snapshot: a parsed site file plus what the workers need to act on it
- * (resolved upstream addresses, the upstream TLS context). Immutable once published and
- * reference-counted: a worker acquires it at the start of a request and releases it at the
- * end, so a reload never changes the rules under a request in flight. */
+ * (resolved upstream addresses, the upstream TLS context). Immutable once built and
+ * reference-counted on two levels: an atomic count for the threads that hold it (the control
+ * thread and each worker that has it as current or still serves a request with it), changed
+ * only at publish and retire; and, on each worker, a plain worker-local count for the requests
+ * using it (server/worker.h moat_worker_runtime_acquire). A reload never changes the rules
+ * under a request in flight. */
 #ifndef MOAT_RUNTIME_H
 #define MOAT_RUNTIME_H
 
@@ -9,7 +12,9 @@
 #include "moat/config.h"
 #include <netinet/in.h>
 #include <openssl/ssl.h>
+#include <stdatomic.h>
 #include <sys/socket.h>
+#include <uv.h>
 
 typedef struct {
     struct sockaddr_storage addr;
@@ -26,7 +31,7 @@ typedef struct {
 } moat_site_rt_t;
 
 typedef struct moat_runtime {
-    int refs; /* guarded by the publish lock */
+    atomic_int refs; /* threads holding it; see moat_runtime_ref */
     moat_config_t *config;
     moat_site_rt_t *sites; /* same order as config->sites */
     size_t nsites;
@@ -38,17 +43,26 @@ typedef struct moat_runtime {
     uint64_t generation;
 } moat_runtime_t;
 
-/* Build a snapshot from a parsed config (takes ownership of cfg). Resolves upstream host
- * names with getaddrinfo: it may block, so only the control thread calls it. On failure
- * returns NULL and writes a sentence into err. */
-moat_runtime_t *moat_runtime_new(moat_config_t *cfg, int http_port, int https_port, char *err,
-                                 size_t errlen);
-/* Swap in a new current snapshot; the old one is freed when its last user releases it. */
-void moat_runtime_publish(moat_runtime_t *rt);
-moat_runtime_t *moat_runtime_acquire(void);
-/* Drop the current snapshot (at exit). */
-void moat_runtime_clear(void);
-void moat_runtime_release(moat_runtime_t *rt);
+/* Called once, on the loop, when a build ends: `rt` is the new snapshot (one reference, not
+ * published), or NULL with a sentence in err (the config is freed then). */
+typedef void (*moat_runtime_built_cb)(moat_runtime_t *rt, const char *err, void *data);
+typedef struct moat_runtime_build moat_runtime_build_t;
+
+/* Build a snapshot from a parsed config (takes ownership of cfg) on the control loop: every
+ * upstream host name is looked up with uv_getaddrinfo, all at once and never blocking the
+ * loop, then the snapshot is assembled. An upstream that does not resolve fails the build with
+ * "cannot resolve upstream host 'NAME': REASON" (the first such upstream in file order). `cb`
+ * runs exactly once, on `loop`, never inside this call. The handle is valid until then. */
+moat_runtime_build_t *moat_runtime_build(uv_loop_t *loop, moat_config_t *cfg, int http_port,
+                                         int https_port, moat_runtime_built_cb cb, void *data);
+/* Abandon a build in flight (at stop): cb still runs, soon, with NULL and "cancelled". A
+ * lookup already running in the thread pool cannot be interrupted; cb waits for it. */
+void moat_runtime_build_cancel(moat_runtime_build_t *b);
+
+/* Atomic references, for handing a snapshot from one thread to another (publish, retire).
+ * Requests never call these: they use their worker's local count. The last unref frees. */
+moat_runtime_t *moat_runtime_ref(moat_runtime_t *rt);
+void moat_runtime_unref(moat_runtime_t *rt);
 
 /* The site that serves `host` (a Host header or :authority value, port included or not) on a
  * listener of this port and kind. NULL when none does. */

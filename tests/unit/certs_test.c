@@ -21,8 +21,6 @@
 
 #include <arpa/inet.h>
 #include <ftw.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -162,63 +160,21 @@ static void test_snapshot_lookup(void)
     CHECK(moat_cert_not_after(r) > (int64_t)time(NULL) + 6 * 86400);
     CHECK(moat_certs_lookup(NULL, "localhost", NULL) == NULL);
 
-    /* Publish / acquire / release: the old snapshot lives while someone holds it. */
-    CHECK(moat_certs_acquire() == NULL);
-    moat_certs_publish(c);
-    moat_certs_t *held = moat_certs_acquire();
-    CHECK(held == c);
-    moat_certs_t *empty = moat_certs_builder_finish(moat_certs_builder_new());
-    CHECK(moat_certs_lookup(empty, NULL, NULL) == NULL);
-    moat_certs_publish(empty);
+    /* References: a snapshot lives while someone holds it (publishing one to the workers is
+     * tested in runtime_test.c). */
+    moat_certs_t *held = moat_certs_ref(c);
+    moat_certs_release(c);
     CHECK(moat_certs_lookup(held, "localhost", NULL) != NULL);
     moat_certs_release(held);
-    moat_certs_t *now = moat_certs_acquire();
-    CHECK(now == empty);
-    moat_certs_release(now);
-    moat_certs_publish(NULL);
+    moat_certs_t *empty = moat_certs_builder_finish(moat_certs_builder_new());
+    CHECK(moat_certs_lookup(empty, NULL, NULL) == NULL);
+    CHECK(moat_certs_count(empty) == 0);
+    moat_certs_release(empty);
+    moat_certs_release(NULL);
     free(c1);
     free(k1);
     free(c2);
     free(k2);
-}
-
-/* Readers on several threads while the snapshot is replaced underneath them: every acquire
- * sees a whole snapshot, and every snapshot is freed exactly once (ASan/TSan check that). */
-static atomic_int stop_readers;
-static atomic_int reader_misses;
-
-static void *reader(void *arg)
-{
-    (void)arg;
-    while (!atomic_load(&stop_readers)) {
-        moat_certs_t *c = moat_certs_acquire();
-        if (c != NULL && moat_certs_lookup(c, "localhost", NULL) == NULL)
-            atomic_fetch_add(&reader_misses, 1);
-        moat_certs_release(c);
-    }
-    return NULL;
-}
-
-static void test_snapshot_threads(void)
-{
-    char *chain, *key, err[256];
-    issue("localhost", &chain, &key);
-    const char *names[] = {"localhost"};
-    pthread_t th[4];
-    for (int i = 0; i < 4; i++)
-        pthread_create(&th[i], NULL, reader, NULL);
-    for (int i = 0; i < 200; i++) {
-        moat_certs_builder_t *b = moat_certs_builder_new();
-        moat_certs_builder_add(b, "x", names, 1, chain, key, err, sizeof err);
-        moat_certs_publish(moat_certs_builder_finish(b));
-    }
-    atomic_store(&stop_readers, 1);
-    for (int i = 0; i < 4; i++)
-        pthread_join(th[i], NULL);
-    CHECK_INT(atomic_load(&reader_misses), 0);
-    moat_certs_publish(NULL);
-    free(chain);
-    free(key);
 }
 
 /* --- certificate manager ------------------------------------------------------------------ */
@@ -485,7 +441,10 @@ static void test_tls(void)
     moat_certs_builder_t *b = moat_certs_builder_new();
     moat_certs_builder_add(b, "one", n1, 1, c1, k1, err, sizeof err);
     moat_certs_builder_add(b, "two", n2, 2, c2, k2, err, sizeof err);
-    moat_certs_publish(moat_certs_builder_finish(b));
+    /* Handshakes on this thread read these, as a worker's do after a swap. */
+    moat_certs_t *certs = moat_certs_builder_finish(b);
+    moat_tls_keys_t *keys = moat_tls_keys_new(NULL);
+    moat_tls_thread_use(certs, keys);
 
     SSL_CTX *cctx = SSL_CTX_new(TLS_method());
     BIO *rb = BIO_new_mem_buf(moat_ca_root_pem(ca), -1);
@@ -555,25 +514,37 @@ static void test_tls(void)
     SSL_free(s);
 
     /* ALPN: the server's preference wins among what the client offers; no overlap means no
-     * ALPN rather than a failed handshake. */
+     * ALPN rather than a failed handshake. A context keeps the list it was made with. */
     const char *prefs[] = {"h2", "http/1.1"};
     moat_tls_set_alpn(prefs, 2);
-    pair(sctx, cctx, &c, &s);
+    SSL_CTX *h2ctx = moat_tls_server_ctx_new(err, sizeof err);
+    CHECK(h2ctx != NULL);
+    const char *only[] = {"acme-tls/1"};
+    moat_tls_set_alpn(only, 1);
+    SSL_CTX *nonectx = moat_tls_server_ctx_new(err, sizeof err);
+    CHECK(nonectx != NULL);
+    const char *dflt[] = {"http/1.1"};
+    moat_tls_set_alpn(dflt, 1);
+    pair(h2ctx, cctx, &c, &s);
     SSL_set_tlsext_host_name(c, "localhost");
     CHECK_INT(handshake(c, s), 1);
     CHECK_STR(moat_tls_selected_alpn(s), "h2");
     SSL_free(c);
     SSL_free(s);
-    const char *only[] = {"acme-tls/1"};
-    moat_tls_set_alpn(only, 1);
-    pair(sctx, cctx, &c, &s);
+    pair(nonectx, cctx, &c, &s);
     SSL_set_tlsext_host_name(c, "localhost");
     CHECK_INT(handshake(c, s), 1);
     CHECK(moat_tls_selected_alpn(s) == NULL);
     SSL_free(c);
     SSL_free(s);
-    const char *dflt[] = {"http/1.1"};
-    moat_tls_set_alpn(dflt, 1);
+    pair(sctx, cctx, &c, &s); /* made before: still http/1.1 first */
+    SSL_set_tlsext_host_name(c, "localhost");
+    CHECK_INT(handshake(c, s), 1);
+    CHECK_STR(moat_tls_selected_alpn(s), "http/1.1");
+    SSL_free(c);
+    SSL_free(s);
+    SSL_CTX_free(h2ctx);
+    SSL_CTX_free(nonectx);
 
     /* TLS 1.2 is accepted with an ECDHE-ECDSA AEAD suite; TLS 1.1 is not. */
     SSL_CTX_set_max_proto_version(cctx, TLS1_2_VERSION);
@@ -591,8 +562,13 @@ static void test_tls(void)
     SSL_free(s);
     int expect[] = {1, 1, 1, 0};
     for (int round = 0; round < 4; round++) {
-        if (round > 0)
-            moat_tls_rotate_ticket_keys();
+        if (round > 0) {
+            /* What the control thread's hourly rotation publishes. */
+            moat_tls_keys_t *next = moat_tls_keys_new(keys);
+            moat_tls_keys_release(keys);
+            keys = next;
+            moat_tls_thread_use(certs, keys);
+        }
         pair(sctx, cctx, &c, &s);
         SSL_set_tlsext_host_name(c, "localhost");
         SSL_set_session(c, sess);
@@ -634,14 +610,40 @@ static void test_tls(void)
     SSL_free(c);
     SSL_free(s);
 
-    /* No snapshot at all: every handshake fails, nothing crashes. */
-    moat_certs_publish(NULL);
+    /* No certificates: every handshake fails, nothing crashes. */
+    moat_tls_thread_use(NULL, keys);
     SSL_CTX_set_max_proto_version(cctx, TLS1_3_VERSION);
     pair(sctx, cctx, &c, &s);
     CHECK(handshake(c, s) != 1);
     ERR_clear_error();
     SSL_free(c);
     SSL_free(s);
+
+    /* No ticket keys: handshakes work, without tickets. */
+    moat_tls_thread_use(certs, NULL);
+    SSL_CTX_set_session_cache_mode(cctx, SSL_SESS_CACHE_OFF);
+    pair(sctx, cctx, &c, &s);
+    SSL_set_tlsext_host_name(c, "localhost");
+    CHECK_INT(handshake(c, s), 1);
+    SSL_free(c);
+    SSL_free(s);
+    SSL_CTX_set_max_proto_version(cctx, TLS1_2_VERSION);
+    pair(sctx, cctx, &c, &s);
+    SSL_set_tlsext_host_name(c, "localhost");
+    CHECK_INT(handshake(c, s), 1);
+    SSL_SESSION *plain = SSL_get1_session(c);
+    CHECK(plain != NULL);
+    size_t ticket_len = 0;
+    const uint8_t *ticket = NULL;
+    if (plain != NULL)
+        SSL_SESSION_get0_ticket(plain, &ticket, &ticket_len);
+    CHECK_INT(ticket_len, 0);
+    SSL_SESSION_free(plain);
+    SSL_free(c);
+    SSL_free(s);
+    moat_tls_thread_use(NULL, NULL);
+    moat_certs_release(certs);
+    moat_tls_keys_release(keys);
 
     SSL_SESSION_free(last_session);
     X509_free(root);
@@ -704,7 +706,6 @@ int main(void)
         return 1;
     }
     test_snapshot_lookup();
-    test_snapshot_threads();
     test_certmgr_internal();
     test_certmgr_files();
     test_tls();
