@@ -28,7 +28,7 @@ mkdir -p "$tree"
 for d in CMakeLists.txt include server http2 acme storage; do
     [[ -e "$src/$d" ]] && cp -a "$src/$d" "$tree/"
 done
-mkdir -p "$tree/packaging" "$tree/tests/unit"
+mkdir -p "$tree/packaging"
 cp "$pkg/Moatfile.default" "$tree/packaging/"
 cp -a "$pkg/debian" "$tree/debian"
 cp "$pkg/systemd/moat.service" "$tree/debian/moat.service"
