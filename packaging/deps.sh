@@ -8,7 +8,7 @@ build_pkgs=(build-essential cmake pkg-config ca-certificates
     android-libboringssl-dev libuv1-dev libnghttp2-dev libsqlite3-dev libjansson-dev)
 # Tests drive the real binary with real clients and peers; see tests/README.md.
 test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
-    python3 python3-pytest python3-httpx python3-h2 python3-fastapi python3-uvicorn
+    python3 python3-pytest python3-pytest-timeout python3-httpx python3-h2 python3-fastapi python3-uvicorn
     python3-httptools python3-websockets python3-socketio python3-engineio python3-websocket
     python3-multipart nghttp2-client pebble
     podman runc mmdebstrap debhelper

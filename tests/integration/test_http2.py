@@ -275,7 +275,8 @@ def test_graceful_goaway_on_stop_inflight_completes(proxy, upstream):
     c = RawH2(p.https_port, p.ca)
     c.handshake()
     c.get(1, "/slow?seconds=2&size=4000&pieces=4")
-    time.sleep(0.5)
+    # Stop only once the response is under way (its first piece has arrived).
+    assert c.read_until(lambda f: f.type == DATA and f.sid == 1, 5.0) is not None
     p.send_signal(signal.SIGTERM if p.kind == "moat" else signal.SIGQUIT)
     status, _, body, ended, rst = c.response(1, timeout=10)
     assert status == 200 and ended and rst is None and len(body) == 4000

@@ -6,7 +6,15 @@
 #include <stdio.h>
 #include <string.h>
 
-static int test_passed, test_failed;
+static int test_passed, test_failed, test_skipped;
+
+/* A case that cannot run here (not root, a tool missing) says so and is counted as skipped,
+ * never as passed; the summary line and tests/run.sh report the count. */
+#define TEST_SKIP(why)                                                                             \
+    do {                                                                                           \
+        test_skipped++;                                                                            \
+        printf("SKIP %s: %s\n", __func__, (why));                                                  \
+    } while (0)
 
 #define CHECK(cond)                                                                                \
     do {                                                                                           \
@@ -43,7 +51,7 @@ static int test_passed, test_failed;
 
 static inline int test_summary(const char *name)
 {
-    printf("%s: %d passed, %d failed\n", name, test_passed, test_failed);
+    printf("%s: %d passed, %d failed, %d skipped\n", name, test_passed, test_failed, test_skipped);
     return test_failed ? 1 : 0;
 }
 

@@ -418,33 +418,46 @@ def test_35_continuation_flood(h2proxy):
 
 
 def test_36_hpack_bomb(h2proxy):
+    # One 4000-byte field goes into the dynamic table once, then each stream's header block
+    # references it 16,000 times: 16 KB on the wire, 64 MB decoded. No bombed stream may be
+    # served (its header list is far over any limit); each must be refused (RST_STREAM or a
+    # 4xx) or the whole connection ended with GOAWAY — not left hanging.
+    bombs = list(range(3, 3 + 2 * 50, 2))
+
     def hpack_bomb():
         c = RawH2(h2proxy.https_port, h2proxy.ca)
         c.handshake()
         from h2util import frame
-        # One 4000-byte field goes into the dynamic table once, then each stream's header
-        # block references it ~4000 times: 16 KB on the wire, 16 MB decoded.
         first = c.encode([(":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
                           (":path", "/health"), ("x-bomb", "z" * 4000)])
         c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, first))
         idx = bytes([0x80 | 62])  # indexed field: dynamic entry 62 (x-bomb)
-        sid = 3
-        answers = 0
         try:
-            for _ in range(50):
+            for sid in bombs:
                 block = c.encode([(":method", "GET"), (":scheme", "https"),
                                   (":authority", "localhost"), (":path", "/health")])
                 c.send(frame(HEADERS, END_HEADERS | END_STREAM, sid, block + idx * 16000))
-                sid += 2
         except OSError:
             pass
-        frames = c.read_for(2.0)
-        answers = [f for f in c.frames if f.type in (RST_STREAM, GOAWAY) or
-                   (f.type == HEADERS and f.sid > 1)]
+        c.read_for(2.0)
+        served, refused = [], set()
+        for f in c.frames:
+            if f.sid not in bombs:
+                continue
+            if f.type == RST_STREAM:
+                refused.add(f.sid)
+            elif f.type == HEADERS and f.headers:
+                if dict(f.headers).get(":status", "").startswith("2"):
+                    served.append(f.sid)
+                else:
+                    refused.add(f.sid)
+        goaway = any(f.type == GOAWAY for f in c.frames)
         c.close()
-        return f"{len(answers)} answers, closed={c.closed}"
+        return served, len(refused), goaway
 
-    _attack(h2proxy, hpack_bomb)
+    served, refused, goaway = _attack(h2proxy, hpack_bomb)
+    assert not served, f"bombed streams answered 2xx: {served}"
+    assert goaway or refused == len(bombs), f"{refused} of {len(bombs)} refused, no GOAWAY"
 
 
 def test_37_settings_flood(h2proxy):

@@ -1,4 +1,5 @@
-"""Part 1 behaviour of moat, driven through the real binary with curl, httpx and raw TLS.
+"""The proxy through the real binary: HTTPS, the redirect, uploads, keep-alive, the 502 page,
+reloads and stops, malformed requests and forwarded headers — driven with curl, httpx and raw TLS.
 
 Each test starts its own proxy on fresh loopback ports in front of the stand-in Open WebUI
 (tests/fixtures/standin.py). MOAT_TEST_TARGET=nginx runs the proxy tests against nginx.
