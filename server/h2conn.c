@@ -56,7 +56,8 @@ struct moat_h2conn {
     stream_t *streams;
     moat_buf_t wbuf;
     uint64_t keepalive_ms;
-    uint64_t timer_ms; /* what the timer is armed for, 0 when stopped */
+    uint64_t timer_ms;           /* what the timer is armed for, 0 when stopped */
+    moat_deferred_t flush_later; /* output from upstream events, written at the turn's end */
     unsigned freed : 1;
     unsigned want_close : 1;
     unsigned close_called : 1;
@@ -91,12 +92,19 @@ static void timer_closed(uv_handle_t *hd)
     free(hd->data);
 }
 
-/* Output the proxy produced from an upstream event goes out now; inside an entry point the
- * entry's own flush takes care of it. */
-static void flush_now(moat_h2conn_t *c)
+/* Output the proxy produced from an upstream event goes out at the end of the loop turn,
+ * together with what other streams got in the same turn (one write, not one per event);
+ * inside an entry point the entry's own flush takes care of it. */
+static void flush_later(moat_h2conn_t *c)
 {
     if (c->depth > 0 || c->freed)
         return;
+    moat_worker_defer(c->w, &c->flush_later);
+}
+
+static void on_flush_later(moat_deferred_t *d)
+{
+    moat_h2conn_t *c = MOAT_CONTAINER_OF(d, moat_h2conn_t, flush_later);
     enter(c);
     flush(c);
     leave(c);
@@ -279,7 +287,7 @@ static void fo_counts(void *front, uint64_t *in, uint64_t *out)
 static void fo_flush(void *front)
 {
     stream_t *st = front;
-    flush_now(st->c);
+    flush_later(st->c);
 }
 
 static void fo_pause_body(void *front, int pause)
@@ -289,7 +297,7 @@ static void fo_pause_body(void *front, int pause)
     if (!pause && st->held) {
         moat_h2_consume(st->c->h2, st->id, st->held);
         st->held = 0;
-        flush_now(st->c); /* the WINDOW_UPDATE */
+        flush_later(st->c); /* the WINDOW_UPDATE */
     }
 }
 
@@ -315,7 +323,7 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
         moat_h2_consume(c->h2, st->id, st->held);
         st->held = 0;
     }
-    flush_now(c);
+    flush_later(c);
 }
 
 static const moat_front_ops_t front_ops = {
@@ -472,6 +480,7 @@ moat_h2conn_t *moat_h2conn_new(moat_worker_t *w, moat_sock_t *sock, const struct
     c->owner = owner;
     c->owner_data = owner_data;
     c->keepalive_ms = DEFAULT_KEEPALIVE_MS;
+    c->flush_later.run = on_flush_later;
     memcpy(&c->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     /* Advertise RFC 8441 only when some site accepts websockets over HTTP/2. */
@@ -562,6 +571,7 @@ void moat_h2conn_free(moat_h2conn_t *c)
     if (c == NULL || c->freed)
         return;
     c->freed = 1;
+    moat_worker_undefer(c->w, &c->flush_later);
     for (stream_t *st = c->streams, *next; st != NULL; st = next) {
         next = st->next;
         moat_front_abort(&st->front);

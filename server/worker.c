@@ -266,6 +266,8 @@ static void finish(moat_worker_t *w)
     moat_conn_close_all(w);
     uv_close((uv_handle_t *)&w->wakeup, NULL);
     uv_close((uv_handle_t *)&w->grace_timer, NULL);
+    uv_close((uv_handle_t *)&w->defer_prepare, NULL);
+    uv_close((uv_handle_t *)&w->defer_check, NULL);
 }
 
 static void grace_expired(uv_timer_t *t)
@@ -309,6 +311,56 @@ static void check_idle(uv_timer_t *t)
     }
 }
 
+static void run_deferred(moat_worker_t *w)
+{
+    /* Until empty: what a run defers again (it should not) still goes before the sleep. */
+    moat_deferred_t *head = &w->deferred;
+    while (head->next != head) {
+        moat_deferred_t *d = head->next;
+        moat_worker_undefer(w, d);
+        d->run(d);
+    }
+    uv_prepare_stop(&w->defer_prepare);
+    uv_check_stop(&w->defer_check);
+}
+
+static void on_defer_prepare(uv_prepare_t *h)
+{
+    run_deferred(h->loop->data);
+}
+
+static void on_defer_check(uv_check_t *h)
+{
+    run_deferred(h->loop->data);
+}
+
+void moat_worker_defer(moat_worker_t *w, moat_deferred_t *d)
+{
+    if (d->queued)
+        return;
+    moat_deferred_t *head = &w->deferred;
+    if (head->next == head) {
+        uv_prepare_start(&w->defer_prepare, on_defer_prepare);
+        uv_check_start(&w->defer_check, on_defer_check);
+    }
+    d->queued = 1;
+    d->prev = head->prev;
+    d->next = head;
+    head->prev->next = d;
+    head->prev = d;
+}
+
+void moat_worker_undefer(moat_worker_t *w, moat_deferred_t *d)
+{
+    (void)w;
+    if (!d->queued)
+        return;
+    d->queued = 0;
+    d->prev->next = d->next;
+    d->next->prev = d->prev;
+    d->next = d->prev = NULL;
+}
+
 void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
                       const moat_snapshot_t *first)
 {
@@ -318,6 +370,9 @@ void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
     w->loop.data = w;
     uv_async_init(&w->loop, &w->wakeup, on_wakeup);
     uv_timer_init(&w->loop, &w->grace_timer);
+    w->deferred.next = w->deferred.prev = &w->deferred;
+    uv_prepare_init(&w->loop, &w->defer_prepare);
+    uv_check_init(&w->loop, &w->defer_check);
     for (size_t j = 0; j < o->nlistens; j++) {
         uv_poll_init_socket(&w->loop, &w->listeners[j], o->listens[j].fds[id]);
         w->listener_port[j] = o->listens[j].port;

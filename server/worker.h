@@ -16,6 +16,15 @@
 
 typedef struct moat_conn moat_conn_t;
 
+/* Work put off to the end of the loop turn: an HTTP/2 connection whose streams got output
+ * from several upstream events in one turn writes it once, in one TLS record where it fits,
+ * instead of once per event. Embedded in its owner; run() is called once per deferral. */
+typedef struct moat_deferred {
+    struct moat_deferred *next, *prev;
+    void (*run)(struct moat_deferred *d);
+    int queued;
+} moat_deferred_t;
+
 /* A worker's hold on one runtime: one atomic reference on it, and a plain worker-local count
  * of its users (each request, plus one while it is the worker's current runtime). The worker
  * keeps one node per runtime, the current one first; an older one leaves when its last
@@ -51,7 +60,18 @@ struct moat_worker {
     moat_worker_rt_t *rts; /* the current runtime first, then older ones still in use */
     moat_certs_t *certs;   /* current; what this thread's handshakes read (one reference) */
     moat_tls_keys_t *keys; /* current session-ticket keys (one reference) */
+    /* Deferred work, run after the turn's I/O callbacks (check) and, for what timers and close
+     * callbacks defer, before the loop next sleeps (prepare). Both handles run only while
+     * something is queued; an idle handle would keep the loop from ever sleeping. */
+    moat_deferred_t deferred; /* list head */
+    uv_prepare_t defer_prepare;
+    uv_check_t defer_check;
 };
+
+/* Queue d to run at the end of this loop turn (no-op when already queued). */
+void moat_worker_defer(moat_worker_t *w, moat_deferred_t *d);
+/* Take d off the queue (its owner is going away). */
+void moat_worker_undefer(moat_worker_t *w, moat_deferred_t *d);
 
 /* The worker's current runtime, with a worker-local reference for one request; release
  * it on the same worker. Never NULL once the worker runs. No lock, no atomic. */
