@@ -136,13 +136,24 @@ void moat_front_reject(moat_front_t *f, int status, const char *proto)
     answer_page(f, status);
 }
 
+/* Methods are case-sensitive tokens (RFC 9110 §9.1) and every registered one is upper case.
+ * A lower-case "trace" or "get" is a probe: an app that compares methods without regard to
+ * case would take it for a method moat refuses or treats specially. Refused, as nginx does. */
+static int method_has_lower(moat_slice_t m)
+{
+    for (size_t i = 0; i < m.len; i++)
+        if (m.base[i] >= 'a' && m.base[i] <= 'z')
+            return 1;
+    return 0;
+}
+
 moat_front_result_t moat_front_start(moat_front_t *f, const moat_front_req_t *req)
 {
     begin(f, req->method, req->authority, req->target, req->proto);
     int has_body = req->body != MOAT_REQ_BODY_NONE;
     /* Any answer below comes before the body is read. */
     f->body_unread = has_body;
-    if (req->authority.len == 0) {
+    if (req->authority.len == 0 || method_has_lower(req->method)) {
         answer_page(f, 400);
         return MOAT_FRONT_ANSWERED;
     }

@@ -143,6 +143,8 @@ ROWS = [
      NEVER, None),
     ("unknown method token passes", "PURGE /{m} HTTP/1.1\r\nHost: {h}\r\n\r\n", 200,
      line_is("PURGE /"), None),
+    ("lower-case method (a probe: refused, as nginx does)", "get /{m} HTTP/1.1\r\nHost: {h}\r\n\r\n",
+     400, NEVER, None),
     ("method with a bad byte", "GE(T /{m} HTTP/1.1\r\nHost: {h}\r\n\r\n", 400, NEVER, None),
     ("target with a raw space byte", "GET /{m} x HTTP/1.1\r\nHost: {h}\r\n\r\n", 400, NEVER,
      None),

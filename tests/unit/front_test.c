@@ -295,6 +295,9 @@ static void test_own_answers(void)
     /* CONNECT other than an RFC 8441 websocket: moat is not a forward proxy. */
     answered(HTTPS_PORT, 1,
              &(req_t){.method = "CONNECT", .authority = "localhost:8443", .target = ""}, 501);
+    /* A lower-case method is a probe (an app may compare methods without regard to case). */
+    answered(HTTPS_PORT, 1,
+             &(req_t){.method = "trace", .authority = "localhost:8443", .target = "/"}, 400);
     /* TRACE would echo cookies back: refused, as nginx does. */
     answered(HTTPS_PORT, 1,
              &(req_t){.method = "TRACE", .authority = "localhost:8443", .target = "/"}, 405);
