@@ -24,13 +24,16 @@
 #include <uv.h>
 
 #define TICKET_ROTATION_MS (3600 * 1000)
+/* How often the store is looked over for damage (and its write-ahead log checkpointed). */
+#define STORE_CHECK_MS (3600 * 1000)
 
 typedef struct {
     const moat_run_opts_t *opts;
     uv_loop_t *loop;
     uv_signal_t sighup, sigterm, sigint;
-    uv_timer_t renew_timer, ticket_timer;
+    uv_timer_t renew_timer, ticket_timer, store_timer;
     moat_storage_t *storage;
+    int store_damaged; /* said once: serving from memory from then on */
     moat_ca_t *ca;
     moat_server_opts_t server;
     char pid_path[4096];
@@ -194,6 +197,28 @@ static void reload_done(int status, const char *err, void *data)
     }
 }
 
+/* Damage found while running does not stop serving: the current snapshot is in memory.
+ * Certificates cannot be saved or renewed into a damaged file, so the operator must hear it
+ * once, clearly, in the log and from `moat health`. */
+static void check_store(control_t *c)
+{
+    if (c->store_damaged || c->storage->ops->check(c->storage) == 0)
+        return;
+    c->store_damaged = 1;
+    const char *why = moat_storage_last_error(c->storage);
+    MOAT_ERROR("storage: %s; moat keeps serving what it has in memory, but cannot save or renew "
+               "certificates until the file is restored and moat restarted",
+               why);
+    char line[700];
+    snprintf(line, sizeof line, "storage: %s", why);
+    moat_system_degraded(c->opts->data_dir, line);
+}
+
+static void on_store_timer(uv_timer_t *t)
+{
+    check_store(t->data);
+}
+
 static void reload(control_t *c)
 {
     const moat_run_opts_t *o = c->opts;
@@ -208,6 +233,7 @@ static void reload(control_t *c)
         return;
     }
     moat_system_reloading();
+    check_store(c);
     MOAT_INFO("reload: reading %s", o->config_path);
     moat_config_t *cfg = load_config(o);
     if (cfg == NULL) {
@@ -326,7 +352,8 @@ int moat_control_run(const moat_run_opts_t *o)
     c.loop = uv_default_loop();
     uv_timer_init(c.loop, &c.renew_timer);
     uv_timer_init(c.loop, &c.ticket_timer);
-    c.renew_timer.data = c.ticket_timer.data = &c;
+    uv_timer_init(c.loop, &c.store_timer);
+    c.renew_timer.data = c.ticket_timer.data = c.store_timer.data = &c;
     moat_snapmgr_opts_t so = {.loop = c.loop,
                               .storage = c.storage,
                               .ca = c.ca,
@@ -374,6 +401,7 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_signal_start(&c.sigint, on_signal, SIGINT);
     uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
+    uv_timer_start(&c.store_timer, on_store_timer, STORE_CHECK_MS, STORE_CHECK_MS);
     if (moat_workers_start(&c.server, moat_snapmgr_current(c.snap)) != 0) {
         MOAT_ERROR("cannot start the worker threads");
         goto out;
@@ -424,6 +452,7 @@ out:
     if (c.loop) {
         uv_close((uv_handle_t *)&c.renew_timer, NULL);
         uv_close((uv_handle_t *)&c.ticket_timer, NULL);
+        uv_close((uv_handle_t *)&c.store_timer, NULL);
         if (c.sighup.data) {
             uv_close((uv_handle_t *)&c.sighup, NULL);
             uv_close((uv_handle_t *)&c.sigterm, NULL);

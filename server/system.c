@@ -173,6 +173,22 @@ void moat_system_reloaded(void)
     moat_system_notify("READY=1");
 }
 
+void moat_system_degraded(const char *data_dir, const char *why)
+{
+    char path[4096];
+    status_path(path, sizeof path, data_dir);
+    /* Appended: the status file is the one `moat health` reads, and it is rewritten whole
+     * only at ready. */
+    FILE *f = fopen(path, "ae");
+    if (f == NULL)
+        return;
+    fprintf(f, "degraded %.500s\n", why);
+    fclose(f);
+    char msg[600];
+    snprintf(msg, sizeof msg, "STATUS=degraded: %.500s", why);
+    moat_system_notify(msg);
+}
+
 void moat_system_stopping(const char *data_dir)
 {
     moat_system_notify("STOPPING=1");
@@ -187,11 +203,12 @@ typedef struct {
     int pid;
     char listen[128];
     int http_port, https_port;
+    char degraded[512]; /* what moat serves without, "" when nothing */
 } status_t;
 
 static int read_status(const char *data_dir, status_t *st)
 {
-    char path[4096], line[256];
+    char path[4096], line[600];
     status_path(path, sizeof path, data_dir);
     FILE *f = fopen(path, "re");
     if (f == NULL) {
@@ -206,6 +223,11 @@ static int read_status(const char *data_dir, status_t *st)
             continue;
         if (sscanf(line, "listen %127s", st->listen) == 1)
             continue;
+        if (strncmp(line, "degraded ", 9) == 0) {
+            snprintf(st->degraded, sizeof st->degraded, "%s", line + 9);
+            st->degraded[strcspn(st->degraded, "\n")] = 0;
+            continue;
+        }
         if (sscanf(line, "port %d %15s", &port, kind) == 2) {
             if (strcmp(kind, "http") == 0 && st->http_port == 0)
                 st->http_port = port;
@@ -308,6 +330,8 @@ int moat_system_health(const char *data_dir, int timeout_ms)
          * client; the kernel accepts into the backlog even when the workers are stuck. */
         close(fd);
         printf("healthy: pid %d accepts on port %d\n", st.pid, port);
+        if (st.degraded[0])
+            printf("degraded: %s\n", st.degraded);
         return 0;
     }
     /* A request proves a worker loop runs: the kernel alone would accept the connection.
@@ -341,5 +365,7 @@ int moat_system_health(const char *data_dir, int timeout_ms)
         return 1;
     }
     printf("healthy: pid %d answers on port %d (%.3s)\n", st.pid, port, buf + 9);
+    if (st.degraded[0])
+        printf("degraded: %s\n", st.degraded);
     return 0;
 }

@@ -41,6 +41,9 @@ void moat_system_ready(const char *data_dir, const moat_server_opts_t *s);
  * READY=1. */
 void moat_system_reloading(void);
 void moat_system_reloaded(void);
+/* Still serving, without something (a damaged store): `moat health` says so in a second line
+ * and still exits 0, and systemd's STATUS= shows it. */
+void moat_system_degraded(const char *data_dir, const char *why);
 /* Stopping: notify STOPPING=1 and remove the status file, so health fails at once. */
 void moat_system_stopping(const char *data_dir);
 

@@ -66,6 +66,11 @@ typedef struct moat_storage_ops {
     int (*commit)(moat_storage_t *s);
     int (*rollback)(moat_storage_t *s);
     void (*close)(moat_storage_t *s);
+    /* Look for damage anywhere in the store, not only where the next read or write lands
+     * (SQLite: PRAGMA quick_check), and move what is pending into the main file (a passive
+     * WAL checkpoint). 0, or MOAT_ESTORAGE with last_error naming the file and what to do.
+     * Reads the whole store: for the start, a reload and an hourly look, not a hot path. */
+    int (*check)(moat_storage_t *s);
 } moat_storage_ops_t;
 
 struct moat_storage {
@@ -75,8 +80,9 @@ struct moat_storage {
 
 /* Open (creating when needed) DATA_DIR/moat.db: the folder is created 0700, the file 0600,
  * WAL mode, busy timeout, schema migrated forward. A database written by a newer moat is
- * refused (MOAT_ESCHEMA) and never modified. On failure *out is NULL and `err` (if not NULL)
- * holds a sentence naming the path and what to do. */
+ * refused (MOAT_ESCHEMA) and never modified; so is a damaged one (MOAT_ESTORAGE), damage
+ * anywhere in the file, found before the first write. On failure *out is NULL and `err` (if not
+ * NULL) holds a sentence naming the path and what to do. */
 int moat_storage_open_sqlite(const char *data_dir, moat_storage_t **out, char *err, size_t errlen);
 
 void moat_cert_record_clear(moat_cert_record_t *r);
