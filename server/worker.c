@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -122,6 +123,32 @@ void moat_listen_close_all(moat_server_opts_t *o)
             }
 }
 
+/* Out of descriptors, a pending connection stays in the backlog and the listener stays
+ * readable: the loop would spin on it. The worker keeps one spare descriptor for this: it is
+ * given up to accept the connection and close it at once (the client sees a refusal, not a
+ * hang), then taken again. The warning is said at most every 10 s, with a count. */
+#define EMFILE_LOG_MS 10000
+
+static void refuse_one(moat_worker_t *w, int lfd)
+{
+    if (w->spare_fd >= 0) {
+        close(w->spare_fd);
+        int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0)
+            close(fd);
+        w->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    }
+    w->refused++;
+    uint64_t now = uv_now(&w->loop);
+    if (w->refused_logged_at == 0 || now - w->refused_logged_at >= EMFILE_LOG_MS) {
+        MOAT_WARN("worker %d: out of file descriptors: refused %llu new connection(s); "
+                  "connections already open are served (raise LimitNOFILE or ulimit -n)",
+                  w->id, (unsigned long long)w->refused);
+        w->refused = 0;
+        w->refused_logged_at = now ? now : 1;
+    }
+}
+
 static void on_accept(uv_poll_t *h, int status, int events)
 {
     (void)events;
@@ -137,7 +164,7 @@ static void on_accept(uv_poll_t *h, int status, int events)
         int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE)
-                MOAT_WARN("cannot accept a connection: too many open files (raise LimitNOFILE)");
+                refuse_one(w, lfd);
             break;
         }
         moat_conn_accept(w, fd, (struct sockaddr *)&peer, w->listener_port[idx],
@@ -371,6 +398,7 @@ void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
     uv_async_init(&w->loop, &w->wakeup, on_wakeup);
     uv_timer_init(&w->loop, &w->grace_timer);
     w->deferred.next = w->deferred.prev = &w->deferred;
+    w->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     uv_prepare_init(&w->loop, &w->defer_prepare);
     uv_check_init(&w->loop, &w->defer_check);
     for (size_t j = 0; j < o->nlistens; j++) {
@@ -405,6 +433,10 @@ void moat_worker_stop(moat_worker_t *w)
 
 void moat_worker_cleanup(moat_worker_t *w)
 {
+    if (w->spare_fd >= 0) {
+        close(w->spare_fd);
+        w->spare_fd = -1;
+    }
     moat_snapshot_t *s = atomic_exchange(&w->pending, NULL);
     if (s != NULL) {
         moat_snapshot_release(s);

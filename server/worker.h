@@ -63,7 +63,10 @@ struct moat_worker {
     /* Deferred work, run after the turn's I/O callbacks (check) and, for what timers and close
      * callbacks defer, before the loop next sleeps (prepare). Both handles run only while
      * something is queued; an idle handle would keep the loop from ever sleeping. */
-    moat_deferred_t deferred; /* list head */
+    int spare_fd;               /* given up to refuse a connection when out of descriptors */
+    uint64_t refused;           /* connections refused since the last warning */
+    uint64_t refused_logged_at; /* loop time of that warning, 0: never */
+    moat_deferred_t deferred;   /* list head */
     uv_prepare_t defer_prepare;
     uv_check_t defer_check;
 };
