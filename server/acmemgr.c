@@ -3,25 +3,17 @@
  * left) or its backoff ends, takes the storage lock for its id, runs an order and stores the
  * result; the control thread then rebuilds and publishes the certificate snapshot.
  *
- * Storage (kv table):
+ * Storage (kv table), beside what server/acmeshare.h keeps (locks, tokens, live processes):
  *   acme-account-key:<CA>|<email>  the ES256 account key (PEM)
  *   acme-backoff:<id>              "<failures> <next attempt unix>"
  *   acme-error:<id>                the last failure, as logged
- *   acme-lock:<id>                 "<owner> <expiry unix>"; refreshed while the order runs
  *   acme-challenge:<id>            the challenge type that last worked
- *   acme-token:<token>             a pending HTTP-01 key authorization
- *   acme-token-alpn:<name>         a pending TLS-ALPN-01 key authorization
- *   acme-instance:<owner>          "<expiry unix>": a live process sharing this store
- *
- * Workers never touch SQLite, so every process's control thread copies the pending tokens
- * that other processes stored into its own in-memory tables (acme/challenge.c) once a
- * second. An order placer that sees other live instances waits PROPAGATION_MS after storing
- * a token before telling the CA, so whichever instance the validator reaches can answer.
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
  * renewal order then names the certificate it replaces. */
 #include "acmemgr.h"
+#include "acmeshare.h"
 #include "moat/certs.h"
 #include "moat/config.h"
 #include "moat/httpclient.h"
@@ -41,22 +33,10 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define LOCK_TTL          120
 #define LOCK_HEARTBEAT_MS 30000
 #define LOCK_RETRY_MS     2000
 #define HTTP_TIMEOUT_MS   30000
-#define TOKEN_POLL_MS     1000
-#define PROPAGATION_MS    (2 * TOKEN_POLL_MS)
-#define TOKEN_MAX_AGE     3600 /* a token this old belongs to an order that died with its process */
-#define INSTANCE_BEAT     15
-#define INSTANCE_TTL      45
 #define ARI_RETRY_DEFAULT 3600
-
-/* A token this process did not place but answers, as copied from storage. */
-typedef struct {
-    char *key, *value;
-    int seen;
-} shared_tok_t;
 
 typedef struct job job_t;
 
@@ -72,14 +52,8 @@ struct moat_acmemgr {
     void *republish_data;
     job_t *jobs;
     struct after *afters;
-    char owner[96];
-    uv_timer_t *tok_timer;
-    char **own; /* storage keys of the tokens our own orders published */
-    size_t nown;
-    shared_tok_t *shared;
-    size_t nshared;
-    int peers;
-    int64_t beat_next;
+    moat_acmeshare_t *share; /* locks, peers and tokens shared with other processes */
+    uv_timer_t *share_timer;
 };
 
 struct job {
@@ -154,6 +128,29 @@ static void io_after(void *data, uint64_t ms, void (*cb)(void *), void *arg)
     uv_timer_start(&a->t, after_fire, ms, 0);
 }
 
+static void io_challenge(void *data, moat_acme_chal_t type, const char *name, const char *token,
+                         const char *key_auth)
+{
+    moat_acmemgr_t *m = data;
+    moat_acmeshare_publish(m->share, type, name, token, key_auth);
+}
+
+static uint64_t io_propagation_ms(void *data)
+{
+    moat_acmemgr_t *m = data;
+    return moat_acmeshare_peers(m->share) > 0 ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
+}
+
+static void on_share_timer(uv_timer_t *t)
+{
+    moat_acmeshare_refresh(t->data);
+}
+
+static void share_timer_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
 static int io_request(void *data, const char *method, const char *url, const char *ctype,
                       const char *body, moat_httpc_cb cb, void *cb_data)
 {
@@ -162,148 +159,6 @@ static int io_request(void *data, const char *method, const char *url, const cha
         return m->request(m->request_data, method, url, ctype, body, cb, cb_data);
     return moat_httpc_request(m->http, method, url, ctype, body, body ? strlen(body) : 0, cb,
                               cb_data);
-}
-
-/* Answer (value non-NULL) or stop answering the token stored under key, in memory only. */
-static void token_apply(const char *key, const char *value)
-{
-    if (strncmp(key, "acme-token:", 11) == 0)
-        moat_acme_http01_set(key + 11, value);
-    else if (strncmp(key, "acme-token-alpn:", 16) == 0)
-        moat_acme_alpn01_set(key + 16, value);
-}
-
-static void shared_drop(moat_acmemgr_t *m, size_t i, int unapply)
-{
-    if (unapply)
-        token_apply(m->shared[i].key, NULL);
-    free(m->shared[i].key);
-    free(m->shared[i].value);
-    m->shared[i] = m->shared[--m->nshared];
-}
-
-static int own_find(moat_acmemgr_t *m, const char *key)
-{
-    for (size_t i = 0; i < m->nown; i++)
-        if (strcmp(m->own[i], key) == 0)
-            return (int)i;
-    return -1;
-}
-
-static void io_challenge(void *data, moat_acme_chal_t type, const char *name, const char *token,
-                         const char *key_auth)
-{
-    moat_acmemgr_t *m = data;
-    /* Kept in storage too, so other instances sharing it answer as well. */
-    char key[512];
-    if (type == MOAT_ACME_HTTP01)
-        snprintf(key, sizeof key, "acme-token:%s", token);
-    else
-        snprintf(key, sizeof key, "acme-token-alpn:%s", name);
-    if (m->st->ops->kv_put(m->st, key, key_auth) != 0)
-        MOAT_WARN("acme: cannot store the challenge token: %s", moat_storage_last_error(m->st));
-    /* Ours now: the refresh must neither import it nor withdraw it. */
-    for (size_t i = 0; i < m->nshared; i++) {
-        if (strcmp(m->shared[i].key, key) == 0) {
-            shared_drop(m, i, 0);
-            break;
-        }
-    }
-    int at = own_find(m, key);
-    if (key_auth != NULL && at < 0) {
-        m->own = moat_xrealloc(m->own, (m->nown + 1) * sizeof *m->own);
-        m->own[m->nown++] = moat_xstrdup(key);
-    } else if (key_auth == NULL && at >= 0) {
-        free(m->own[at]);
-        m->own[at] = m->own[--m->nown];
-    }
-    token_apply(key, key_auth);
-}
-
-static uint64_t io_propagation_ms(void *data)
-{
-    moat_acmemgr_t *m = data;
-    return m->peers > 0 ? PROPAGATION_MS : 0;
-}
-
-/* Once a second: say we are alive, count the other live instances, and mirror the tokens
- * they stored into this process's answer tables. A token older than TOKEN_MAX_AGE was left by
- * a process that died mid-order (a live order withdraws its tokens when it ends): delete it. */
-static void tokens_refresh(moat_acmemgr_t *m)
-{
-    moat_storage_t *st = m->st;
-    int64_t now = (int64_t)time(NULL);
-    char key[256], val[32];
-    moat_kv_t *rows = NULL;
-    size_t n = 0;
-    if (now >= m->beat_next) {
-        snprintf(key, sizeof key, "acme-instance:%s", m->owner);
-        snprintf(val, sizeof val, "%lld", (long long)(now + INSTANCE_TTL));
-        if (st->ops->kv_put(st, key, val) == 0)
-            m->beat_next = now + INSTANCE_BEAT;
-    }
-    if (st->ops->kv_list(st, "acme-instance:", &rows, &n) == 0) {
-        int peers = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (strcmp(rows[i].key + 14, m->owner) == 0)
-                continue;
-            if (rows[i].value && strtoll(rows[i].value, NULL, 10) > now)
-                peers++;
-            else
-                st->ops->kv_put(st, rows[i].key, NULL);
-        }
-        if (peers != m->peers)
-            MOAT_INFO("acme: %d other moat process(es) share this storage", peers);
-        m->peers = peers;
-        moat_kv_free(rows, n);
-    }
-    /* "acme-token" covers both acme-token:<token> and acme-token-alpn:<name>. */
-    if (st->ops->kv_list(st, "acme-token", &rows, &n) != 0)
-        return; /* keep what we have; storage says why on the next write */
-    for (size_t i = 0; i < m->nshared; i++)
-        m->shared[i].seen = 0;
-    for (size_t i = 0; i < n; i++) {
-        const char *k = rows[i].key, *v = rows[i].value;
-        if (v == NULL || (strncmp(k, "acme-token:", 11) != 0 && strncmp(k, "acme-token-alpn:", 16)))
-            continue;
-        if (rows[i].updated_at + TOKEN_MAX_AGE < now) {
-            st->ops->kv_put(st, k, NULL);
-            continue;
-        }
-        if (own_find(m, k) >= 0)
-            continue;
-        size_t j;
-        for (j = 0; j < m->nshared && strcmp(m->shared[j].key, k) != 0; j++)
-            ;
-        if (j == m->nshared) {
-            m->shared = moat_xrealloc(m->shared, (m->nshared + 1) * sizeof *m->shared);
-            m->shared[m->nshared++] = (shared_tok_t){moat_xstrdup(k), NULL, 0};
-        }
-        m->shared[j].seen = 1;
-        if (m->shared[j].value == NULL || strcmp(m->shared[j].value, v) != 0) {
-            free(m->shared[j].value);
-            m->shared[j].value = moat_xstrdup(v);
-            MOAT_DEBUG("acme: answering %s placed by another instance", k);
-            token_apply(k, v);
-        }
-    }
-    moat_kv_free(rows, n);
-    for (size_t i = 0; i < m->nshared;) {
-        if (!m->shared[i].seen)
-            shared_drop(m, i, 1);
-        else
-            i++;
-    }
-}
-
-static void tok_timer_closed(uv_handle_t *h)
-{
-    free(h);
-}
-
-static void on_tokens_timer(uv_timer_t *t)
-{
-    tokens_refresh(t->data);
 }
 
 /* --- storage helpers ----------------------------------------------------------------------- */
@@ -326,52 +181,6 @@ static void kv_key(char *out, size_t cap, const char *prefix, const char *id)
     snprintf(out, cap, "%s:%s", prefix, id);
 }
 
-/* Take (or refresh) the issuing lock for a job. 1 taken, 0 held by someone else, < 0 error. */
-static int lock_take(moat_acmemgr_t *m, const char *id)
-{
-    moat_storage_t *st = m->st;
-    char key[600], *v = NULL;
-    kv_key(key, sizeof key, "acme-lock", id);
-    int64_t now = (int64_t)time(NULL);
-    if (st->ops->begin(st) != 0)
-        return MOAT_ESTORAGE;
-    int rc = st->ops->kv_get(st, key, &v);
-    if (rc == 0) {
-        char owner[96] = "";
-        long long exp = 0;
-        if (sscanf(v, "%95s %lld", owner, &exp) == 2 && strcmp(owner, m->owner) != 0 && exp > now) {
-            free(v);
-            st->ops->commit(st);
-            return 0;
-        }
-        free(v);
-    } else if (rc != MOAT_ENOT_FOUND) {
-        st->ops->rollback(st);
-        return rc;
-    }
-    char val[160];
-    snprintf(val, sizeof val, "%s %lld", m->owner, (long long)(now + LOCK_TTL));
-    rc = st->ops->kv_put(st, key, val);
-    if (rc == 0)
-        rc = st->ops->commit(st);
-    if (rc != 0) {
-        st->ops->rollback(st);
-        return rc;
-    }
-    return 1;
-}
-
-static void lock_release(moat_acmemgr_t *m, const char *id)
-{
-    char key[600], *v = NULL;
-    kv_key(key, sizeof key, "acme-lock", id);
-    if (m->st->ops->kv_get(m->st, key, &v) == 0) {
-        if (strncmp(v, m->owner, strlen(m->owner)) == 0 && v[strlen(m->owner)] == ' ')
-            m->st->ops->kv_put(m->st, key, NULL);
-        free(v);
-    }
-}
-
 static void fmt_time(int64_t t, char *out, size_t cap)
 {
     time_t tt = (time_t)t;
@@ -389,7 +198,7 @@ static void on_job_timer(uv_timer_t *t)
     job_t *j = t->data;
     if (j->order != NULL) {
         /* Heartbeat while the order runs: keep the lock from looking stale. */
-        lock_take(j->m, j->id);
+        moat_acmeshare_lock_take(j->m->share, j->id);
         uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
         return;
     }
@@ -551,7 +360,7 @@ static void job_check(job_t *j)
         job_at(j, next);
         return;
     }
-    int lr = lock_take(m, j->id);
+    int lr = moat_acmeshare_lock_take(m->share, j->id);
     if (lr <= 0) {
         if (lr == 0)
             MOAT_INFO("acme: %s: another moat process is issuing it; looking again shortly",
@@ -568,7 +377,7 @@ static void job_check(job_t *j)
         int64_t na = rec.not_after;
         moat_cert_record_clear(&rec);
         if (fresh && !j->force) {
-            lock_release(m, j->id);
+            moat_acmeshare_lock_release(m->share, j->id);
             if (na != j->known_not_after) {
                 j->known_not_after = na;
                 if (m->republish)
@@ -704,7 +513,7 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     moat_acmemgr_t *m = j->m;
     j->order = NULL;
     if (res->rc == 0 && store_cert(j, res) == 0) {
-        lock_release(m, j->id);
+        moat_acmeshare_lock_release(m->share, j->id);
         if (m->republish)
             m->republish(m->republish_data);
         job_check(j);
@@ -732,7 +541,7 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     kv_key(key, sizeof key, "acme-error", j->id);
     m->st->ops->kv_put(m->st, key, why);
     m->st->ops->add_event(m->st, "acme-failed", j->id + 5, why);
-    lock_release(m, j->id);
+    moat_acmeshare_lock_release(m->share, j->id);
     char when[64];
     fmt_time(next, when, sizeof when);
     MOAT_ERROR("acme: %s: %s; attempt %lld failed, next attempt in %lld s at %s%s", j->id + 5, why,
@@ -821,7 +630,7 @@ static void job_free(job_t *j)
     if (j->order) {
         moat_acme_order_cancel(j->order);
         j->order = NULL;
-        lock_release(j->m, j->id);
+        moat_acmeshare_lock_release(j->m->share, j->id);
     }
     uv_close((uv_handle_t *)&j->timer, job_closed);
 }
@@ -944,22 +753,11 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
     m->ca_url = moat_xstrdup(ca);
     m->republish = republish;
     m->republish_data = data;
-    char host[64] = "";
-    gethostname(host, sizeof host - 1);
-    unsigned rnd = 0;
-    FILE *f = fopen("/dev/urandom", "rb");
-    if (f) {
-        if (fread(&rnd, sizeof rnd, 1, f) != 1)
-            rnd = 0;
-        fclose(f);
-    }
-    snprintf(m->owner, sizeof m->owner, "%.40s/%d/%08x", host, (int)getpid(), rnd);
-    /* Once now, so the first order already knows whether other instances must see its tokens. */
-    tokens_refresh(m);
-    m->tok_timer = moat_xcalloc(1, sizeof *m->tok_timer);
-    uv_timer_init(loop, m->tok_timer);
-    m->tok_timer->data = m;
-    uv_timer_start(m->tok_timer, on_tokens_timer, TOKEN_POLL_MS, TOKEN_POLL_MS);
+    m->share = moat_acmeshare_new(st);
+    m->share_timer = moat_xcalloc(1, sizeof *m->share_timer);
+    uv_timer_init(loop, m->share_timer);
+    m->share_timer->data = m->share;
+    uv_timer_start(m->share_timer, on_share_timer, MOAT_ACMESHARE_POLL_MS, MOAT_ACMESHARE_POLL_MS);
     return m;
 }
 
@@ -983,17 +781,8 @@ void moat_acmemgr_free(moat_acmemgr_t *m)
     }
     if (m->http)
         moat_httpc_free(m->http);
-    uv_close((uv_handle_t *)m->tok_timer, tok_timer_closed);
-    char key[256];
-    snprintf(key, sizeof key, "acme-instance:%s", m->owner);
-    m->st->ops->kv_put(m->st, key, NULL);
-    while (m->nshared > 0)
-        shared_drop(m, m->nshared - 1, 0);
-    free(m->shared);
-    for (size_t i = 0; i < m->nown; i++)
-        free(m->own[i]);
-    free(m->own);
-    moat_acme_challenges_clear();
+    uv_close((uv_handle_t *)m->share_timer, share_timer_closed);
+    moat_acmeshare_free(m->share);
     free(m->email);
     free(m->ca_url);
     free(m);
