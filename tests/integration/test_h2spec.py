@@ -68,8 +68,13 @@ def h2spec_bin():
 
 
 def _run(h2spec, port, report):
-    argv = [h2spec, "-t", "-k", "-h", "127.0.0.1", "-p", str(port), "-o", str(CASE_TIMEOUT),
-            "-j", str(report)]
+    # /echo reads the whole request body before it answers, as the app's API endpoints do.
+    # On a path answered at once ("/"), a loaded machine can let the response close the
+    # stream between two frames h2spec writes back to back; moat then rightly ignores the
+    # later frame (RFC 9113 §5.1: frames on a stream it closed first) and h2spec, which
+    # expected an error, fails the case: a timing artefact, not a conformance failure.
+    argv = [h2spec, "-t", "-k", "-h", "127.0.0.1", "-p", str(port), "-P", "/echo",
+            "-o", str(CASE_TIMEOUT), "-j", str(report)]
     cp = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
     out = cp.stdout.decode(errors="replace") + cp.stderr.decode(errors="replace")
     return cp.returncode, out
