@@ -53,7 +53,8 @@ typedef struct {
 /* What is known of a closed client stream (RFC 9113 §5.1), by who closed which side. */
 enum {
     ID_SKIPPED = 0,    /* never opened: a lower id than one in use, closed implicitly */
-    ID_OPENED = 1,     /* we closed it while the client could still send: ignore what follows */
+    ID_OPENED = 1,     /* neither ended nor reset by the client: once closed, moat closed it
+                        * first and frames still in flight are ignored */
     ID_PEER_ENDED = 2, /* the client sent END_STREAM: anything more is a connection error */
     ID_PEER_RESET = 3, /* the client sent RST_STREAM: anything more is a stream error */
 };
