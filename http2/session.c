@@ -19,6 +19,10 @@
 #define MAX_CONTINUATIONS 8
 /* Per-field overhead RFC 9113 §6.5.2 counts in the header list size. */
 #define FIELD_OVERHEAD 32
+/* How many of the latest client stream ids keep a record once nghttp2 has forgotten their
+ * stream (see judge_frame). Two bits each; as many as the streams a client may have open. */
+#define RECENT_IDS 128
+#define FRAME_HD   9
 
 typedef struct h2s h2s_t;
 
@@ -46,6 +50,15 @@ typedef struct {
     uint64_t last_ms;
 } bucket_t;
 
+/* What is known of a closed client stream (RFC 9113 §5.1), by who closed which side. */
+enum {
+    ID_SKIPPED = 0,    /* never opened: a lower id than one in use, closed implicitly */
+    ID_OPENED = 1,     /* neither ended nor reset by the client: once closed, moat closed it
+                        * first and frames still in flight are ignored */
+    ID_PEER_ENDED = 2, /* the client sent END_STREAM: anything more is a connection error */
+    ID_PEER_RESET = 3, /* the client sent RST_STREAM: anything more is a stream error */
+};
+
 struct moat_h2 {
     nghttp2_session *s;
     const moat_h2_cb_t *cb;
@@ -56,6 +69,13 @@ struct moat_h2 {
     uint64_t now_ms;
     bucket_t glitch, control;
     const char *why;
+    /* Frame boundaries in the client's bytes: how many belong to the current frame (or the
+     * preface) before the next frame header, and that header while it arrives. */
+    size_t skip;
+    uint8_t hd[FRAME_HD];
+    uint8_t nhd;
+    int32_t max_id;                       /* highest client stream id a HEADERS named, or -1 */
+    uint64_t recent[RECENT_IDS * 2 / 64]; /* ID_* of the ids in (max_id - 2*RECENT_IDS, max_id] */
     unsigned goaway : 1;
     unsigned terminated : 1;
     unsigned flooded : 1;
@@ -107,6 +127,81 @@ static void stream_free(moat_h2_t *h, h2s_t *st)
     moat_buf_free(&st->hb);
     moat_buf_free(&st->out);
     free(st);
+}
+
+/* ---- closed streams (RFC 9113 §5.1) ----
+ *
+ * nghttp2 keeps no state for closed streams here (no_closed_streams, so memory follows the
+ * open streams only) and silently drops every frame for a stream it no longer knows. That is
+ * right after moat reset a stream or ended it while the client was still sending (the
+ * client's frames were in flight), but RFC 9113 wants errors when the client itself had
+ * ended or reset the stream, or names a lower id than one it already used. A proxy answers
+ * fast, so without a record the stream is often gone before the bad frame arrives. Two bits
+ * for each of the latest RECENT_IDS client ids keep that record; older ids are ignored, as
+ * nghttp2 would. */
+
+static unsigned id_state(const moat_h2_t *h, int32_t id)
+{
+    unsigned slot = ((uint32_t)id >> 1) % RECENT_IDS * 2;
+    return (unsigned)(h->recent[slot / 64] >> (slot % 64)) & 3;
+}
+
+static void set_id_state(moat_h2_t *h, int32_t id, unsigned v)
+{
+    if (id > h->max_id || (int64_t)h->max_id - id >= 2 * RECENT_IDS)
+        return;
+    unsigned slot = ((uint32_t)id >> 1) % RECENT_IDS * 2;
+    h->recent[slot / 64] =
+        (h->recent[slot / 64] & ~((uint64_t)3 << (slot % 64))) | (uint64_t)v << (slot % 64);
+}
+
+/* A HEADERS frame names a new client stream: the ids skipped on the way are closed. */
+static void id_opened(moat_h2_t *h, int32_t id)
+{
+    if ((int64_t)id - h->max_id >= 2 * RECENT_IDS) {
+        memset(h->recent, 0, sizeof h->recent);
+    } else {
+        for (int64_t i = (int64_t)h->max_id + 2; i < id; i += 2)
+            set_id_state(h, (int32_t)i, ID_SKIPPED); /* the slot held an id 2*RECENT_IDS older */
+    }
+    h->max_id = id;
+    set_id_state(h, id, ID_OPENED);
+}
+
+/* A frame header is complete and nghttp2 has processed every frame before it: judge a DATA or
+ * HEADERS frame for a client stream nghttp2 no longer knows. Streams it knows (open or
+ * half-closed) follow nghttp2's own rules. */
+static void judge_frame(moat_h2_t *h, uint8_t type, int32_t id)
+{
+    if ((type != NGHTTP2_DATA && type != NGHTTP2_HEADERS) || !(id & 1) || h->terminated ||
+        !nghttp2_session_want_read(h->s))
+        return;
+    if (id > h->max_id) {
+        if (type == NGHTTP2_HEADERS)
+            id_opened(h, id);
+        return; /* DATA on an idle stream: nghttp2's connection error */
+    }
+    if (nghttp2_session_find_stream(h->s, id) != NULL || (int64_t)h->max_id - id >= 2 * RECENT_IDS)
+        return;
+    switch (id_state(h, id)) {
+    case ID_SKIPPED:
+        if (type == NGHTTP2_HEADERS)
+            moat_h2_terminate(h, NGHTTP2_PROTOCOL_ERROR,
+                              "HEADERS with a stream id lower than a previous one");
+        else
+            moat_h2_terminate(h, NGHTTP2_STREAM_CLOSED, "DATA on a closed stream");
+        return;
+    case ID_PEER_ENDED:
+        moat_h2_terminate(h, NGHTTP2_STREAM_CLOSED, "frame on a stream after its END_STREAM");
+        return;
+    case ID_PEER_RESET:
+        /* A stream error; nghttp2 then drops the frame (a header block still goes through
+         * the decoder, whose table must stay in sync). */
+        nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, id, NGHTTP2_STREAM_CLOSED);
+        glitch(h, "frames on streams the client reset");
+        return;
+    default: return; /* ID_OPENED: moat closed it first, the frame was in flight */
+    }
 }
 
 /* ---- nghttp2 callbacks ---- */
@@ -243,8 +338,9 @@ static int dispatch(moat_h2_t *h, h2s_t *st, int end_stream)
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
 {
     moat_h2_t *h = ud;
-    (void)s;
     int es = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+    if (es && (f->hd.type == NGHTTP2_HEADERS || f->hd.type == NGHTTP2_DATA))
+        set_id_state(h, f->hd.stream_id, ID_PEER_ENDED);
     switch (f->hd.type) {
     case NGHTTP2_HEADERS: {
         h2s_t *st = stream_of(h, f->hd.stream_id);
@@ -277,7 +373,13 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         }
         return 0;
     }
-    case NGHTTP2_RST_STREAM: glitch(h, "stream resets (rapid reset)"); return 0;
+    case NGHTTP2_RST_STREAM:
+        /* Called for closed streams too; only a reset of a stream still open counts. */
+        if (nghttp2_session_find_stream(s, f->hd.stream_id) != NULL &&
+            id_state(h, f->hd.stream_id) == ID_OPENED)
+            set_id_state(h, f->hd.stream_id, ID_PEER_RESET);
+        glitch(h, "stream resets (rapid reset)");
+        return 0;
     case NGHTTP2_SETTINGS:
     case NGHTTP2_PING:
         if (!(f->hd.flags & NGHTTP2_FLAG_ACK) &&
@@ -403,6 +505,8 @@ moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, vo
     h->glitch.tokens = GLITCH_BURST;
     h->control.tokens = CONTROL_BURST;
     h->why = "";
+    h->skip = NGHTTP2_CLIENT_MAGIC_LEN; /* nghttp2 checks the preface */
+    h->max_id = -1;
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
@@ -459,12 +563,62 @@ void moat_h2_free(moat_h2_t *h)
     free(h);
 }
 
+/* Hand bytes to nghttp2, which uses all of them or fails. */
+static ssize_t feed(moat_h2_t *h, const uint8_t *p, size_t n)
+{
+    ssize_t r = nghttp2_session_mem_recv(h->s, p, n);
+    return r < 0 ? r : 0;
+}
+
+static ssize_t recv_frames(moat_h2_t *h, const uint8_t *p, size_t len)
+{
+    const uint8_t *end = p + len;
+    ssize_t r;
+    /* nghttp2 gets the bytes one frame at a time, so that each frame header is judged (see
+     * judge_frame) with every frame before it already processed. */
+    while (p < end) {
+        size_t left = (size_t)(end - p);
+        if (h->skip > 0) {
+            size_t n = MOAT_MIN(h->skip, left);
+            if ((r = feed(h, p, n)) < 0)
+                return r;
+            h->skip -= n;
+            p += n;
+            continue;
+        }
+        int whole = h->nhd == 0 && left >= FRAME_HD; /* header entirely in this input */
+        size_t n = MOAT_MIN((size_t)(FRAME_HD - h->nhd), left);
+        memcpy(h->hd + h->nhd, p, n);
+        h->nhd = (uint8_t)(h->nhd + n);
+        p += n;
+        if (h->nhd < FRAME_HD)
+            break; /* kept until the rest arrives; nghttp2 has not seen it */
+        h->nhd = 0;
+        h->skip = (size_t)h->hd[0] << 16 | (size_t)h->hd[1] << 8 | h->hd[2];
+        int32_t id = (int32_t)(((uint32_t)h->hd[5] << 24 | (uint32_t)h->hd[6] << 16 |
+                                (uint32_t)h->hd[7] << 8 | h->hd[8]) &
+                               0x7fffffff);
+        judge_frame(h, h->hd[3], id);
+        if (whole) {
+            /* Header and what is here of the payload in one call. */
+            size_t m = MOAT_MIN(h->skip, (size_t)(end - p));
+            if ((r = feed(h, p - FRAME_HD, FRAME_HD + m)) < 0)
+                return r;
+            h->skip -= m;
+            p += m;
+        } else if ((r = feed(h, h->hd, FRAME_HD)) < 0) {
+            return r;
+        }
+    }
+    return (ssize_t)len;
+}
+
 ssize_t moat_h2_recv(moat_h2_t *h, const void *data, size_t len, uint64_t now_ms)
 {
     if (h->glitch.last_ms == 0)
         h->glitch.last_ms = h->control.last_ms = now_ms;
     h->now_ms = now_ms;
-    ssize_t r = nghttp2_session_mem_recv(h->s, data, len);
+    ssize_t r = recv_frames(h, data, len);
     if (r < 0) {
         if (h->why[0] == 0)
             h->why = r == NGHTTP2_ERR_FLOODED ? "flood of frames that need an answer"

@@ -12,7 +12,12 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     python3-httptools python3-websockets python3-socketio python3-engineio python3-websocket
     python3-multipart nghttp2-client pebble nginx-light
     podman runc mmdebstrap debhelper
-    python3-requests chromium libnss3-tools)
+    python3-requests chromium libnss3-tools
+    # h2spec (tests/integration/test_h2spec.py) is built from source with Debian's Go.
+    golang-go golang-golang-x-net-dev golang-golang-x-text-dev golang-golang-x-sys-dev
+    golang-github-spf13-cobra-dev golang-github-spf13-pflag-dev golang-github-fatih-color-dev
+    golang-github-mattn-go-colorable-dev golang-github-mattn-go-isatty-dev
+    golang-github-inconshreveable-mousetrap-dev)
 
 want=("${build_pkgs[@]}")
 if [[ "${1:-}" == "--test" ]]; then

@@ -565,7 +565,11 @@ static void on_connect(moat_sock_t *s, int err)
         }
         set_timer(c, 0); /* the HTTP/2 connection keeps its own timers */
         moat_sock_read_start(&c->sock);
-        moat_h2conn_on_read(c->h2); /* the client's first bytes, and our SETTINGS */
+        /* The client's first bytes, and our SETTINGS. read_start may have delivered bytes
+         * already (they came with the handshake), and a bad preface among them closed the
+         * connection: c->h2 is NULL then (c itself lives until the handles' close). */
+        if (c->h2 != NULL)
+            moat_h2conn_on_read(c->h2);
         return;
     }
     moat_sock_read_start(&c->sock);

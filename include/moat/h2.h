@@ -3,7 +3,10 @@
  * socket or calls into server/. Each request stream is handed to the owner through the
  * callbacks below, with its head already validated by nghttp2 (pseudo-headers, lowercase
  * names, no connection-specific fields, TE only "trailers", content-length vs DATA) and its
- * split cookie fields joined with "; " (RFC 9113 §8.2.3).
+ * split cookie fields joined with "; " (RFC 9113 §8.2.3). Frames for streams already closed
+ * follow RFC 9113 §5.1 even after nghttp2 has forgotten the stream: after the client's
+ * END_STREAM a connection error STREAM_CLOSED, after its RST_STREAM a stream error, a lower
+ * stream id than one in use PROTOCOL_ERROR; frames on streams moat closed first are ignored.
  *
  * Flow control is the owner's: request DATA is counted against the connection window at
  * once (one stalled stream never blocks the others) but against its stream's window only

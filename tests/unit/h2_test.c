@@ -224,6 +224,34 @@ static void send_raw_headers(moat_h2_t *h, int32_t id, const nghttp2_nv *nv, siz
     moat_h2_recv(h, buf, (size_t)len + 9, 5000);
 }
 
+/* Any frame, byte for byte. */
+static void send_raw_frame(moat_h2_t *h, uint8_t type, uint8_t flags, int32_t id,
+                           const void *payload, size_t len)
+{
+    uint8_t buf[9 + 256];
+    if (len > sizeof buf - 9)
+        return;
+    buf[0] = 0, buf[1] = (uint8_t)(len >> 8), buf[2] = (uint8_t)len, buf[3] = type;
+    buf[4] = flags, buf[5] = (uint8_t)(id >> 24), buf[6] = (uint8_t)(id >> 16);
+    buf[7] = (uint8_t)(id >> 8), buf[8] = (uint8_t)id;
+    if (len)
+        memcpy(buf + 9, payload, len);
+    moat_h2_recv(h, buf, 9 + len, 5000);
+}
+
+/* A HEADERS frame with these flags (END_HEADERS always) and fields encoded as given. */
+static void send_raw_headers_flags(moat_h2_t *h, int32_t id, uint8_t flags, const nghttp2_nv *nv,
+                                   size_t n)
+{
+    nghttp2_hd_deflater *d;
+    nghttp2_hd_deflate_new(&d, 4096);
+    uint8_t buf[256];
+    ssize_t len = nghttp2_hd_deflate_hd(d, buf, sizeof buf, nv, n);
+    nghttp2_hd_deflate_del(d);
+    if (len > 0)
+        send_raw_frame(h, NGHTTP2_HEADERS, flags | NGHTTP2_FLAG_END_HEADERS, id, buf, (size_t)len);
+}
+
 #define NV(n, v)                                                                                   \
     {                                                                                              \
         (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, sizeof(v) - 1, 0                            \
@@ -508,6 +536,234 @@ static void test_bad_preface(void)
     moat_h2_free(s.h);
 }
 
+/* ---- stream states (RFC 9113 §5.1): frames on streams the server has already closed ---- */
+
+static const nghttp2_nv get_nv[] = {NVR(":method", "GET"), NVR(":scheme", "https"),
+                                    NVR(":authority", "a"), NVR(":path", "/")};
+
+/* A request on stream id that the server answers (204, no body) and so closes. */
+static void served(srv_t *s, int32_t id, uint8_t flags)
+{
+    seen_t seen = {0};
+    send_raw_headers_flags(s->h, id, flags, get_nv, MOAT_ARRAY_LEN(get_nv));
+    CHECK_INT(moat_h2_respond(s->h, id, 204, NULL, 0, -1, 0), 0);
+    drain_raw(s->h, &seen);
+    CHECK_INT(seen.goaway, 0);
+    CHECK_INT(moat_h2_open_streams(s->h), 0);
+}
+
+static void test_frames_after_end_stream(void)
+{
+    /* "closed": any frame after the client's END_STREAM is a connection error STREAM_CLOSED,
+     * even once the response has closed the stream and nghttp2 has forgotten it. */
+    for (int kind = 0; kind < 2; kind++) {
+        srv_t s;
+        cli_t c;
+        setup(&s, &c, 0);
+        served(&s, 1, NGHTTP2_FLAG_END_STREAM);
+        if (kind == 0)
+            send_raw_frame(s.h, NGHTTP2_DATA, NGHTTP2_FLAG_END_STREAM, 1, "late", 4);
+        else
+            send_raw_headers_flags(s.h, 1, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+        seen_t seen = {0};
+        drain_raw(s.h, &seen);
+        CHECK_INT(seen.goaway, 1);
+        CHECK_INT(seen.goaway_code, NGHTTP2_STREAM_CLOSED);
+        CHECK_INT(s.requests, 1);
+        teardown(&s, &c);
+    }
+}
+
+static void test_frames_after_client_reset(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    send_raw_headers_flags(s.h, 1, 0, get_nv, MOAT_ARRAY_LEN(get_nv));
+    uint8_t cancel[4] = {0, 0, 0, NGHTTP2_CANCEL};
+    send_raw_frame(s.h, NGHTTP2_RST_STREAM, 0, 1, cancel, 4);
+    CHECK_INT(s.closes, 1);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.rst, 0); /* never a reset in answer to a reset */
+    /* After the client's RST_STREAM: a stream error STREAM_CLOSED, for DATA and HEADERS. */
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 1, "late", 4);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.rst, 1);
+    CHECK_INT(seen.rst_code, NGHTTP2_STREAM_CLOSED);
+    send_raw_headers_flags(s.h, 1, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.rst, 2);
+    CHECK_INT(seen.rst_code, NGHTTP2_STREAM_CLOSED);
+    CHECK_INT(seen.goaway, 0);
+    /* The connection goes on. */
+    send_raw_headers_flags(s.h, 3, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    CHECK_INT(s.requests, 2);
+    teardown(&s, &c);
+}
+
+static void test_frames_after_server_close_ignored(void)
+{
+    /* The server ended or reset the stream while the client could still send: frames already
+     * in flight are ignored (RFC 9113 §5.1), trailers included. */
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    served(&s, 1, 0); /* the response ends it; the server resets with NO_ERROR */
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 1, "body", 4);
+    send_raw_headers_flags(s.h, 1, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    send_raw_headers_flags(s.h, 3, 0, get_nv, MOAT_ARRAY_LEN(get_nv));
+    moat_h2_reset(s.h, 3, NGHTTP2_CANCEL);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.rst, 1); /* the CANCEL only */
+    send_raw_frame(s.h, NGHTTP2_DATA, NGHTTP2_FLAG_END_STREAM, 3, "body", 4);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.rst, 1);
+    CHECK_INT(seen.goaway, 0);
+    send_raw_headers_flags(s.h, 5, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    CHECK_INT(s.requests, 3);
+    teardown(&s, &c);
+}
+
+static void test_lower_stream_id(void)
+{
+    /* §5.1.1: a HEADERS naming a lower id than one already used is a connection error
+     * PROTOCOL_ERROR, whether or not the higher stream is still open. */
+    for (int answered = 0; answered < 2; answered++) {
+        srv_t s;
+        cli_t c;
+        setup(&s, &c, 0);
+        seen_t seen = {0};
+        if (answered)
+            served(&s, 5, NGHTTP2_FLAG_END_STREAM);
+        else
+            send_raw_headers_flags(s.h, 5, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+        send_raw_headers_flags(s.h, 3, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+        drain_raw(s.h, &seen);
+        CHECK_INT(seen.goaway, 1);
+        CHECK_INT(seen.goaway_code, NGHTTP2_PROTOCOL_ERROR);
+        CHECK_INT(s.requests, 1);
+        teardown(&s, &c);
+    }
+    /* DATA on an id skipped over: closed, STREAM_CLOSED. */
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    send_raw_headers_flags(s.h, 5, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 3, "x", 1);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 1);
+    CHECK_INT(seen.goaway_code, NGHTTP2_STREAM_CLOSED);
+    teardown(&s, &c);
+}
+
+static void test_closed_ids_remembered_in_a_window(void)
+{
+    /* Only the latest 128 client ids keep a record; older ones are ignored as nghttp2 does
+     * (the memory stays fixed however long the connection lives). */
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    served(&s, 1, NGHTTP2_FLAG_END_STREAM);
+    send_raw_headers_flags(s.h, 301, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 1, "x", 1);  /* ended, but forgotten */
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 45, "x", 1); /* skipped, 128 ids back: forgotten */
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 0);
+    CHECK_INT(seen.rst, 0);
+    send_raw_frame(s.h, NGHTTP2_DATA, 0, 47, "x", 1); /* skipped, 127 ids back */
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 1);
+    CHECK_INT(seen.goaway_code, NGHTTP2_STREAM_CLOSED);
+    teardown(&s, &c);
+}
+
+static void test_frame_header_split_across_reads(void)
+{
+    /* Frame headers cut anywhere still reach the judge whole. */
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    seen_t seen = {0};
+    served(&s, 1, NGHTTP2_FLAG_END_STREAM);
+    uint8_t f[9 + 4] = {0, 0, 4, NGHTTP2_DATA, 0, 0, 0, 0, 1, 'l', 'a', 't', 'e'};
+    for (size_t i = 0; i < sizeof f; i++)
+        moat_h2_recv(s.h, f + i, 1, 5000);
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 1);
+    CHECK_INT(seen.goaway_code, NGHTTP2_STREAM_CLOSED);
+    teardown(&s, &c);
+}
+
+/* The rules nghttp2 applies while the stream is still open (moat must keep them on: HTTP
+ * messaging checks, no auto-ignoring). Each case: a request on stream 1 left unanswered, one
+ * bad frame, the error expected (RST_STREAM on 1, or GOAWAY). */
+static void test_rules_on_open_streams(void)
+{
+    static const nghttp2_nv trailer_pseudo[] = {NVR(":method", "GET")};
+    static const uint8_t zero[4] = {0, 0, 0, 0}, huge[4] = {0x7f, 0xff, 0xff, 0xff};
+    /* DATA, PADDED: pad length 6 in a 5-byte payload. */
+    static const uint8_t badpad[5] = {6, 't', 'e', 's', 't'};
+    struct {
+        const char *name;
+        int end_stream; /* the request HEADERS ends the stream */
+        int goaway;     /* connection error, else stream error */
+        uint32_t code;
+    } cases[] = {
+        {"half-closed (remote): DATA", 1, 1, NGHTTP2_STREAM_CLOSED},
+        {"half-closed (remote): HEADERS", 1, 1, NGHTTP2_STREAM_CLOSED},
+        {"second HEADERS without END_STREAM", 0, 0, NGHTTP2_PROTOCOL_ERROR},
+        {"pseudo-header field in trailers", 0, 0, NGHTTP2_PROTOCOL_ERROR},
+        /* nghttp2 ends the connection: §5.4.1 lets any stream error be one. */
+        {"WINDOW_UPDATE of 0 on a stream", 0, 1, NGHTTP2_PROTOCOL_ERROR},
+        {"stream window above 2^31-1", 0, 0, NGHTTP2_FLOW_CONTROL_ERROR},
+        {"DATA padding longer than the payload", 0, 1, NGHTTP2_PROTOCOL_ERROR},
+    };
+    for (size_t i = 0; i < MOAT_ARRAY_LEN(cases); i++) {
+        srv_t s;
+        cli_t c;
+        setup(&s, &c, 0);
+        seen_t seen = {0};
+        send_raw_headers_flags(s.h, 1, cases[i].end_stream ? NGHTTP2_FLAG_END_STREAM : 0, get_nv,
+                               MOAT_ARRAY_LEN(get_nv));
+        drain_raw(s.h, &seen);
+        switch (i) {
+        case 0: send_raw_frame(s.h, NGHTTP2_DATA, NGHTTP2_FLAG_END_STREAM, 1, "test", 4); break;
+        case 1:
+            send_raw_headers_flags(s.h, 1, NGHTTP2_FLAG_END_STREAM, get_nv, MOAT_ARRAY_LEN(get_nv));
+            break;
+        case 2:
+            send_raw_frame(s.h, NGHTTP2_DATA, 0, 1, "test", 4);
+            send_raw_headers_flags(s.h, 1, 0, get_nv, MOAT_ARRAY_LEN(get_nv));
+            break;
+        case 3:
+            send_raw_frame(s.h, NGHTTP2_DATA, 0, 1, "test", 4);
+            send_raw_headers_flags(s.h, 1, NGHTTP2_FLAG_END_STREAM, trailer_pseudo, 1);
+            break;
+        case 4: send_raw_frame(s.h, NGHTTP2_WINDOW_UPDATE, 0, 1, zero, 4); break;
+        case 5:
+            send_raw_frame(s.h, NGHTTP2_WINDOW_UPDATE, 0, 1, huge, 4);
+            send_raw_frame(s.h, NGHTTP2_WINDOW_UPDATE, 0, 1, huge, 4);
+            break;
+        default:
+            send_raw_frame(s.h, NGHTTP2_DATA, NGHTTP2_FLAG_PADDED | NGHTTP2_FLAG_END_STREAM, 1,
+                           badpad, sizeof badpad);
+            break;
+        }
+        drain_raw(s.h, &seen);
+        if (seen.goaway != cases[i].goaway || seen.rst != !cases[i].goaway ||
+            (cases[i].goaway ? seen.goaway_code : seen.rst_code) != cases[i].code)
+            fprintf(stderr, "case: %s\n", cases[i].name);
+        CHECK_INT(seen.goaway, cases[i].goaway);
+        CHECK_INT(seen.rst, !cases[i].goaway);
+        CHECK_INT(cases[i].goaway ? seen.goaway_code : seen.rst_code, cases[i].code);
+        teardown(&s, &c);
+    }
+}
+
 int main(void)
 {
     test_request_response();
@@ -521,5 +777,12 @@ int main(void)
     test_ping_flood_read();
     test_goaway_graceful();
     test_bad_preface();
+    test_frames_after_end_stream();
+    test_frames_after_client_reset();
+    test_frames_after_server_close_ignored();
+    test_lower_stream_id();
+    test_closed_ids_remembered_in_a_window();
+    test_frame_header_split_across_reads();
+    test_rules_on_open_streams();
     return test_summary("h2");
 }

@@ -192,9 +192,13 @@ def test_15_data_on_closed_stream(conn):
     conn.get(1, "/health")
     assert conn.response(1)[3]
     conn.send_frame(DATA, 0, 1, b"late")
-    # RFC 9113 §5.1 lets a peer ignore frames on a stream it closed (nghttp2 does, keeping
-    # no closed-stream state); if it answers, it must be STREAM_CLOSED.
+    # The client had ended the stream (GET, END_STREAM): RFC 9113 §5.1 "closed" wants a
+    # connection error STREAM_CLOSED. moat keeps a record of recent closed streams for it;
+    # a server that keeps none (plain nghttp2) ignores the frame, which this allows for the
+    # other targets.
     f = conn.read_until(lambda f: f.type in (GOAWAY, RST_STREAM), 1.0)
+    if base.TARGET == "moat":
+        assert f is not None and f.type == GOAWAY, f
     assert f is None or f.error_code == STREAM_CLOSED
     if f is None or f.type == RST_STREAM:
         conn.get(3, "/health")
@@ -210,9 +214,12 @@ def test_17_decreasing_stream_id_is_connection_error(conn):
     conn.get(5, "/health")
     assert conn.response(5)[0] == 200
     conn.get(3, "/health")
-    # RFC 9113 §5.1.1 wants a connection error; nghttp2 (which keeps no state for closed
-    # streams) drops the block instead. Either way the stream must never be served.
+    # RFC 9113 §5.1.1 wants a connection error; a server that keeps no state for closed
+    # streams (plain nghttp2) drops the block instead, allowed here for the other targets.
+    # Either way the stream must never be served.
     f = conn.read_until(lambda f: f.type == GOAWAY or f.sid == 3, 2.0)
+    if base.TARGET == "moat":
+        assert f is not None, "no GOAWAY for a lower stream id"
     assert f is None or (f.type == GOAWAY and f.error_code == PROTOCOL_ERROR), f
 
 
