@@ -2,6 +2,7 @@
 #include "moat/certs.h"
 #include "moat/common.h"
 #include "moat/log.h"
+#include "certs_internal.h"
 
 #include <openssl/bio.h>
 #include <openssl/bytestring.h>
@@ -344,26 +345,50 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
                             size_t errlen)
 {
     *chain_pem = *key_pem = NULL;
+    char *cert_text = read_file(cert_path, err, errlen);
+    char *key_text = cert_text ? read_file(key_path, err, errlen) : NULL;
+    int rc = MOAT_EIO;
+    if (cert_text != NULL && key_text != NULL)
+        rc = moat__certs_check_pem(cert_path, cert_text, key_path, key_text, chain_pem, key_pem,
+                                   not_before, not_after, err, errlen);
+    free(cert_text);
+    if (key_text != NULL)
+        moat_secret_free(key_text);
+    return rc;
+}
+
+int moat__certs_check_pem(const char *cert_path, const char *cert_text, const char *key_path,
+                          const char *key_text, char **chain_pem, char **key_pem,
+                          int64_t *not_before, int64_t *not_after, char *err, size_t errlen)
+{
+    *chain_pem = *key_pem = NULL;
     int rc = MOAT_ECRYPTO;
     STACK_OF(X509) *chain = sk_X509_new_null();
     EVP_PKEY *key = NULL;
     BIO *out = BIO_new(BIO_s_mem());
-    char *cert_text = read_file(cert_path, err, errlen);
-    char *key_text = cert_text ? read_file(key_path, err, errlen) : NULL;
-    if (cert_text == NULL || key_text == NULL) {
-        rc = MOAT_EIO;
-        goto out;
-    }
     if (chain == NULL || out == NULL)
         abort();
 
+    ERR_clear_error();
     BIO *bio = BIO_new_mem_buf(cert_text, -1);
     X509 *x;
     while (bio != NULL && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL)
         sk_X509_push(chain, x);
     BIO_free(bio);
+    /* The loop ends at "no more PEM" or at a block that does not parse. Stopping quietly at a
+     * damaged block would serve the certificates before it as the whole chain (and the
+     * snapshot builder, which reads the stored text again, would refuse it later). */
+    uint32_t e = ERR_peek_last_error();
+    int damaged =
+        e != 0 && !(ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE);
     ERR_clear_error();
     size_t n = sk_X509_num(chain);
+    if (damaged) {
+        moat_errf(err, errlen,
+                  "%s: certificate %zu cannot be parsed (a damaged or truncated PEM block)",
+                  cert_path, n + 1);
+        goto out;
+    }
     if (n == 0) {
         moat_errf(err, errlen,
                   "%s: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
@@ -448,10 +473,6 @@ out:
     sk_X509_pop_free(chain, X509_free);
     EVP_PKEY_free(key);
     BIO_free(out);
-    free(cert_text);
-    if (key_text != NULL) {
-        moat_secret_free(key_text);
-    }
     return rc;
 }
 

@@ -297,6 +297,24 @@ static void test_certmgr_files(void)
     CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
     CHECK(strstr(err, "certificate 1") != NULL && strstr(err, "not issued by") != NULL);
 
+    /* A damaged block after the leaf (found by pem_fuzz): refused, not served as a chain of
+     * the leaf alone. One base64 character of the intermediate made invalid. */
+    char *bad_inter = moat_xstrdup(inter.cert_pem);
+    bad_inter[strlen("-----BEGIN CERTIFICATE-----\n") + 10] = '!';
+    write_text("cert.pem", leaf, bad_inter);
+    write_text("key.pem", key, NULL);
+    err[0] = '\0';
+    CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
+    CHECK(strstr(err, "certificate 2 cannot be parsed") != NULL && strstr(err, cert_path));
+    CHECK(cp == NULL && kp == NULL);
+    /* Truncated: the END line missing. */
+    *strstr(bad_inter, "-----END") = '\0';
+    memcpy(bad_inter, inter.cert_pem, strlen(bad_inter));
+    write_text("cert.pem", leaf, bad_inter);
+    CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
+    CHECK(strstr(err, "certificate 2 cannot be parsed") != NULL);
+    free(bad_inter);
+
     /* Expired. */
     int64_t now = (int64_t)time(NULL);
     char *ec, *ek;
