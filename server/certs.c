@@ -340,6 +340,37 @@ static void format_date(int64_t t, char *out, size_t cap)
     strftime(out, cap, "%Y-%m-%d %H:%M UTC", &tm);
 }
 
+/* NULL when BoringSSL takes chain and key for a handshake the way moat_cert_install will, else
+ * its reason. Its TLS stack parses the leaf again, more strictly than the X509 parser that read
+ * the file (the key's type and parameters, the keyUsage extension): a certificate that passed
+ * every check above could still fail every handshake. */
+static const char *tls_unusable(STACK_OF(X509) * chain, EVP_PKEY *key)
+{
+    size_t n = sk_X509_num(chain);
+    CRYPTO_BUFFER **bufs = moat_xcalloc(n, sizeof *bufs);
+    SSL_CTX *ctx = SSL_CTX_new(TLS_method());
+    int ok = ctx != NULL;
+    for (size_t i = 0; i < n && ok; i++) {
+        uint8_t *der = NULL;
+        int len = i2d_X509(sk_X509_value(chain, i), &der);
+        bufs[i] = len > 0 ? CRYPTO_BUFFER_new(der, (size_t)len, NULL) : NULL;
+        OPENSSL_free(der);
+        ok = bufs[i] != NULL;
+    }
+    ok = ok && SSL_CTX_set_chain_and_key(ctx, bufs, n, key, NULL);
+    const char *why = NULL;
+    if (!ok) {
+        why = ERR_reason_error_string(ERR_peek_error());
+        why = why ? why : "unsupported key or certificate";
+    }
+    ERR_clear_error();
+    for (size_t i = 0; i < n; i++)
+        CRYPTO_BUFFER_free(bufs[i]);
+    free(bufs);
+    SSL_CTX_free(ctx);
+    return why;
+}
+
 int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **chain_pem,
                             char **key_pem, int64_t *not_before, int64_t *not_after, char *err,
                             size_t errlen)
@@ -414,6 +445,13 @@ int moat__certs_check_pem(const char *cert_path, const char *cert_text, const ch
         goto out;
     }
     char a[160], b[160], when[64];
+    const char *why = tls_unusable(chain, key);
+    if (why != NULL) {
+        describe(leaf, a, sizeof a);
+        moat_errf(err, errlen, "%s: certificate 1 (%s) cannot be used for TLS (%s)", cert_path, a,
+                  why);
+        goto out;
+    }
     for (size_t i = 0; i + 1 < n; i++) {
         X509 *child = sk_X509_value(chain, i), *parent = sk_X509_value(chain, i + 1);
         EVP_PKEY *pk = X509_get_pubkey(parent);

@@ -144,7 +144,8 @@ for t in "${targets[@]}"; do
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
     files=$(find "$base/corpus/$t" -maxdepth 1 -type f | wc -l)
-    kib=$(du -sk "$base/corpus/$t" | cut -f1)
+    kib=$(find "$base/corpus/$t" -maxdepth 1 -type f -printf '%s\n' |
+        awk '{ s += $1 } END { printf "%d", (s + 1023) / 1024 }')
     found=$(find "$run/crashes/$t" -maxdepth 1 -type f | wc -l) # crash-, leak-, timeout-, oom-
     total_crashes=$((total_crashes + found))
     printf '%-8s %14s %8s %8s %16s %8s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" \

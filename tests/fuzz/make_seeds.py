@@ -11,6 +11,7 @@ The PEM certificates and keys are made with openssl the first time (or with --pe
 tests/fuzz/pem/; the ACME seeds reuse them for their certificate downloads. Throwaway test material:
 nothing here is trusted anywhere.
 """
+import base64
 import os
 import shutil
 import struct
@@ -105,6 +106,14 @@ def pem_seeds(m):
           ("# site certificate\n" + leaf + "\ntrailing words\n").replace("\n", "\r\n") + "\0" +
           "Bag Attributes\n" + key)
     write("pem", "damaged-block", leaf + root.replace("A", "!", 1) + "\0" + key)
+    # The leaf with its subjectKeyIdentifier relabelled keyUsage (an OCTET STRING where a BIT
+    # STRING belongs): the X509 parser takes it, BoringSSL's TLS stack does not (a find).
+    der = base64.b64decode("".join(leaf.splitlines()[1:-1]))
+    der = der.replace(b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x0f", 1)
+    b64 = base64.b64encode(der).decode()
+    bad = "-----BEGIN CERTIFICATE-----\n" + "\n".join(
+        b64[i:i + 64] for i in range(0, len(b64), 64)) + "\n-----END CERTIFICATE-----\n"
+    write("pem", "keyusage-not-bitstring", bad + "\0" + key)
 
 
 # --- ACME ------------------------------------------------------------------------------------
