@@ -9,7 +9,8 @@
 # (tests/fuzz/seeds/NAME), its dictionary (tests/fuzz/dict/NAME.dict) and a corpus that persists
 # between campaigns outside git ($MOAT_FUZZ_DIR/corpus/NAME). Afterwards each corpus is
 # minimised (-merge=1 into a fresh folder that replaces it) and a table is printed: target,
-# executions, coverage (cov/ft of the last stats line), corpus size, crashes.
+# executions, coverage (cov/ft of the last stats line, and the edges/features the minimised
+# corpus covers), corpus size, crashes.
 #
 # Parallelism: JOBS processes at most (default nproc). With at least as many jobs as targets,
 # all targets run at once, each with -fork=JOBS/targets workers; with fewer, JOBS targets run at
@@ -134,7 +135,10 @@ wait
 
 echo
 echo "== summary ($run)"
-printf '%-8s %14s %8s %8s %16s %8s\n' target executions cov ft corpus crashes
+# cov/ft: libFuzzer's fork-mode counters from the last stats line; edges/features: what the
+# minimised corpus covers (the merge's count, comparable between campaigns).
+printf '%-8s %12s %7s %7s %7s %9s %18s %8s\n' target executions cov ft edges features corpus \
+    crashes
 total_crashes=0
 for t in "${targets[@]}"; do
     log=$run/$t.log
@@ -143,13 +147,16 @@ for t in "${targets[@]}"; do
     execs=$(sed -E 's/^#([0-9]+):.*/\1/' <<<"$last")
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
+    merged=$(grep -E '^MERGE-OUTER: [0-9]+ new files' "$run/$t.merge.log" 2>/dev/null | tail -1)
+    mft=$(sed -nE 's/.* with ([0-9]+) new features.*/\1/p' <<<"$merged")
+    medges=$(sed -nE 's/.* ([0-9]+) new coverage edges.*/\1/p' <<<"$merged")
     files=$(find "$base/corpus/$t" -maxdepth 1 -type f | wc -l)
     kib=$(find "$base/corpus/$t" -maxdepth 1 -type f -printf '%s\n' |
         awk '{ s += $1 } END { printf "%d", (s + 1023) / 1024 }')
     found=$(find "$run/crashes/$t" -maxdepth 1 -type f | wc -l) # crash-, leak-, timeout-, oom-
     total_crashes=$((total_crashes + found))
-    printf '%-8s %14s %8s %8s %16s %8s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" \
-        "$files files/${kib}K" "$found"
+    printf '%-8s %12s %7s %7s %7s %9s %18s %8s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" \
+        "${medges:-?}" "${mft:-?}" "$files files/${kib}KiB" "$found"
 done
 if ((total_crashes > 0)); then
     echo
