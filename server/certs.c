@@ -2,6 +2,7 @@
 #include "moat/certs.h"
 #include "moat/common.h"
 #include "moat/log.h"
+#include "certs_internal.h"
 
 #include <openssl/bio.h>
 #include <openssl/bytestring.h>
@@ -339,31 +340,86 @@ static void format_date(int64_t t, char *out, size_t cap)
     strftime(out, cap, "%Y-%m-%d %H:%M UTC", &tm);
 }
 
+/* NULL when BoringSSL takes chain and key for a handshake the way moat_cert_install will, else
+ * its reason. Its TLS stack parses the leaf again, more strictly than the X509 parser that read
+ * the file (the key's type and parameters, the keyUsage extension): a certificate that passed
+ * every check above could still fail every handshake. */
+static const char *tls_unusable(STACK_OF(X509) * chain, EVP_PKEY *key)
+{
+    size_t n = sk_X509_num(chain);
+    CRYPTO_BUFFER **bufs = moat_xcalloc(n, sizeof *bufs);
+    SSL_CTX *ctx = SSL_CTX_new(TLS_method());
+    int ok = ctx != NULL;
+    for (size_t i = 0; i < n && ok; i++) {
+        uint8_t *der = NULL;
+        int len = i2d_X509(sk_X509_value(chain, i), &der);
+        bufs[i] = len > 0 ? CRYPTO_BUFFER_new(der, (size_t)len, NULL) : NULL;
+        OPENSSL_free(der);
+        ok = bufs[i] != NULL;
+    }
+    ok = ok && SSL_CTX_set_chain_and_key(ctx, bufs, n, key, NULL);
+    const char *why = NULL;
+    if (!ok) {
+        why = ERR_reason_error_string(ERR_peek_error());
+        why = why ? why : "unsupported key or certificate";
+    }
+    ERR_clear_error();
+    for (size_t i = 0; i < n; i++)
+        CRYPTO_BUFFER_free(bufs[i]);
+    free(bufs);
+    SSL_CTX_free(ctx);
+    return why;
+}
+
 int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **chain_pem,
                             char **key_pem, int64_t *not_before, int64_t *not_after, char *err,
                             size_t errlen)
+{
+    *chain_pem = *key_pem = NULL;
+    char *cert_text = read_file(cert_path, err, errlen);
+    char *key_text = cert_text ? read_file(key_path, err, errlen) : NULL;
+    int rc = MOAT_EIO;
+    if (cert_text != NULL && key_text != NULL)
+        rc = moat__certs_check_pem(cert_path, cert_text, key_path, key_text, chain_pem, key_pem,
+                                   not_before, not_after, err, errlen);
+    free(cert_text);
+    if (key_text != NULL)
+        moat_secret_free(key_text);
+    return rc;
+}
+
+int moat__certs_check_pem(const char *cert_path, const char *cert_text, const char *key_path,
+                          const char *key_text, char **chain_pem, char **key_pem,
+                          int64_t *not_before, int64_t *not_after, char *err, size_t errlen)
 {
     *chain_pem = *key_pem = NULL;
     int rc = MOAT_ECRYPTO;
     STACK_OF(X509) *chain = sk_X509_new_null();
     EVP_PKEY *key = NULL;
     BIO *out = BIO_new(BIO_s_mem());
-    char *cert_text = read_file(cert_path, err, errlen);
-    char *key_text = cert_text ? read_file(key_path, err, errlen) : NULL;
-    if (cert_text == NULL || key_text == NULL) {
-        rc = MOAT_EIO;
-        goto out;
-    }
     if (chain == NULL || out == NULL)
         abort();
 
+    ERR_clear_error();
     BIO *bio = BIO_new_mem_buf(cert_text, -1);
     X509 *x;
     while (bio != NULL && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL)
         sk_X509_push(chain, x);
     BIO_free(bio);
+    /* The loop ends at "no more PEM" or at a block that does not parse. Stopping quietly at a
+     * damaged block would serve the certificates before it as the whole chain (and the
+     * snapshot builder, which reads the stored text again, would refuse it later). */
+    uint32_t e = ERR_peek_last_error();
+    int damaged =
+        e != 0 && !(ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE);
     ERR_clear_error();
     size_t n = sk_X509_num(chain);
+    if (damaged) {
+        moat_errf(err, errlen,
+                  "%s: certificate %zu cannot be parsed (a damaged or truncated PEM block)",
+                  cert_path, n + 1);
+        goto out;
+    }
     if (n == 0) {
         moat_errf(err, errlen,
                   "%s: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
@@ -389,6 +445,13 @@ int moat_certmgr_load_files(const char *cert_path, const char *key_path, char **
         goto out;
     }
     char a[160], b[160], when[64];
+    const char *why = tls_unusable(chain, key);
+    if (why != NULL) {
+        describe(leaf, a, sizeof a);
+        moat_errf(err, errlen, "%s: certificate 1 (%s) cannot be used for TLS (%s)", cert_path, a,
+                  why);
+        goto out;
+    }
     for (size_t i = 0; i + 1 < n; i++) {
         X509 *child = sk_X509_value(chain, i), *parent = sk_X509_value(chain, i + 1);
         EVP_PKEY *pk = X509_get_pubkey(parent);
@@ -448,10 +511,6 @@ out:
     sk_X509_pop_free(chain, X509_free);
     EVP_PKEY_free(key);
     BIO_free(out);
-    free(cert_text);
-    if (key_text != NULL) {
-        moat_secret_free(key_text);
-    }
     return rc;
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: installs what is missing, checks the
 # formatting, builds moat twice (release, and ASan+UBSan), runs the unit tests, each fuzz
-# target for a short fixed time, and the integration tests against the sanitized binary.
+# target for a short fixed time (with its seeds and dictionary; tests/fuzz/campaign.sh runs them
+# for hours), and the integration tests against the sanitized binary.
 # Ends with one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,9 +54,10 @@ if CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DMOAT_FUZZ=ON >/d
     cmake --build build-fuzz -j"$jobs" --target $targets >build-fuzz.log 2>&1; then
     for t in $targets; do
         mkdir -p "build-fuzz/corpus-$t"
-        seeds=""
+        seeds="" dict=()
         [[ -d "tests/fuzz/seeds/${t%_fuzz}" ]] && seeds="tests/fuzz/seeds/${t%_fuzz}"
-        if "build-fuzz/$t" -max_total_time="$FUZZ_SECONDS" -print_final_stats=0 \
+        [[ -f "tests/fuzz/dict/${t%_fuzz}.dict" ]] && dict=(-dict="tests/fuzz/dict/${t%_fuzz}.dict")
+        if "build-fuzz/$t" -max_total_time="$FUZZ_SECONDS" -print_final_stats=0 "${dict[@]}" \
             "build-fuzz/corpus-$t" $seeds >"build-fuzz/$t.log" 2>&1; then
             ok "fuzz $t ($(grep -o 'Done [0-9]* runs' "build-fuzz/$t.log" | tail -1))"
         else

@@ -71,8 +71,10 @@ static char *first_pem(const char *chain)
     return moat_xstrndup(chain, (size_t)(end - chain) + strlen("-----END CERTIFICATE-----\n"));
 }
 
-/* A self-signed P-256 certificate for name valid over [nb, na]. */
-static void selfsigned(const char *name, int64_t nb, int64_t na, char **cert_pem, char **key_pem)
+/* A self-signed P-256 certificate for name valid over [nb, na]; with ku, a keyUsage extension
+ * whose value is those bytes exactly (well-formed or not). */
+static void selfsigned_ku(const char *name, int64_t nb, int64_t na, const char *ku, size_t ku_len,
+                          char **cert_pem, char **key_pem)
 {
     EVP_PKEY_CTX *kc = EVP_PKEY_CTX_new_id(EVP_PKEY_EC, NULL);
     EVP_PKEY *k = NULL;
@@ -89,6 +91,14 @@ static void selfsigned(const char *name, int64_t nb, int64_t na, char **cert_pem
     ASN1_TIME_set(X509_getm_notBefore(x), (time_t)nb);
     ASN1_TIME_set(X509_getm_notAfter(x), (time_t)na);
     X509_set_pubkey(x, k);
+    if (ku != NULL) {
+        ASN1_OCTET_STRING *v = ASN1_OCTET_STRING_new();
+        ASN1_OCTET_STRING_set(v, (const uint8_t *)ku, (int)ku_len);
+        X509_EXTENSION *e = X509_EXTENSION_create_by_NID(NULL, NID_key_usage, 1, v);
+        X509_add_ext(x, e, -1);
+        X509_EXTENSION_free(e);
+        ASN1_OCTET_STRING_free(v);
+    }
     X509_sign(x, k, EVP_sha256());
     BIO *b = BIO_new(BIO_s_mem());
     const uint8_t *d;
@@ -103,6 +113,11 @@ static void selfsigned(const char *name, int64_t nb, int64_t na, char **cert_pem
     BIO_free(b);
     X509_free(x);
     EVP_PKEY_free(k);
+}
+
+static void selfsigned(const char *name, int64_t nb, int64_t na, char **cert_pem, char **key_pem)
+{
+    selfsigned_ku(name, nb, na, NULL, 0, cert_pem, key_pem);
 }
 
 static size_t count_events(const char *kind)
@@ -297,6 +312,24 @@ static void test_certmgr_files(void)
     CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
     CHECK(strstr(err, "certificate 1") != NULL && strstr(err, "not issued by") != NULL);
 
+    /* A damaged block after the leaf (found by pem_fuzz): refused, not served as a chain of
+     * the leaf alone. One base64 character of the intermediate made invalid. */
+    char *bad_inter = moat_xstrdup(inter.cert_pem);
+    bad_inter[strlen("-----BEGIN CERTIFICATE-----\n") + 10] = '!';
+    write_text("cert.pem", leaf, bad_inter);
+    write_text("key.pem", key, NULL);
+    err[0] = '\0';
+    CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
+    CHECK(strstr(err, "certificate 2 cannot be parsed") != NULL && strstr(err, cert_path));
+    CHECK(cp == NULL && kp == NULL);
+    /* Truncated: the END line missing. */
+    *strstr(bad_inter, "-----END") = '\0';
+    memcpy(bad_inter, inter.cert_pem, strlen(bad_inter));
+    write_text("cert.pem", leaf, bad_inter);
+    CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
+    CHECK(strstr(err, "certificate 2 cannot be parsed") != NULL);
+    free(bad_inter);
+
     /* Expired. */
     int64_t now = (int64_t)time(NULL);
     char *ec, *ek;
@@ -315,6 +348,27 @@ static void test_certmgr_files(void)
     write_text("key.pem", "nope\n", NULL);
     CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
     CHECK(strstr(err, "no usable private key") != NULL);
+
+    /* A keyUsage extension that is not a BIT STRING (found by pem_fuzz): the X509 parser reads
+     * the file, but BoringSSL refuses the leaf when it is installed for a handshake, so every
+     * handshake would fail. Refused up front, naming the certificate; a well-formed keyUsage
+     * (digitalSignature) is accepted. */
+    selfsigned_ku("ku.localhost", now - 86400, now + 90 * 86400, "\x04\x02\xab\xcd", 4, &ec, &ek);
+    write_text("cert.pem", ec, NULL);
+    write_text("key.pem", ek, NULL);
+    err[0] = '\0';
+    CHECK(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err) < 0);
+    CHECK(strstr(err, "cannot be used for TLS") != NULL && strstr(err, "ku.localhost") != NULL);
+    free(ec);
+    free(ek);
+    selfsigned_ku("ku.localhost", now - 86400, now + 90 * 86400, "\x03\x02\x07\x80", 4, &ec, &ek);
+    write_text("cert.pem", ec, NULL);
+    write_text("key.pem", ek, NULL);
+    CHECK_INT(moat_certmgr_load_files(cert_path, key_path, &cp, &kp, &nb, &na, err, sizeof err), 0);
+    free(cp);
+    free(kp);
+    free(ec);
+    free(ek);
 
     /* Expiring soon: accepted (with a warning in the log). */
     selfsigned("soon.localhost", now - 86400, now + 5 * 86400, &ec, &ek);
