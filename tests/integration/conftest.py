@@ -224,6 +224,7 @@ class _Proxy:
     def start(self):
         """Start on fresh ports; retry with new ports if the process dies early (a foreign
         process may have taken a port between free_port() and bind())."""
+        self.exit_code = None  # a restarted proxy must be stopped again at teardown
         for attempt in range(3):
             self.http_port, self.https_port = free_port(), free_port()
             self._prepare()
