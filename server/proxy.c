@@ -754,11 +754,15 @@ static void up_on_eof(void *owner, int err)
             out_end(x);
             complete(x, 0);
         }
-    } else if (!x->resp_started && x->reused && x->idempotent &&
-               x->req_body == MOAT_REQ_BODY_NONE && x->tries < 3) {
-        /* A pooled connection the app had already closed: retry once on a fresh one. */
+    } else if (!x->resp_started && x->idempotent && x->req_body == MOAT_REQ_BODY_NONE &&
+               x->tries < 3 && (x->reused || x->site->site->upstream_wait_ms > 0)) {
+        /* A pooled connection the app had already closed: retry on a fresh one. Or, when
+         * requests may wait for the app, a fresh one it closed without an answer (an app
+         * that stops drops the connections its listener had accepted): the retry then waits
+         * for it. Only idempotent requests without a body, which may be sent twice. */
         release_upstream(x, 0);
-        MOAT_DEBUG("upstream %s closed a pooled connection; retrying", x->upstream->label);
+        MOAT_DEBUG("upstream %s closed the connection before answering; retrying",
+                   x->upstream->label);
         if (connect_upstream(x) != 0)
             wait_or_fail(x, "cannot connect");
     } else {
