@@ -394,16 +394,17 @@ static int send_pending(moat_exchange_t *x)
 /* This attempt was refused (refused, unreachable, no answer in time): skip the upstream for a
  * while, say so once per outage with the address dialled, and have its name looked up again
  * (a recreated container comes back elsewhere). */
-static void refused(moat_exchange_t *x, const char *how, int err)
+static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
 {
     uint64_t now = uv_now(&x->w->loop);
     char who[320];
     moat_upstream_describe(x->upstream, who, sizeof who);
+    const char *why = os_err ? strerror(os_err) : moat_strerror(err);
     if (x->ustate->down_until_ms <= now)
-        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who, how, moat_strerror(err),
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who, how, why,
                   UPSTREAM_DOWN_MS / 1000);
     else
-        MOAT_DEBUG("upstream %s %s (%s)", who, how, moat_strerror(err));
+        MOAT_DEBUG("upstream %s %s (%s)", who, how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
     if (x->upstream->named)
         moat_resolver_kick();
@@ -430,13 +431,15 @@ static int connect_upstream(moat_exchange_t *x)
         moat_upconn_t *u = moat_upconn_take(x->w, x->upstream, &up_cb, x);
         x->reused = u != NULL;
         if (u == NULL) {
-            int r = moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u);
+            int os_err = 0;
+            int r =
+                moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
             if (r == MOAT_ENOMEM)
                 return r;
             if (r != 0) {
                 /* Refused on the spot (a unix socket nobody listens on, no route): as a
                  * refused connect, another upstream may take it. */
-                refused(x, "refused the connection", r);
+                refused(x, "refused the connection", r, os_err);
                 if (x->tries < (int)x->site->nupstreams)
                     continue;
                 return r;
@@ -694,7 +697,7 @@ static void up_on_timeout(void *owner)
     moat_exchange_t *x = owner;
     hold(x);
     if (!x->up->connected) {
-        refused(x, "did not accept the connection in time", MOAT_ETIMEOUT);
+        refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
         release_upstream(x, 0);
         if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
             wait_or_fail(x, "connect timeout");
@@ -711,11 +714,15 @@ static void up_on_connect(void *owner, int err)
     moat_exchange_t *x = owner;
     hold(x);
     if (err != 0) {
-        refused(x, "refused the connection", err);
+        refused(x, err == MOAT_ETLS ? "failed the TLS handshake" : "refused the connection", err,
+                x->up->sock.connect_errno);
         /* Nothing reached the app yet (the body waits in `pending`): another upstream may
          * take the request, or it waits for this one. */
         release_upstream(x, 0);
-        if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
+        int taken = x->tries < (int)x->site->nupstreams && connect_upstream(x) == 0;
+        if (!taken && err == MOAT_ETLS)
+            fail(x, 502, "TLS handshake failed"); /* a certificate problem: waiting won't help */
+        else if (!taken)
             wait_or_fail(x, "connect failed");
     } else {
         wait_unlink(x); /* the app is back for this one */

@@ -153,8 +153,10 @@ moat_upconn_t *moat_upconn_take(moat_worker_t *w, const moat_upstream_t *up,
 }
 
 int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_ctx,
-                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out)
+                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out,
+                     int *connect_errno)
 {
+    *connect_errno = 0;
     SSL *ssl = NULL;
     if (up->tls) {
         ssl = tls_ctx ? SSL_new(tls_ctx) : NULL;
@@ -169,6 +171,7 @@ int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_c
     int r = moat_sock_connect(&u->sock, &w->loop, (const struct sockaddr *)&up->addr, up->addrlen,
                               ssl, &sock_cb, u);
     if (r != 0) {
+        *connect_errno = u->sock.connect_errno;
         free(u);
         return r;
     }

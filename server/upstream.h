@@ -56,9 +56,10 @@ moat_upconn_t *moat_upconn_take(moat_worker_t *w, const moat_upstream_t *up,
                                 const moat_upconn_cb_t *cb, void *owner);
 /* Dial a new connection (TLS with verification for https:// upstreams, using tls_ctx);
  * on_connect reports the result, never from inside this call. 0 or a negative code (nothing
- * is left open then). */
+ * is left open then; *connect_errno says why when known, else 0). */
 int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_ctx,
-                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out);
+                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out,
+                     int *connect_errno);
 /* The owner is done with u: back into the pool for idle_ms when reusable (a whole response
  * read, nothing unread, not closed), closed otherwise. No callback reaches the owner after. */
 void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms);
