@@ -11,9 +11,11 @@
  * app, so any request may wait and be sent whole later. It joins the worker's waiting list;
  * one timer per worker dials again for each with a backoff of 100 ms doubling to 1 s, and at
  * once when a new runtime arrives (the app's name now points elsewhere: server/resolver.c).
- * While a request waits its body stays with the client (paused); what arrives anyway before
- * an upstream connection is up (HTTP/2 DATA inside the stream window, bytes of a fresh dial
- * still connecting) is kept in `pending`, bounded by flow control and the high-water mark.
+ * While a request waits its body stays with the client (paused). What had been written to
+ * the refused connection (it sends nothing before its connect completes) and what arrives
+ * anyway (HTTP/2 DATA inside the stream window) is kept in `pending`, bounded by flow control
+ * and the high-water mark, and goes first on the next connection. So a healthy upstream
+ * costs nothing extra: the body goes to the socket as it always did.
  * After upstream_wait the answer is 502 with Retry-After (a page that retries by itself for a
  * browser page load); beyond MOAT_PROXY_MAX_WAITING waiting requests per site on a worker,
  * 503 at once. */
@@ -82,7 +84,7 @@ struct moat_exchange {
     moat_exchange_t *wnext, *wprev; /* the worker's waiting list */
     moat_exchange_t *dnext;         /* the timer's list of those due */
     moat_runtime_t *rt_held;        /* a newer runtime taken up while waiting (worker-local) */
-    moat_buf_t pending;             /* request body that came before an upstream was up */
+    moat_buf_t pending;             /* request body kept while no upstream connection is up */
     uint64_t wait_until, retry_at;  /* loop times; retry_at UINT64_MAX while dialling */
     unsigned backoff_ms;
     int deferred;          /* a status to answer from the timer (found inside moat_proxy_start) */
@@ -349,11 +351,11 @@ static void arm_timer(moat_exchange_t *x)
                                                      : site->read_timeout_ms);
 }
 
-/* Request body bytes go to the upstream once its connection is up, and into `pending` until
- * then: a connect that is refused must lose nothing of the request. */
+/* Request body bytes go to the upstream connection (queued there while it connects), or into
+ * `pending` while the request waits for one. */
 static int body_out(moat_exchange_t *x, const moat_slice_t *v, size_t n)
 {
-    if (x->up != NULL && x->up->connected)
+    if (x->up != NULL)
         return moat_sock_writev(&x->up->sock, v, n);
     for (size_t i = 0; i < n; i++)
         if (moat_buf_append(&x->pending, v[i].base, v[i].len) != 0)
@@ -363,8 +365,7 @@ static int body_out(moat_exchange_t *x, const moat_slice_t *v, size_t n)
 
 static size_t body_queued(const moat_exchange_t *x)
 {
-    return x->up != NULL && x->up->connected ? moat_sock_queued(&x->up->sock)
-                                             : moat_buf_size(&x->pending);
+    return x->up != NULL ? moat_sock_queued(&x->up->sock) : moat_buf_size(&x->pending);
 }
 
 static void pause_client(moat_exchange_t *x)
@@ -375,16 +376,29 @@ static void pause_client(moat_exchange_t *x)
     }
 }
 
-/* The connection is up: what the client sent meanwhile goes first, then the client may
- * send more. */
+/* A connection was refused: keep the body bytes written to it (after the head, which x->head
+ * still holds) for the next one. Only on that failure path. */
+static int keep_unsent(moat_exchange_t *x)
+{
+    moat_slice_t s = moat_upconn_unsent(x->up);
+    size_t head = moat_buf_size(&x->head);
+    if (s.len <= head)
+        return 0;
+    return moat_buf_append(&x->pending, s.base + head, s.len - head);
+}
+
+/* A connection is attached (its head written): what was kept goes first; once it is up, the
+ * client may send more. */
 static int send_pending(moat_exchange_t *x)
 {
     int r = 0;
     if (moat_buf_size(&x->pending) > 0) {
         r = moat_sock_write(&x->up->sock, moat_buf_data(&x->pending), moat_buf_size(&x->pending));
-        moat_buf_free(&x->pending);
+        if (r == 0)
+            moat_buf_free(&x->pending);
     }
-    if (r == 0 && x->client_paused && moat_sock_queued(&x->up->sock) <= MOAT_PROXY_HIGH_WATER) {
+    if (r == 0 && x->up->connected && x->client_paused &&
+        moat_sock_queued(&x->up->sock) <= MOAT_PROXY_HIGH_WATER) {
         x->client_paused = 0;
         x->ops->pause_body(x->front, 0);
     }
@@ -450,10 +464,10 @@ static int connect_upstream(moat_exchange_t *x)
         arm_timer(x);
         moat_sock_read_start(&u->sock); /* a pooled one reads already: no event from here */
         int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
-        if (r == 0 && u->connected) {
+        if (r == 0 && u->connected)
             wait_unlink(x);
+        if (r == 0)
             r = send_pending(x);
-        }
         if (r == 0)
             return 0;
         /* A pooled connection that broke while idle: try a fresh one. */
@@ -698,8 +712,11 @@ static void up_on_timeout(void *owner)
     hold(x);
     if (!x->up->connected) {
         refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
+        int kept = keep_unsent(x);
         release_upstream(x, 0);
-        if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
+        if (kept != 0)
+            fail(x, 502, "out of memory");
+        else if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
             wait_or_fail(x, "connect timeout");
     } else if (x->tunnel) {
         fail(x, 0, "websocket idle timeout");
@@ -716,11 +733,14 @@ static void up_on_connect(void *owner, int err)
     if (err != 0) {
         refused(x, err == MOAT_ETLS ? "failed the TLS handshake" : "refused the connection", err,
                 x->up->sock.connect_errno);
-        /* Nothing reached the app yet (the body waits in `pending`): another upstream may
+        /* Nothing reached the app yet (the body is kept in `pending`): another upstream may
          * take the request, or it waits for this one. */
+        int kept = err == MOAT_ETLS ? 0 : keep_unsent(x);
         release_upstream(x, 0);
-        int taken = x->tries < (int)x->site->nupstreams && connect_upstream(x) == 0;
-        if (!taken && err == MOAT_ETLS)
+        int taken = kept == 0 && x->tries < (int)x->site->nupstreams && connect_upstream(x) == 0;
+        if (kept != 0)
+            fail(x, 502, "out of memory");
+        else if (!taken && err == MOAT_ETLS)
             fail(x, 502, "TLS handshake failed"); /* a certificate problem: waiting won't help */
         else if (!taken)
             wait_or_fail(x, "connect failed");

@@ -208,6 +208,13 @@ void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms)
     moat_sock_read_start(&u->sock); /* to notice the app closing it */
 }
 
+moat_slice_t moat_upconn_unsent(const moat_upconn_t *u)
+{
+    if (u->connected)
+        return (moat_slice_t){0};
+    return moat_slice(moat_buf_data(&u->sock.out), moat_buf_size(&u->sock.out));
+}
+
 const char *moat_upstream_describe(const moat_upstream_t *up, char *buf, size_t n)
 {
     char ip[INET6_ADDRSTRLEN] = "?", at[INET6_ADDRSTRLEN + 16];

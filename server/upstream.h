@@ -63,6 +63,10 @@ int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_c
 /* The owner is done with u: back into the pool for idle_ms when reusable (a whole response
  * read, nothing unread, not closed), closed otherwise. No callback reaches the owner after. */
 void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms);
+/* What was written to a connection whose connect failed: all of it, since nothing leaves
+ * before the connect completes (empty once connected). For the owner to keep a request that
+ * never reached the app. */
+moat_slice_t moat_upconn_unsent(const moat_upconn_t *u);
 /* The connection's current timeout from now (0: none); only moves a deadline. */
 void moat_upconn_set_timeout(moat_upconn_t *u, uint64_t ms);
 
