@@ -445,6 +445,10 @@ static int connect_upstream(moat_exchange_t *x)
         moat_upconn_t *u = moat_upconn_take(x->w, x->upstream, &up_cb, x);
         x->reused = u != NULL;
         if (u == NULL) {
+            /* It failed lately: its name may have moved, and a dial to a vanished container's
+             * address can hang for seconds before it fails and asks for that itself. */
+            if (x->upstream->named && x->ustate->down_until_ms > uv_now(&x->w->loop))
+                moat_resolver_kick();
             int os_err = 0;
             int r =
                 moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
@@ -698,9 +702,14 @@ void moat_proxy_waiting_wake(moat_worker_t *w)
     if (w->waiting == NULL)
         return;
     uint64_t now = uv_now(&w->loop);
-    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext)
-        if (x->retry_at != UINT64_MAX) /* not those dialling right now */
+    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
+        /* One still dialling may be dialling the old address: a vanished container's address
+         * can take seconds to fail (no ARP answer). Nothing was sent: drop that attempt. */
+        if (x->up != NULL && !x->up->connected && keep_unsent(x) == 0)
+            release_upstream(x, 0);
+        if (x->up == NULL)
             x->retry_at = now;
+    }
     uv_timer_start(&w->wait_timer, on_wait_timer, 0, 0);
 }
 
