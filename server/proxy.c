@@ -376,6 +376,12 @@ static void pause_client(moat_exchange_t *x)
     }
 }
 
+/* The upstream as error lines name it: with the address dialled (see refused()). */
+static const char *who(const moat_exchange_t *x, char *buf, size_t n)
+{
+    return x->upstream != NULL ? moat_upstream_describe(x->upstream, buf, n) : "-";
+}
+
 /* A connection was refused: keep the body bytes written to it (after the head, which x->head
  * still holds) for the next one. Only on that failure path. */
 static int keep_unsent(moat_exchange_t *x)
@@ -411,14 +417,13 @@ static int send_pending(moat_exchange_t *x)
 static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
 {
     uint64_t now = uv_now(&x->w->loop);
-    char who[320];
-    moat_upstream_describe(x->upstream, who, sizeof who);
+    char w[320];
     const char *why = os_err ? strerror(os_err) : moat_strerror(err);
     if (x->ustate->down_until_ms <= now)
-        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who, how, why,
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who(x, w, sizeof w), how, why,
                   UPSTREAM_DOWN_MS / 1000);
     else
-        MOAT_DEBUG("upstream %s %s (%s)", who, how, why);
+        MOAT_DEBUG("upstream %s %s (%s)", who(x, w, sizeof w), how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
     if (x->upstream->named)
         moat_resolver_kick();
@@ -512,7 +517,8 @@ static void send_page(moat_exchange_t *x, int status, const char *body, const mo
 
 static void fail(moat_exchange_t *x, int status, const char *why)
 {
-    MOAT_DEBUG("upstream %s: %s", x->upstream ? x->upstream->label : "-", why);
+    char w[320];
+    MOAT_DEBUG("upstream %s: %s", who(x, w, sizeof w), why);
     if (status && !x->resp_head_done) {
         x->resp_head_done = 1;
         x->resp_done = 1;
@@ -534,8 +540,8 @@ static void fail(moat_exchange_t *x, int status, const char *why)
  * that asks again by itself. */
 static void unavailable(moat_exchange_t *x, int status, const char *why)
 {
-    MOAT_DEBUG("upstream %s: %s; answering %d", x->upstream ? x->upstream->label : "-", why,
-               status);
+    char w[320];
+    MOAT_DEBUG("upstream %s: %s; answering %d", who(x, w, sizeof w), why, status);
     x->resp_head_done = 1;
     x->resp_done = 1;
     x->up_keep_alive = 0;
@@ -797,8 +803,9 @@ static void up_on_eof(void *owner, int err)
          * that stops drops the connections its listener had accepted): the retry then waits
          * for it. Only idempotent requests without a body, which may be sent twice. */
         release_upstream(x, 0);
+        char w[320];
         MOAT_DEBUG("upstream %s closed the connection before answering; retrying",
-                   x->upstream->label);
+                   who(x, w, sizeof w));
         if (connect_upstream(x) != 0)
             wait_or_fail(x, "cannot connect");
     } else {
@@ -1021,8 +1028,8 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
     }
     x->starting = 0;
     if (r != 0) {
-        MOAT_DEBUG("upstream %s: cannot connect (%s)", x->upstream ? x->upstream->label : "-",
-                   moat_strerror(r));
+        char w[320];
+        MOAT_DEBUG("upstream %s: cannot connect (%s)", who(x, w, sizeof w), moat_strerror(r));
         drop(x);
         return r;
     }
