@@ -256,6 +256,10 @@ static const opt_row_t options[] = {
     DURATION("ws_idle_timeout", ws_idle_timeout_ms, HOUR, 1, 7 * DAY),
     /* 0 is allowed here: it means idle upstream connections are not kept at all. */
     DURATION("pool_idle", pool_idle_ms, 4 * SEC, 0, DAY),
+    /* 0: names are looked up again only when a connect to them fails. */
+    DURATION("resolve_interval", resolve_interval_ms, 30 * SEC, 0, DAY),
+    /* 0: a request for an app that refuses connections gets its 502 at once. */
+    DURATION("upstream_wait", upstream_wait_ms, 10 * SEC, 0, HOUR),
     LIST("trusted_proxies", &moat__cfg_kind_cidrs, trusted, ntrusted,
          "address ranges like 10.0.0.0/8 or fd00::/8"),
     {"lb", &moat__cfg_kind_enum, offsetof(moat_site_t, lb), 0, MOAT_LB_ROUND_ROBIN, 0, 0, lb_vals,

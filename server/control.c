@@ -8,6 +8,7 @@
 #include "h2conn.h"
 #include "moat/log.h"
 #include "moat/runtime.h"
+#include "resolver.h"
 #include "server.h"
 #include "snapshot.h"
 #include "moat/storage.h"
@@ -42,8 +43,9 @@ typedef struct {
     uv_signal_t sigusr1; /* `moat renew` */
     /* The control thread's own pointer to the current snapshot (the workers have theirs). */
     moat_snapmgr_t *snap;
-    int reload_again; /* SIGHUP during a reload: read the file again when it ends */
-    int started;      /* first load done: status of the start below */
+    moat_resolver_t *resolver; /* upstream names followed */
+    int reload_again;          /* SIGHUP during a reload: read the file again when it ends */
+    int started;               /* first load done: status of the start below */
     int start_status;
     char start_err[1100];
 } control_t;
@@ -184,6 +186,7 @@ static void reload_done(int status, const char *err, void *data)
     } else {
         const moat_runtime_t *rt = moat_snapmgr_current(c->snap)->rt;
         schedule_renew(c);
+        moat_resolver_update(c->resolver);
         if (c->acme)
             moat_acmemgr_update(c->acme, rt->config);
         MOAT_INFO("reload: now serving %zu site(s) from %s", rt->config->nsites,
@@ -373,6 +376,7 @@ int moat_control_run(const moat_run_opts_t *o)
     }
     rt = moat_snapmgr_current(c.snap)->rt;
     schedule_renew(&c);
+    c.resolver = moat_resolver_new(c.loop, c.snap);
     /* ALPN is fixed before the context exists and stays so: handshakes read it unlocked. */
     moat_h2conn_init_alpn();
     tls = moat_tls_server_ctx_new(err, sizeof err);
@@ -436,6 +440,7 @@ int moat_control_run(const moat_run_opts_t *o)
     code = 0;
     MOAT_INFO("stopped");
 out:
+    moat_resolver_free(c.resolver);
     if (c.snap != NULL) {
         /* A reload still resolving: its lookups must end before the loop and memory go. */
         moat_snapmgr_cancel(c.snap);

@@ -82,3 +82,28 @@ const char *moat_http_error_page(int status)
     default: return "";
     }
 }
+
+/* Kept small and dependency-free: it runs while the app is away. A fetch of the same URL waits
+ * inside moat for up to upstream_wait; any answer but 502/503/504 means the app is back, and
+ * a reload shows its page under the URL the visitor asked for. Without JavaScript the meta
+ * refresh asks again every 5 s. */
+const char *moat_http_retry_page(void)
+{
+    return "<!doctype html><html><head><meta charset=\"utf-8\"><title>Restarting</title>"
+           "<noscript><meta http-equiv=\"refresh\" content=\"5\"></noscript></head><body>"
+           "<h1>The app is restarting</h1><p>This page loads by itself as soon as it answers."
+           "</p><p id=\"moat-retry\"></p><script>(function(){var d=1000;"
+           "function ask(){fetch(location.href,{cache:\"no-store\",credentials:\"same-origin\"})"
+           ".then(function(r){if([502,503,504].indexOf(r.status)<0)location.reload();"
+           "else later();},later);}"
+           "function later(){document.getElementById(\"moat-retry\").textContent="
+           "\"Trying again in \"+Math.round(d/1000)+\" s\";setTimeout(ask,d);"
+           "d=Math.min(d*2,30000);}later();})();</script></body></html>\n";
+}
+
+const char *moat_http_busy_page(void)
+{
+    return "<!doctype html><title>503 Service Unavailable</title><h1>503 Service "
+           "Unavailable</h1><p>The app behind this site is restarting and too many requests "
+           "are already waiting for it. Try again in a few seconds.</p>\n";
+}

@@ -4,9 +4,24 @@
  * Re-entrancy: an exchange is reference-counted. Its life holds one reference, every
  * upstream event another while it runs; complete() and moat_proxy_abort() only mark it over
  * and drop the life reference, so code after a front-end call that ended the exchange still
- * reads valid memory and stops at the `over` check. */
+ * reads valid memory and stops at the `over` check.
+ *
+ * Waiting for the app (upstream_wait=): when every upstream of the site refuses the
+ * connection (refused, unreachable, connect timeout), nothing of the request has reached the
+ * app, so any request may wait and be sent whole later. It joins the worker's waiting list;
+ * one timer per worker dials again for each with a backoff of 100 ms doubling to 1 s, and at
+ * once when a new runtime arrives (the app's name now points elsewhere: server/resolver.c).
+ * While a request waits its body stays with the client (paused). What had been written to
+ * the refused connection (it sends nothing before its connect completes) and what arrives
+ * anyway (HTTP/2 DATA inside the stream window) is kept in `pending`, bounded by flow control
+ * and the high-water mark, and goes first on the next connection. So a healthy upstream
+ * costs nothing extra: the body goes to the socket as it always did.
+ * After upstream_wait the answer is 502 with Retry-After (a page that retries by itself for a
+ * browser page load); beyond MOAT_PROXY_MAX_WAITING waiting requests per site on a worker,
+ * 503 at once. */
 #include "moat/proxy.h"
 #include "moat/log.h"
+#include "resolver.h"
 #include "upstream.h"
 #include "worker.h"
 
@@ -18,6 +33,13 @@
 #define MAX_RESPONSE_HEADERS 128
 /* A failing upstream is skipped for this long (passive health check). */
 #define UPSTREAM_DOWN_MS 10000
+/* Waiting for the app: the first retry after WAIT_FIRST_MS, doubling up to WAIT_MAX_MS. */
+#define WAIT_FIRST_MS 100
+#define WAIT_MAX_MS   1000
+/* Per site and per worker: more waiting requests get 503 at once. */
+#define MOAT_PROXY_MAX_WAITING 1000
+/* What a client that got 502/503 for an app that is away is told to wait (seconds). */
+#define RETRY_AFTER "5"
 
 struct moat_exchange {
     moat_worker_t *w;
@@ -58,11 +80,27 @@ struct moat_exchange {
     unsigned set_cookie : 1;
     int sticky;
     char cookie[96];
+    /* Waiting for the app (see the top of the file). */
+    moat_exchange_t *wnext, *wprev; /* the worker's waiting list */
+    moat_exchange_t *dnext;         /* the timer's list of those due */
+    moat_runtime_t *rt_held;        /* a newer runtime taken up while waiting (worker-local) */
+    moat_buf_t pending;             /* request body kept while no upstream connection is up */
+    uint64_t wait_until, retry_at;  /* loop times; retry_at UINT64_MAX while dialling */
+    unsigned backoff_ms;
+    int deferred;          /* a status to answer from the timer (found inside moat_proxy_start) */
+    unsigned starting : 1; /* inside moat_proxy_start: nothing may complete */
+    unsigned waited : 1;   /* has waited (wait_until is set) */
+    unsigned waiting : 1;  /* on the worker's waiting list: from the first refusal until a
+                              connection is up or the exchange ends */
+    unsigned get_req : 1;
+    unsigned html : 1; /* a browser page load: GET with Accept: text/html */
 };
 
 static const moat_upconn_cb_t up_cb;
 static void handle_response(moat_exchange_t *x);
 static void fail(moat_exchange_t *x, int status, const char *why);
+static void wait_or_fail(moat_exchange_t *x, const char *why);
+static void wait_unlink(moat_exchange_t *x);
 
 static void hold(moat_exchange_t *x)
 {
@@ -74,6 +112,9 @@ static void drop(moat_exchange_t *x)
     if (--x->refs > 0)
         return;
     moat_buf_free(&x->head);
+    moat_buf_free(&x->pending);
+    if (x->rt_held != NULL)
+        moat_worker_runtime_release(x->w, x->rt_held);
     free(x);
 }
 
@@ -163,6 +204,8 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
         }
         if (moat_slice_ieq(n, "forwarded") && !trusted)
             continue;
+        if (x->get_req && moat_slice_ieq(n, "accept") && memmem(v.base, v.len, "text/html", 9))
+            x->html = 1; /* a browser loading a page: its 502 page retries by itself */
         r |= put(b, n);
         r |= moat_buf_append(b, ": ", 2);
         r |= put(b, v);
@@ -295,9 +338,95 @@ static const moat_upstream_t *pick_upstream(moat_exchange_t *x)
 static void arm_timer(moat_exchange_t *x)
 {
     const moat_site_t *site = x->site->site;
-    moat_upconn_set_timeout(x->up, !x->up->connected ? site->connect_timeout_ms
+    uint64_t connect_ms = site->connect_timeout_ms;
+    if (!x->up->connected && x->waited) {
+        /* A request that waits for the app gets its answer near upstream_wait, not a whole
+         * connect_timeout after it. */
+        uint64_t now = uv_now(&x->w->loop);
+        uint64_t left = x->wait_until > now ? x->wait_until - now : 0;
+        connect_ms = MOAT_MIN(connect_ms, MOAT_MAX(left, (uint64_t)WAIT_FIRST_MS));
+    }
+    moat_upconn_set_timeout(x->up, !x->up->connected ? connect_ms
                                    : x->tunnel       ? site->ws_idle_timeout_ms
                                                      : site->read_timeout_ms);
+}
+
+/* Request body bytes go to the upstream connection (queued there while it connects), or into
+ * `pending` while the request waits for one. */
+static int body_out(moat_exchange_t *x, const moat_slice_t *v, size_t n)
+{
+    if (x->up != NULL)
+        return moat_sock_writev(&x->up->sock, v, n);
+    for (size_t i = 0; i < n; i++)
+        if (moat_buf_append(&x->pending, v[i].base, v[i].len) != 0)
+            return MOAT_ENOMEM;
+    return 0;
+}
+
+static size_t body_queued(const moat_exchange_t *x)
+{
+    return x->up != NULL ? moat_sock_queued(&x->up->sock) : moat_buf_size(&x->pending);
+}
+
+static void pause_client(moat_exchange_t *x)
+{
+    if (!x->client_paused && !x->req_done) {
+        x->client_paused = 1;
+        x->ops->pause_body(x->front, 1);
+    }
+}
+
+/* The upstream as error lines name it: with the address dialled (see refused()). */
+static const char *who(const moat_exchange_t *x, char *buf, size_t n)
+{
+    return x->upstream != NULL ? moat_upstream_describe(x->upstream, buf, n) : "-";
+}
+
+/* A connection was refused: keep the body bytes written to it (after the head, which x->head
+ * still holds) for the next one. Only on that failure path. */
+static int keep_unsent(moat_exchange_t *x)
+{
+    moat_slice_t s = moat_upconn_unsent(x->up);
+    size_t head = moat_buf_size(&x->head);
+    if (s.len <= head)
+        return 0;
+    return moat_buf_append(&x->pending, s.base + head, s.len - head);
+}
+
+/* A connection is attached (its head written): what was kept goes first; once it is up, the
+ * client may send more. */
+static int send_pending(moat_exchange_t *x)
+{
+    int r = 0;
+    if (moat_buf_size(&x->pending) > 0) {
+        r = moat_sock_write(&x->up->sock, moat_buf_data(&x->pending), moat_buf_size(&x->pending));
+        if (r == 0)
+            moat_buf_free(&x->pending);
+    }
+    if (r == 0 && x->up->connected && x->client_paused &&
+        moat_sock_queued(&x->up->sock) <= MOAT_PROXY_HIGH_WATER) {
+        x->client_paused = 0;
+        x->ops->pause_body(x->front, 0);
+    }
+    return r;
+}
+
+/* This attempt was refused (refused, unreachable, no answer in time): skip the upstream for a
+ * while, say so once per outage with the address dialled, and have its name looked up again
+ * (a recreated container comes back elsewhere). */
+static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
+{
+    uint64_t now = uv_now(&x->w->loop);
+    char w[320];
+    const char *why = os_err ? strerror(os_err) : moat_strerror(err);
+    if (x->ustate->down_until_ms <= now)
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who(x, w, sizeof w), how, why,
+                  UPSTREAM_DOWN_MS / 1000);
+    else
+        MOAT_DEBUG("upstream %s %s (%s)", who(x, w, sizeof w), how, why);
+    x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
+    if (x->upstream->named)
+        moat_resolver_kick();
 }
 
 static void release_upstream(moat_exchange_t *x, int reusable)
@@ -321,15 +450,33 @@ static int connect_upstream(moat_exchange_t *x)
         moat_upconn_t *u = moat_upconn_take(x->w, x->upstream, &up_cb, x);
         x->reused = u != NULL;
         if (u == NULL) {
-            int r = moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u);
-            if (r != 0)
+            /* It failed lately: its name may have moved, and a dial to a vanished container's
+             * address can hang for seconds before it fails and asks for that itself. */
+            if (x->upstream->named && x->ustate->down_until_ms > uv_now(&x->w->loop))
+                moat_resolver_kick();
+            int os_err = 0;
+            int r =
+                moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
+            if (r == MOAT_ENOMEM)
                 return r;
+            if (r != 0) {
+                /* Refused on the spot (a unix socket nobody listens on, no route): as a
+                 * refused connect, another upstream may take it. */
+                refused(x, "refused the connection", r, os_err);
+                if (x->tries < (int)x->site->nupstreams)
+                    continue;
+                return r;
+            }
         }
         x->up = u;
         x->ustate->active++;
         arm_timer(x);
         moat_sock_read_start(&u->sock); /* a pooled one reads already: no event from here */
         int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
+        if (r == 0 && u->connected)
+            wait_unlink(x);
+        if (r == 0)
+            r = send_pending(x);
         if (r == 0)
             return 0;
         /* A pooled connection that broke while idle: try a fresh one. */
@@ -346,6 +493,7 @@ static void complete(moat_exchange_t *x, int err)
     if (x->over)
         return;
     x->over = 1;
+    wait_unlink(x);
     int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
     release_upstream(x, reusable);
     moat_exchange_result_t res = {
@@ -357,31 +505,218 @@ static void complete(moat_exchange_t *x, int err)
     drop(x); /* the life reference; an event still running holds its own */
 }
 
-static void send_page(moat_exchange_t *x, int status)
+static void send_page(moat_exchange_t *x, int status, const char *body, const moat_header_t *h,
+                      size_t n)
 {
-    const char *body = moat_http_error_page(status);
     size_t len = strlen(body);
     x->status = status;
-    if (out_head(x, status, moat_http_page_headers, MOAT_HTTP_PAGE_NHEADERS, (int64_t)len,
-                 !x->head_req) == 0 &&
+    if (out_head(x, status, h, n, (int64_t)len, !x->head_req) == 0 &&
         (x->head_req || out_data(x, moat_slice(body, len)) == 0))
         out_end(x);
 }
 
 static void fail(moat_exchange_t *x, int status, const char *why)
 {
-    MOAT_DEBUG("upstream %s: %s", x->upstream ? x->upstream->label : "-", why);
+    char w[320];
+    MOAT_DEBUG("upstream %s: %s", who(x, w, sizeof w), why);
     if (status && !x->resp_head_done) {
         x->resp_head_done = 1;
         x->resp_done = 1;
         /* The upstream connection is not reusable; the client's is, if the request body
          * was read whole. */
         x->up_keep_alive = 0;
-        send_page(x, status);
+        send_page(x, status, moat_http_error_page(status), moat_http_page_headers,
+                  MOAT_HTTP_PAGE_NHEADERS);
         complete(x, 0);
         return;
     }
     complete(x, MOAT_EUPSTREAM);
+}
+
+/* ---- waiting for the app (see the top of the file) ---- */
+
+/* The app stayed away for upstream_wait (502), or too many wait already (503): nothing
+ * reached it, so the client is told when to ask again. A browser loading a page gets one
+ * that asks again by itself. */
+static void unavailable(moat_exchange_t *x, int status, const char *why)
+{
+    char w[320];
+    MOAT_DEBUG("upstream %s: %s; answering %d", who(x, w, sizeof w), why, status);
+    x->resp_head_done = 1;
+    x->resp_done = 1;
+    x->up_keep_alive = 0;
+    moat_header_t h[MOAT_HTTP_PAGE_NHEADERS + 1];
+    memcpy(h, moat_http_page_headers, sizeof moat_http_page_headers);
+    h[MOAT_HTTP_PAGE_NHEADERS] =
+        (moat_header_t){MOAT_SLICE_LIT("retry-after"), MOAT_SLICE_LIT(RETRY_AFTER)};
+    const char *body = status == 503 ? moat_http_busy_page()
+                       : x->html     ? moat_http_retry_page()
+                                     : moat_http_error_page(status);
+    send_page(x, status, body, h, MOAT_ARRAY_LEN(h));
+    complete(x, 0);
+}
+
+static void on_wait_timer(uv_timer_t *t);
+
+static void arm_wait_timer(moat_worker_t *w)
+{
+    uint64_t next = UINT64_MAX, now = uv_now(&w->loop);
+    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext)
+        next = MOAT_MIN(next, x->retry_at);
+    if (next == UINT64_MAX)
+        uv_timer_stop(&w->wait_timer);
+    else
+        uv_timer_start(&w->wait_timer, on_wait_timer, next > now ? next - now : 0, 0);
+}
+
+/* On the list (if not yet), and the timer armed for x->retry_at. */
+static void wait_link(moat_exchange_t *x)
+{
+    moat_worker_t *w = x->w;
+    if (!x->waiting) {
+        x->wprev = NULL;
+        x->wnext = w->waiting;
+        if (w->waiting != NULL)
+            w->waiting->wprev = x;
+        w->waiting = x;
+        x->waiting = 1;
+    }
+    uint64_t now = uv_now(&w->loop);
+    uint64_t in = x->retry_at > now ? x->retry_at - now : 0;
+    if (!uv_is_active((uv_handle_t *)&w->wait_timer) || uv_timer_get_due_in(&w->wait_timer) > in)
+        uv_timer_start(&w->wait_timer, on_wait_timer, in, 0);
+}
+
+static void wait_unlink(moat_exchange_t *x)
+{
+    if (!x->waiting)
+        return;
+    if (x->wprev != NULL)
+        x->wprev->wnext = x->wnext;
+    else
+        x->w->waiting = x->wnext;
+    if (x->wnext != NULL)
+        x->wnext->wprev = x->wprev;
+    x->wnext = x->wprev = NULL;
+    x->waiting = 0;
+}
+
+/* Requests of this site waiting on this worker (dialling again included). Only counted when
+ * one more would wait, and bounded by the limit: the list is empty while the app is up. */
+static size_t count_waiting(const moat_exchange_t *x)
+{
+    size_t n = 0;
+    for (const moat_exchange_t *y = x->w->waiting; y != NULL; y = y->wnext)
+        n += y->site->site == x->site->site && !y->deferred;
+    return n;
+}
+
+/* Every upstream refused this request: wait and dial again, or answer. Inside
+ * moat_proxy_start nothing may complete, so an answer found there is given by the timer. */
+static void wait_or_fail(moat_exchange_t *x, const char *why)
+{
+    uint64_t now = uv_now(&x->w->loop);
+    uint64_t wait = x->site->site->upstream_wait_ms;
+    int status = 0;
+    if (!x->waited) {
+        x->waited = 1;
+        x->wait_until = x->t_start + wait;
+        x->backoff_ms = WAIT_FIRST_MS;
+        if (wait > 0 && count_waiting(x) >= MOAT_PROXY_MAX_WAITING)
+            status = 503;
+    } else {
+        x->backoff_ms = MOAT_MIN(x->backoff_ms * 2, WAIT_MAX_MS);
+    }
+    if (status == 0 && now >= x->wait_until)
+        status = 502;
+    if (status != 0 && !x->starting) {
+        unavailable(x, status, why);
+        return;
+    }
+    x->deferred = status;
+    x->retry_at = status ? now : MOAT_MIN(now + x->backoff_ms, x->wait_until);
+    wait_link(x);
+    pause_client(x); /* the body waits with the client */
+}
+
+/* A newer runtime of the same config (the resolver moved a name) is what the next dial must
+ * use; one from a reload is not taken up (its sites may differ), the request finishes on the
+ * one it started with. */
+static void take_current_runtime(moat_exchange_t *x)
+{
+    moat_runtime_t *cur = x->w->rts->rt;
+    if (cur == x->rt || cur->config != x->rt->config)
+        return;
+    size_t i = (size_t)(x->site - x->rt->sites);
+    moat_runtime_t *held = moat_worker_runtime_acquire(x->w);
+    if (x->rt_held != NULL)
+        moat_worker_runtime_release(x->w, x->rt_held);
+    x->rt_held = held;
+    x->rt = held;
+    x->site = &held->sites[i];
+    x->upstream = NULL;
+}
+
+static void retry(moat_exchange_t *x)
+{
+    if (x->deferred) {
+        unavailable(x, x->deferred, "every upstream refused the connection");
+        return;
+    }
+    take_current_runtime(x);
+    x->tries = 0;
+    int r = connect_upstream(x);
+    if (r != 0)
+        wait_or_fail(x, moat_strerror(r));
+}
+
+static void on_wait_timer(uv_timer_t *t)
+{
+    moat_worker_t *w = MOAT_CONTAINER_OF(t, moat_worker_t, wait_timer);
+    uint64_t now = uv_now(t->loop);
+    /* The due ones are gathered first (each under a reference): a retry may end other
+     * exchanges, which leave the waiting list. They stay on it while they dial: they still
+     * count against the limit. */
+    moat_exchange_t *due = NULL;
+    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
+        if (x->retry_at > now)
+            continue;
+        x->retry_at = UINT64_MAX;
+        hold(x);
+        x->dnext = due;
+        due = x;
+    }
+    while (due != NULL) {
+        moat_exchange_t *x = due;
+        due = x->dnext;
+        x->dnext = NULL;
+        if (!x->over)
+            retry(x);
+        leave(x);
+    }
+    arm_wait_timer(w);
+}
+
+void moat_proxy_waiting_init(moat_worker_t *w)
+{
+    w->waiting = NULL;
+    uv_timer_init(&w->loop, &w->wait_timer);
+}
+
+void moat_proxy_waiting_wake(moat_worker_t *w)
+{
+    if (w->waiting == NULL)
+        return;
+    uint64_t now = uv_now(&w->loop);
+    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
+        /* One still dialling may be dialling the old address: a vanished container's address
+         * can take seconds to fail (no ARP answer). Nothing was sent: drop that attempt. */
+        if (x->up != NULL && !x->up->connected && keep_unsent(x) == 0)
+            release_upstream(x, 0);
+        if (x->up == NULL)
+            x->retry_at = now;
+    }
+    uv_timer_start(&w->wait_timer, on_wait_timer, 0, 0);
 }
 
 /* ---- upstream events (each runs under a reference: see hold/leave) ---- */
@@ -391,8 +726,13 @@ static void up_on_timeout(void *owner)
     moat_exchange_t *x = owner;
     hold(x);
     if (!x->up->connected) {
-        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
-        fail(x, 502, "connect timeout");
+        refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
+        int kept = keep_unsent(x);
+        release_upstream(x, 0);
+        if (kept != 0)
+            fail(x, 502, "out of memory");
+        else if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
+            wait_or_fail(x, "connect timeout");
     } else if (x->tunnel) {
         fail(x, 0, "websocket idle timeout");
     } else {
@@ -406,19 +746,24 @@ static void up_on_connect(void *owner, int err)
     moat_exchange_t *x = owner;
     hold(x);
     if (err != 0) {
-        x->ustate->down_until_ms = uv_now(&x->w->loop) + UPSTREAM_DOWN_MS;
-        MOAT_WARN("upstream %s refused the connection (%s): marked down for %d s",
-                  x->upstream->label, moat_strerror(err), UPSTREAM_DOWN_MS / 1000);
-        /* Nothing reached the app yet: another upstream may take a body-less request. */
+        refused(x, err == MOAT_ETLS ? "failed the TLS handshake" : "refused the connection", err,
+                x->up->sock.connect_errno);
+        /* Nothing reached the app yet (the body is kept in `pending`): another upstream may
+         * take the request, or it waits for this one. */
+        int kept = err == MOAT_ETLS ? 0 : keep_unsent(x);
         release_upstream(x, 0);
-        if (x->req_body == MOAT_REQ_BODY_NONE && x->tries < (int)x->site->nupstreams &&
-            x->site->nupstreams > 1 && connect_upstream(x) == 0) {
-            leave(x);
-            return;
-        }
-        fail(x, 502, "connect failed");
+        int taken = kept == 0 && x->tries < (int)x->site->nupstreams && connect_upstream(x) == 0;
+        if (kept != 0)
+            fail(x, 502, "out of memory");
+        else if (!taken && err == MOAT_ETLS)
+            fail(x, 502, "TLS handshake failed"); /* a certificate problem: waiting won't help */
+        else if (!taken)
+            wait_or_fail(x, "connect failed");
     } else {
+        wait_unlink(x); /* the app is back for this one */
         arm_timer(x);
+        if (send_pending(x) != 0)
+            fail(x, 502, "cannot send the request body");
     }
     leave(x);
 }
@@ -451,13 +796,18 @@ static void up_on_eof(void *owner, int err)
             out_end(x);
             complete(x, 0);
         }
-    } else if (!x->resp_started && x->reused && x->idempotent &&
-               x->req_body == MOAT_REQ_BODY_NONE && x->tries < 3) {
-        /* A pooled connection the app had already closed: retry once on a fresh one. */
+    } else if (!x->resp_started && x->idempotent && x->req_body == MOAT_REQ_BODY_NONE &&
+               x->tries < 3 && (x->reused || x->site->site->upstream_wait_ms > 0)) {
+        /* A pooled connection the app had already closed: retry on a fresh one. Or, when
+         * requests may wait for the app, a fresh one it closed without an answer (an app
+         * that stops drops the connections its listener had accepted): the retry then waits
+         * for it. Only idempotent requests without a body, which may be sent twice. */
         release_upstream(x, 0);
-        MOAT_DEBUG("upstream %s closed a pooled connection; retrying", x->upstream->label);
+        char w[320];
+        MOAT_DEBUG("upstream %s closed the connection before answering; retrying",
+                   who(x, w, sizeof w));
         if (connect_upstream(x) != 0)
-            fail(x, 502, "cannot connect");
+            wait_or_fail(x, "cannot connect");
     } else {
         fail(x, 502, err ? "connection reset" : "connection closed before the response");
     }
@@ -666,12 +1016,20 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
     }
     x->hsts = hsts && req->tls;
     x->sticky = sticky_index(site, req);
+    x->get_req = moat_slice_eq(req->method, "GET");
+    x->starting = 1;
     int r = build_head(x, req);
-    if (r == 0)
+    if (r == 0) {
         r = connect_upstream(x);
+        if (r != 0 && r != MOAT_ENOMEM) {
+            wait_or_fail(x, moat_strerror(r)); /* refused on the spot: as any refusal */
+            r = 0;
+        }
+    }
+    x->starting = 0;
     if (r != 0) {
-        MOAT_DEBUG("upstream %s: cannot connect (%s)", x->upstream ? x->upstream->label : "-",
-                   moat_strerror(r));
+        char w[320];
+        MOAT_DEBUG("upstream %s: cannot connect (%s)", who(x, w, sizeof w), moat_strerror(r));
         drop(x);
         return r;
     }
@@ -681,32 +1039,35 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
 
 int moat_proxy_body(moat_exchange_t *x, moat_slice_t data)
 {
-    if (x->up == NULL || data.len == 0)
+    if (x->over || data.len == 0)
         return 0;
     int r;
     if (x->req_body == MOAT_REQ_BODY_STREAM) {
         char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
         moat_slice_t v[3] = {moat_slice(prefix, moat_http1_chunk_prefix(prefix, data.len)), data,
                              MOAT_SLICE_LIT("\r\n")};
-        r = moat_sock_writev(&x->up->sock, v, 3);
+        r = body_out(x, v, 3);
     } else {
-        r = moat_sock_write(&x->up->sock, data.base, data.len);
+        r = body_out(x, &data, 1);
     }
-    if (r == 0 && moat_sock_queued(&x->up->sock) > MOAT_PROXY_HIGH_WATER && !x->client_paused) {
-        x->client_paused = 1;
-        x->ops->pause_body(x->front, 1);
-    }
+    if (r == 0 && body_queued(x) > MOAT_PROXY_HIGH_WATER)
+        pause_client(x);
     return r;
 }
 
 int moat_proxy_body_end(moat_exchange_t *x)
 {
-    x->req_done = 1;
-    if (x->up == NULL)
+    if (x->over) {
+        x->req_done = 1;
         return 0;
-    if (x->req_body == MOAT_REQ_BODY_STREAM)
-        return moat_sock_write(&x->up->sock, "0\r\n\r\n", 5);
-    return 0;
+    }
+    int r = 0;
+    if (x->req_body == MOAT_REQ_BODY_STREAM) {
+        moat_slice_t end = MOAT_SLICE_LIT("0\r\n\r\n");
+        r = body_out(x, &end, 1);
+    }
+    x->req_done = 1;
+    return r;
 }
 
 void moat_proxy_front_drained(moat_exchange_t *x)
@@ -726,6 +1087,7 @@ void moat_proxy_abort(moat_exchange_t *x)
     if (x->over)
         return;
     x->over = 1;
+    wait_unlink(x);
     release_upstream(x, 0);
     drop(x);
 }

@@ -2,6 +2,7 @@
 #include "moat/runtime.h"
 #include "moat/log.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <stdlib.h>
 #include <sys/un.h>
@@ -21,7 +22,10 @@ static void runtime_free(moat_runtime_t *rt)
     free(rt->sites);
     if (rt->upstream_tls)
         SSL_CTX_free(rt->upstream_tls);
-    moat_config_free(rt->config);
+    if (rt->base != NULL)
+        moat_runtime_unref(rt->base);
+    else
+        moat_config_free(rt->config);
     free(rt);
 }
 
@@ -101,6 +105,8 @@ static void tcp_upstream(lookup_t *l, const struct addrinfo *res)
     int v6 = strchr(a->host, ':') != NULL;
     snprintf(u->label, sizeof u->label, "%s%s%s:%d", v6 ? "[" : "", a->host, v6 ? "]" : "",
              a->port);
+    unsigned char bin[sizeof(struct in6_addr)];
+    u->named = inet_pton(AF_INET, a->host, bin) != 1 && inet_pton(AF_INET6, a->host, bin) != 1;
     if (a->kind == MOAT_UPSTREAM_TLS) {
         u->tls = 1;
         u->tls_name = moat_xstrdup(a->host);
@@ -232,6 +238,30 @@ void moat_runtime_build_cancel(moat_runtime_build_t *b)
     for (size_t i = 0; i < b->nlookups; i++)
         if (!b->lookups[i].done)
             uv_cancel((uv_req_t *)&b->lookups[i].req);
+}
+
+moat_runtime_t *moat_runtime_readdress(moat_runtime_t *rt)
+{
+    moat_runtime_t *base = rt->base != NULL ? rt->base : rt;
+    moat_runtime_t *n = moat_xcalloc(1, sizeof *n);
+    *n = *rt;
+    atomic_init(&n->refs, 1);
+    n->base = moat_runtime_ref(base); /* one level: a copy of a copy shares the owner */
+    n->sites = moat_xcalloc(rt->nsites ? rt->nsites : 1, sizeof *n->sites);
+    for (size_t i = 0; i < rt->nsites; i++) {
+        moat_site_rt_t *s = &n->sites[i];
+        *s = rt->sites[i];
+        s->upstreams = moat_xcalloc(s->nupstreams ? s->nupstreams : 1, sizeof *s->upstreams);
+        for (size_t j = 0; j < s->nupstreams; j++) {
+            s->upstreams[j] = rt->sites[i].upstreams[j];
+            if (s->upstreams[j].tls_name != NULL)
+                s->upstreams[j].tls_name = moat_xstrdup(s->upstreams[j].tls_name);
+        }
+    }
+    if (n->upstream_tls != NULL)
+        SSL_CTX_up_ref(n->upstream_tls);
+    n->generation = atomic_fetch_add(&generation, 1) + 1;
+    return n;
 }
 
 int moat_runtime_addr_port(const moat_runtime_t *rt, const moat_site_addr_t *a)

@@ -142,6 +142,16 @@ int moat_snapmgr_recert(moat_snapmgr_t *m, char *err, size_t errlen)
     return 0;
 }
 
+int moat_snapmgr_readdress(moat_snapmgr_t *m, moat_runtime_t *rt)
+{
+    if (m->build != NULL || m->cur.rt == NULL) {
+        moat_runtime_unref(rt);
+        return MOAT_EAGAIN;
+    }
+    replace(m, rt, NULL, NULL);
+    return 0;
+}
+
 void moat_snapmgr_rotate_keys(moat_snapmgr_t *m)
 {
     replace(m, NULL, NULL, moat_tls_keys_new(m->cur.keys));

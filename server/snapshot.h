@@ -69,6 +69,11 @@ void moat_snapmgr_cancel(moat_snapmgr_t *m);
  * publish them with it. 0, or negative with a sentence in err (nothing changed). May block on
  * storage. MOAT_EINVAL before the first load. */
 int moat_snapmgr_recert(moat_snapmgr_t *m, char *err, size_t errlen);
+/* Publish rt (a moat_runtime_readdress copy of the current runtime, reference taken over)
+ * with the current certificates and keys: the same sites, upstreams at new addresses. A
+ * reload in flight wins: it is looking every name up anyway, so rt is dropped and MOAT_EAGAIN
+ * returned. */
+int moat_snapmgr_readdress(moat_snapmgr_t *m, moat_runtime_t *rt);
 /* New session-ticket keys (the previous two still decrypt), published with the current
  * runtime and certificates. */
 void moat_snapmgr_rotate_keys(moat_snapmgr_t *m);

@@ -228,6 +228,7 @@ int moat_sock_connect(moat_sock_t *s, uv_loop_t *loop, const struct sockaddr *ad
     }
     if (connect(fd, addr, addrlen) != 0 && errno != EINPROGRESS) {
         int e = errno;
+        s->connect_errno = e;
         close(fd);
         if (ssl)
             SSL_free(ssl);
@@ -291,6 +292,7 @@ static void finish_connect(moat_sock_t *s)
     if (err != 0) {
         s->eof = 1;
         s->failed = 1;
+        s->connect_errno = err;
         update_poll(s);
         s->cb->on_connect(s, MOAT_EUPSTREAM);
         return;
@@ -468,6 +470,12 @@ static void on_poll(uv_poll_t *h, int status, int events)
             s->connecting = 0;
             s->eof = 1;
             s->failed = 1;
+            /* libuv reports a poll error as EBADF; the socket knows the real reason. */
+            int err = 0;
+            socklen_t len = sizeof err;
+            if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err == 0)
+                err = -status;
+            s->connect_errno = err;
             update_poll(s);
             s->cb->on_connect(s, MOAT_EUPSTREAM);
         } else {

@@ -4,6 +4,7 @@
 
 #include "moat/log.h"
 
+#include <arpa/inet.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -139,7 +140,9 @@ moat_upconn_t *moat_upconn_take(moat_worker_t *w, const moat_upstream_t *up,
                                 const moat_upconn_cb_t *cb, void *owner)
 {
     for (moat_upconn_t *u = w->pool; u != NULL; u = u->next) {
-        if (strcmp(u->key, up->label) == 0 && !u->sock.eof) {
+        if (strcmp(u->key, up->label) == 0 && !u->sock.eof &&
+            (!up->named ||
+             (u->addrlen == up->addrlen && memcmp(&u->addr, &up->addr, up->addrlen) == 0))) {
             pool_unlink(u);
             u->cb = cb;
             u->owner = owner;
@@ -150,8 +153,10 @@ moat_upconn_t *moat_upconn_take(moat_worker_t *w, const moat_upstream_t *up,
 }
 
 int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_ctx,
-                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out)
+                     const moat_upconn_cb_t *cb, void *owner, moat_upconn_t **out,
+                     int *connect_errno)
 {
+    *connect_errno = 0;
     SSL *ssl = NULL;
     if (up->tls) {
         ssl = tls_ctx ? SSL_new(tls_ctx) : NULL;
@@ -166,6 +171,7 @@ int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_c
     int r = moat_sock_connect(&u->sock, &w->loop, (const struct sockaddr *)&up->addr, up->addrlen,
                               ssl, &sock_cb, u);
     if (r != 0) {
+        *connect_errno = u->sock.connect_errno;
         free(u);
         return r;
     }
@@ -173,6 +179,8 @@ int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_c
     u->cb = cb;
     u->owner = owner;
     snprintf(u->key, sizeof u->key, "%s", up->label);
+    memcpy(&u->addr, &up->addr, up->addrlen);
+    u->addrlen = up->addrlen;
     uv_timer_init(&w->loop, &u->timer);
     u->timer.data = u;
     u->deadline = UINT64_MAX;
@@ -198,6 +206,35 @@ void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms)
     u->in_pool = 1;
     moat_upconn_set_timeout(u, idle_ms);
     moat_sock_read_start(&u->sock); /* to notice the app closing it */
+}
+
+moat_slice_t moat_upconn_unsent(const moat_upconn_t *u)
+{
+    if (u->connected)
+        return (moat_slice_t){0};
+    return moat_slice(moat_buf_data(&u->sock.out), moat_buf_size(&u->sock.out));
+}
+
+const char *moat_upstream_describe(const moat_upstream_t *up, char *buf, size_t n)
+{
+    char ip[INET6_ADDRSTRLEN] = "?", at[INET6_ADDRSTRLEN + 16];
+    if (up->addr.ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)&up->addr;
+        inet_ntop(AF_INET, &sin->sin_addr, ip, sizeof ip);
+        snprintf(at, sizeof at, "%s:%u", ip, ntohs(sin->sin_port));
+    } else if (up->addr.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&up->addr;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, ip, sizeof ip);
+        snprintf(at, sizeof at, "[%s]:%u", ip, ntohs(sin6->sin6_port));
+    } else {
+        at[0] = 0; /* unix: the label is the path dialled */
+    }
+    /* An address upstream's label already is the address: say it once. */
+    if (at[0] == 0 || strcmp(at, up->label) == 0)
+        snprintf(buf, n, "%s", up->label);
+    else
+        snprintf(buf, n, "%s (dialled %s)", up->label, at);
+    return buf;
 }
 
 void moat_pool_close_all(moat_worker_t *w)

@@ -236,6 +236,7 @@ static void take_pending(moat_worker_t *w)
         w->rts = n;
         if (old != NULL)
             rt_put(&n->next);
+        moat_proxy_waiting_wake(w);
     }
     moat_certs_t *old_certs = w->certs;
     moat_tls_keys_t *old_keys = w->keys;
@@ -295,6 +296,7 @@ static void finish(moat_worker_t *w)
     uv_close((uv_handle_t *)&w->grace_timer, NULL);
     uv_close((uv_handle_t *)&w->defer_prepare, NULL);
     uv_close((uv_handle_t *)&w->defer_check, NULL);
+    uv_close((uv_handle_t *)&w->wait_timer, NULL);
 }
 
 static void grace_expired(uv_timer_t *t)
@@ -401,6 +403,7 @@ void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
     w->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     uv_prepare_init(&w->loop, &w->defer_prepare);
     uv_check_init(&w->loop, &w->defer_check);
+    moat_proxy_waiting_init(w);
     for (size_t j = 0; j < o->nlistens; j++) {
         uv_poll_init_socket(&w->loop, &w->listeners[j], o->listens[j].fds[id]);
         w->listener_port[j] = o->listens[j].port;

@@ -49,6 +49,10 @@ struct moat_worker {
     moat_upconn_t *pool; /* idle upstream connections, newest first */
     moat_upstream_state_t *ups;
     unsigned rr; /* round-robin position */
+    /* Requests waiting for an app that refused them (upstream_wait=), and the one timer that
+     * dials again for all of them (server/proxy.c). */
+    moat_exchange_t *waiting;
+    uv_timer_t wait_timer;
     uv_timer_t grace_timer;
     uint64_t grace_deadline;
     int draining;
@@ -101,5 +105,10 @@ void moat_conn_drain_all(moat_worker_t *w);
 void moat_conn_close_all(moat_worker_t *w);
 
 uint64_t moat_now_ms(void);
+
+/* Waiting requests (server/proxy.c): set up the timer (at worker init), and dial again at
+ * once for every one of them (a new runtime arrived: the app's name may point elsewhere). */
+void moat_proxy_waiting_init(moat_worker_t *w);
+void moat_proxy_waiting_wake(moat_worker_t *w);
 
 #endif

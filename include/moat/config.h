@@ -66,11 +66,12 @@ typedef struct {
 
 /* One line of the site file. Every field holds its default when the option was not given
  * (see the option table in server/config.c): max_body 0 = no limit, hsts -1 = auto,
- * connect 10s, read 30m, header 30s, keepalive 5m, ws_idle 1h, pool_idle 4s, lb round robin,
- * h2_websocket 1. Unset strings are NULL, unset lists empty. Sizes: K, M, G and KiB, MiB, GiB
- * are binary, KB, MB, GB decimal; durations take ms, s, m, h, d (a bare number is seconds).
- * A value may be "quoted" to hold spaces (preferred_chain="ISRG Root X1"). Paths (tls_cert,
- * tls_key) are kept as written: a relative path is relative to the caller's choice of directory. */
+ * connect 10s, read 30m, header 30s, keepalive 5m, ws_idle 1h, pool_idle 4s, resolve_interval
+ * 30s, upstream_wait 10s, lb round robin, h2_websocket 1. Unset strings are NULL, unset lists
+ * empty. Sizes: K, M, G and KiB, MiB, GiB are binary, KB, MB, GB decimal; durations take ms, s, m,
+ * h, d (a bare number is seconds). A value may be "quoted" to hold spaces (preferred_chain="ISRG
+ * Root X1"). Paths (tls_cert, tls_key) are kept as written: a relative path is relative to the
+ * caller's choice of directory. */
 typedef struct moat_site {
     moat_site_addr_t *addrs;
     size_t naddrs;
@@ -82,6 +83,10 @@ typedef struct moat_site {
     int hsts;                 /* -1 auto, 0 off, 1 on */
     uint64_t connect_timeout_ms, read_timeout_ms, header_timeout_ms, keepalive_timeout_ms,
         ws_idle_timeout_ms, pool_idle_ms;
+    /* Upstream host names are looked up again this often (0: only when a connect fails). */
+    uint64_t resolve_interval_ms;
+    /* How long a request waits for an upstream that refuses connections (0: not at all). */
+    uint64_t upstream_wait_ms;
     moat_cidr_t *trusted;
     size_t ntrusted;
     int lb; /* moat_lb_t */

@@ -83,8 +83,10 @@ typedef struct {
 
 /* Begin proxying req for site. Returns 0 with *out set: the exchange runs and its end comes
  * through ops->done, never from inside this call. Or a negative code when nothing was started
- * (no callback follows; nothing reached the app, so the caller answers 502). rt must stay
- * held by the front end until done. */
+ * (out of memory: no callback follows; nothing reached the app, so the caller answers 502).
+ * An app that refuses connections does not fail the start: the request waits for it (the
+ * site's upstream_wait=, its body paused through ops->pause_body) and its answer, the app's
+ * or moat's 502/503, comes through done. rt must stay held by the front end until done. */
 int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site_rt_t *site,
                      const moat_request_t *req, const moat_front_ops_t *ops, void *front,
                      moat_exchange_t **out);

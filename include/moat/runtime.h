@@ -22,6 +22,7 @@ typedef struct {
     int tls;         /* https:// upstream: TLS, verified against the system store */
     char *tls_name;  /* name to verify and send as SNI */
     char label[128]; /* "127.0.0.1:8080" or "unix:/run/app.sock", for logs and pool keys */
+    int named;       /* host is a name (not an IP literal): its address may change */
 } moat_upstream_t;
 
 typedef struct {
@@ -31,8 +32,11 @@ typedef struct {
 } moat_site_rt_t;
 
 typedef struct moat_runtime {
-    atomic_int refs; /* threads holding it; see moat_runtime_ref */
-    moat_config_t *config;
+    atomic_int refs;       /* threads holding it; see moat_runtime_ref */
+    moat_config_t *config; /* owned, unless `base` is set */
+    /* A re-addressed copy (moat_runtime_readdress) shares its config with the runtime that
+     * owns it, and holds a reference on that one instead. */
+    struct moat_runtime *base;
     moat_site_rt_t *sites; /* same order as config->sites */
     size_t nsites;
     SSL_CTX *upstream_tls;
@@ -58,6 +62,11 @@ moat_runtime_build_t *moat_runtime_build(uv_loop_t *loop, moat_config_t *cfg, in
 /* Abandon a build in flight (at stop): cb still runs, soon, with NULL and "cancelled". A
  * lookup already running in the thread pool cannot be interrupted; cb waits for it. */
 void moat_runtime_build_cancel(moat_runtime_build_t *b);
+
+/* A copy of rt for new upstream addresses (the names moved; see server/resolver.c): same
+ * config (shared, not copied), same TLS context, its own upstream arrays, which the caller
+ * fills before publishing it. One reference; never published yet. */
+moat_runtime_t *moat_runtime_readdress(moat_runtime_t *rt);
 
 /* Atomic references, for handing a snapshot from one thread to another (publish, retire).
  * Requests never call these: they use their worker's local count. The last unref frees. */

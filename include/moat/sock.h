@@ -50,6 +50,7 @@ struct moat_sock {
     unsigned read_strict : 1; /* bytes arrived while reads were stopped: unregister */
     unsigned raw_drained : 1; /* TLS: the last read() came back short; wait for the poll */
     uint64_t bytes_read, bytes_written;
+    int connect_errno; /* why a connect failed (an errno value; 0: not known), for logs */
 };
 
 /* Adopt a connected fd (accepted). ssl may be NULL; when set, the server handshake runs

@@ -32,19 +32,28 @@ CHROMIUM = os.environ.get("MOAT_TEST_CHROMIUM", "/usr/bin/chromium")
 
 
 class Standin(Upstream):
-    """conftest.Upstream with a chosen uvicorn HTTP parser (--http h11|httptools) and port,
-    and a start that may be deferred (the app starting after the proxy)."""
+    """conftest.Upstream with a chosen uvicorn HTTP parser (--http h11|httptools), port and
+    loopback address (127.0.0.2 and 127.0.0.3 play a container that moved), and a start that
+    may be deferred (the app starting after the proxy) or repeated (the app restarting)."""
 
-    def __init__(self, workdir, name, http="httptools", port=None):
+    def __init__(self, workdir, name, http="httptools", port=None, host="127.0.0.1"):
         super().__init__(workdir, name)
         self.http = http
         self.port = port or free_port()
+        self.host = host
+
+    @property
+    def addr(self):
+        return f"{self.host}:{self.port}"
+
+    def url(self, path):
+        return f"http://{self.host}:{self.port}{path}"
 
     def launch(self):
         env = dict(os.environ, STANDIN_NAME=self.name, PYTHONDONTWRITEBYTECODE="1")
         with open(self.out, "ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "uvicorn", "standin:asgi_app", "--host", "127.0.0.1",
+                [PYTHON, "-m", "uvicorn", "standin:asgi_app", "--host", self.host,
                  "--port", str(self.port), "--no-proxy-headers", "--http", self.http],
                 cwd=FIXTURES, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self

@@ -129,7 +129,7 @@ def test_413_over_h2(moat, upstream, tmp_path):
 
 
 def test_502_over_h2(proxy):
-    p = proxy(f"127.0.0.1:{helpers.free_port()}")
+    p = proxy(f"127.0.0.1:{helpers.free_port()}", moat_opts=["upstream_wait=300ms"])
     cp = curl(*p.curl_args(), "--http2", "-w", "\n%{http_code} %{http_version}", p.url("/"))
     assert cp.stdout_text.rstrip().endswith("502 2")
     assert "<html" in cp.stdout_text.lower() or "<!doctype" in cp.stdout_text.lower()

@@ -386,7 +386,7 @@ def test_chunked_upload_over_max_body_closes_the_connection(oproxy, upstream):
 
 def test_502_while_app_starts_then_recovers(oproxy, standins):
     late = standins("late", start=False)
-    p = oproxy(late.addr)
+    p = oproxy(late.addr, opts=["upstream_wait=300ms"])  # the 502 comes after that wait
     with p.client() as c:
         r = c.get(p.url("/health"))
         assert r.status_code == 502

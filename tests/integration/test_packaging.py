@@ -276,9 +276,11 @@ def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
            "-e", f"MOAT_HTTPS_PORT={sp}", "-e", "MOAT_LISTEN=127.0.0.1", MOAT_IMAGE)
     code = ""
     for _ in range(50):
-        cp = run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+        # --max-time above upstream_wait (10 s): moat waits that long for the app before
+        # its 502.
+        cp = run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15",
                   "--resolve", f"localhost:{sp}:127.0.0.1", f"https://localhost:{sp}/"],
-                 check=False, timeout=10)
+                 check=False, timeout=20)
         code = cp.stdout
         if code == "502":  # moat answered; nothing listens on the upstream port 9
             break

@@ -187,7 +187,10 @@ def test_keepalive_reuses_client_and_upstream_connections(proxy, upstream):
 
 # 6 -------------------------------------------------------------------------------------------
 def test_502_with_html_body_when_upstream_down(proxy):
-    p = proxy(f"127.0.0.1:{free_port()}")  # nothing listens there
+    # Nothing listens there. upstream_wait (moat waits that long for the app before its 502,
+    # 10 s by default) kept short: this test is about the answer, test_app_restart.py about
+    # the wait.
+    p = proxy(f"127.0.0.1:{free_port()}", moat_opts=["upstream_wait=300ms"])
     with p.client() as c:
         for _ in range(2):  # twice: the first failure must not break the proxy
             r = c.get(p.url("/health"))

@@ -78,6 +78,8 @@ static void test_minimal_site_and_defaults(void)
     CHECK_INT(s->keepalive_timeout_ms, 5 * 60000);
     CHECK_INT(s->ws_idle_timeout_ms, 3600000);
     CHECK_INT(s->pool_idle_ms, 4000);
+    CHECK_INT(s->resolve_interval_ms, 30000);
+    CHECK_INT(s->upstream_wait_ms, 10000);
     CHECK_INT(s->ntrusted, 0);
     CHECK_INT(s->lb, MOAT_LB_ROUND_ROBIN);
     CHECK_INT(s->h2_websocket, 1);
@@ -177,8 +179,8 @@ static void test_options(void)
         "email=admin@example.com ca=https://acme.example/dir,http://localhost:14000/dir "
         "preferred_chain=\"ISRG Root X1\" eab_kid=kid-1 eab_hmac=c2VjcmV0\n"
         "b.example.com 127.0.0.1:1 tls=cert.pem,/etc/key.pem max_body=512KiB LB=Cookie HSTS=OFF\n"
-        "c.example.com 127.0.0.1:1 tls=acme max_body=none\n"
-        "d.example.com 127.0.0.1:1 max_body=1G\n"
+        "c.example.com 127.0.0.1:1 tls=acme max_body=none resolve_interval=0 upstream_wait=0\n"
+        "d.example.com 127.0.0.1:1 max_body=1G resolve_interval=250ms upstream_wait=2m\n"
         "e.example.com 127.0.0.1:1 max_body=100\n"
         "f.example.com 127.0.0.1:1 max_body=2gb\n"
         "g.example.com 127.0.0.1:1 max_body=3k\n");
@@ -225,6 +227,10 @@ static void test_options(void)
     CHECK_INT(c->sites[2].tls, MOAT_TLS_ACME);
     CHECK_INT(c->sites[2].max_body, 0);
     CHECK_INT(c->sites[3].max_body, 1u << 30);
+    CHECK_INT(c->sites[2].resolve_interval_ms, 0);
+    CHECK_INT(c->sites[2].upstream_wait_ms, 0);
+    CHECK_INT(c->sites[3].resolve_interval_ms, 250);
+    CHECK_INT(c->sites[3].upstream_wait_ms, 120000);
     CHECK_INT(c->sites[4].max_body, 100);
     CHECK_INT(c->sites[5].max_body, 2000000000ll);
     CHECK_INT(c->sites[6].max_body, 3072);
@@ -466,6 +472,12 @@ static void test_option_errors(void)
     OPT_ERR("ws_idle_timeout=30000000000000000d",
             "Moatfile:1:35: bad value for ws_idle_timeout: expected a duration like 30s, 5m or 1h, "
             "got '30000000000000000d'");
+    OPT_ERR("resolve_interval=2d", "Moatfile:1:36: bad value for resolve_interval: expected a "
+                                   "duration from 0s to 1d, got '2d'");
+    OPT_ERR("upstream_wait=2h", "Moatfile:1:33: bad value for upstream_wait: expected a duration "
+                                "from 0s to 1h, got '2h'");
+    OPT_ERR("upstream_wait=soon", "Moatfile:1:33: bad value for upstream_wait: expected a duration "
+                                  "like 30s, 5m or 1h, got 'soon'");
     OPT_ERR("pool_idle=2d", "Moatfile:1:29: bad value for pool_idle: expected a duration from 0s "
                             "to 1d, got '2d'");
     OPT_ERR("trusted_proxies=10.0.0.0/8,10.0.0.0/33",
@@ -684,7 +696,7 @@ static void test_print(void)
         "unix:/run/app.sock max_body=10MiB hsts=on read_timeout=90m eab_kid=k eab_hmac=secret "
         "trusted_proxies=10.0.0.0/8 preferred_chain=\"ISRG Root X1\"\n"
         "http://plain.example.com h:80\n"
-        "files.example.com h:1 tls=c.pem,k.pem pool_idle=500ms\n");
+        "files.example.com h:1 tls=c.pem,k.pem pool_idle=500ms upstream_wait=0\n");
     if (c == NULL)
         return;
     char *s = NULL;
@@ -719,7 +731,8 @@ static void test_print(void)
                  "  address      https://files.example.com:443\n"
                  "  upstream     http://h:1\n"
                  "  certificate  files c.pem and k.pem\n"
-                 "  option       pool_idle=500ms\n");
+                 "  option       pool_idle=500ms\n"
+                 "  option       upstream_wait=0s\n");
     free(s);
     moat_config_free(c);
 }

@@ -14,6 +14,7 @@
 #include "test.h"
 #include "worker.h"
 
+#include <arpa/inet.h>
 #include <ftw.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -119,6 +120,43 @@ static void test_build(void)
         moat_runtime_unref(b.rt);
     else
         CHECK_STR(b.err, "cancelled");
+}
+
+/* A re-addressed copy (the resolver moved a name): same config and TLS context, its own
+ * upstream arrays; freed in either order, the config exactly once (ASan). */
+static void test_readdress(void)
+{
+    built_t b;
+    build("localhost:8443 localhost:9,https://127.0.0.1:9443,unix:/run/app.sock\n", &b);
+    CHECK(b.rt != NULL);
+    if (b.rt == NULL)
+        return;
+    const moat_upstream_t *u = b.rt->sites[0].upstreams;
+    CHECK_INT(u[0].named, 1); /* a name: followed */
+    CHECK_INT(u[1].named, 0); /* an address: nothing to follow */
+    CHECK_INT(u[2].named, 0); /* a path */
+    moat_runtime_t *c1 = moat_runtime_readdress(b.rt);
+    CHECK(c1->config == b.rt->config);
+    CHECK(c1->base == b.rt);
+    CHECK(c1->upstream_tls == b.rt->upstream_tls);
+    CHECK(c1->sites[0].upstreams != b.rt->sites[0].upstreams);
+    CHECK(c1->sites[0].site == b.rt->sites[0].site);
+    CHECK(c1->generation > b.rt->generation);
+    CHECK_STR(c1->sites[0].upstreams[1].tls_name, "127.0.0.1");
+    struct sockaddr_in *sin = (struct sockaddr_in *)&c1->sites[0].upstreams[0].addr;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = htonl(0x7f000003);
+    c1->sites[0].upstreams[0].addrlen = sizeof *sin;
+    CHECK(memcmp(&b.rt->sites[0].upstreams[0].addr, sin, sizeof *sin) != 0);
+    /* A copy of a copy shares the one owner of the config. */
+    moat_runtime_t *c2 = moat_runtime_readdress(c1);
+    CHECK(c2->base == b.rt);
+    CHECK_INT(((struct sockaddr_in *)&c2->sites[0].upstreams[0].addr)->sin_addr.s_addr,
+              htonl(0x7f000003));
+    moat_runtime_unref(b.rt); /* the copies keep it (and its config) alive */
+    CHECK_STR(c1->config->sites[0].upstreams[0].host, "localhost");
+    moat_runtime_unref(c1);
+    moat_runtime_unref(c2);
 }
 
 /* --- workers ----------------------------------------------------------------------------- */
@@ -375,6 +413,7 @@ int main(void)
     }
     uv_loop_init(&loop);
     test_build();
+    test_readdress();
     test_workers();
     test_snapmgr_empty();
     uv_loop_close(&loop);
