@@ -67,8 +67,9 @@ typedef struct moat_storage_ops {
     int (*rollback)(moat_storage_t *s);
     void (*close)(moat_storage_t *s);
     /* Look for damage anywhere in the store, not only where the next read or write lands
-     * (SQLite: PRAGMA quick_check), and move what is pending into the main file (a passive
-     * WAL checkpoint). 0, or MOAT_ESTORAGE with last_error naming the file and what to do.
+     * (SQLite: PRAGMA quick_check), and move what is pending into the main file when it can
+     * (a passive WAL checkpoint; a full disk is not damage). 0, or MOAT_ESTORAGE with
+     * last_error naming the file and what to do.
      * Reads the whole store: for the start, a reload and an hourly look, not a hot path. */
     int (*check)(moat_storage_t *s);
 } moat_storage_ops_t;
