@@ -2,6 +2,8 @@
 #include "acmeshare.h"
 #include "moat/log.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,6 +159,24 @@ void moat_acmeshare_refresh(moat_acmeshare_t *m)
 
 /* --- issuing locks ------------------------------------------------------------------------- */
 
+/* Whether the process that wrote `owner` ("host/pid/random") is certainly gone, so its lock
+ * need not run out first: a moat killed mid-order and restarted at once would otherwise wait
+ * LOCK_TTL before it issues. Only a process on this host can be judged: its pid no longer
+ * exists, or it is our own pid (a container restarted: the same pid, a new process). */
+static int owner_gone(const moat_acmeshare_t *m, const char *owner)
+{
+    const char *slash = strchr(owner, '/'), *mine = strchr(m->owner, '/');
+    if (slash == NULL || mine == NULL || slash - owner != mine - m->owner ||
+        strncmp(owner, m->owner, (size_t)(slash - owner)) != 0)
+        return 0;
+    long pid = strtol(slash + 1, NULL, 10);
+    if (pid <= 0)
+        return 0;
+    if (pid == (long)getpid())
+        return 1;
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
 int moat_acmeshare_lock_take(moat_acmeshare_t *m, const char *id)
 {
     moat_storage_t *st = m->st;
@@ -169,7 +189,8 @@ int moat_acmeshare_lock_take(moat_acmeshare_t *m, const char *id)
     if (rc == 0) {
         char owner[96] = "";
         long long exp = 0;
-        if (sscanf(v, "%95s %lld", owner, &exp) == 2 && strcmp(owner, m->owner) != 0 && exp > now) {
+        if (sscanf(v, "%95s %lld", owner, &exp) == 2 && strcmp(owner, m->owner) != 0 && exp > now &&
+            !owner_gone(m, owner)) {
             free(v);
             st->ops->commit(st);
             return 0;

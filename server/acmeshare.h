@@ -29,7 +29,8 @@ moat_acmeshare_t *moat_acmeshare_new(moat_storage_t *st);
 void moat_acmeshare_free(moat_acmeshare_t *s);
 
 /* Take (or refresh) the issuing lock for id: 1 taken, 0 held by another live process, < 0 a
- * storage error. */
+ * storage error. A lock left by a process of this host that is gone (killed mid-order) is
+ * taken over at once instead of when it runs out. */
 int moat_acmeshare_lock_take(moat_acmeshare_t *s, const char *id);
 /* Release it, if this process holds it. */
 void moat_acmeshare_lock_release(moat_acmeshare_t *s, const char *id);

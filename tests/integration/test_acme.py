@@ -424,3 +424,28 @@ def test_external_account_binding(env, tmp_path, upstream):
     pb.start()
     m.start()
     wait_served(m.https_port, "eab.example.test", pb.roots(tmp_path))
+
+
+def test_lock_left_by_a_killed_process_is_taken_over_at_once(env, tmp_path, upstream):
+    # A moat killed in the middle of an order leaves its issuing lock behind for 2 minutes.
+    # Restarted at once on the same host, moat must see that the lock's owner is gone and
+    # issue now, not wait for the lock to run out. The killed process is simulated by a lock
+    # row naming this host and a pid that does not exist.
+    pb, m = env([f"killed.example.test {upstream.addr}"], start_pebble=False)
+    m.start()  # creates the store; the CA is down, so nothing is issued yet
+    m.stop()
+    host = socket.gethostname()[:40]
+    pid = 4_000_000  # above pid_max: certainly no process
+    with m.db() as db:
+        lock_key = "acme-lock:acme:killed.example.test"
+        db.execute("delete from kv where key like 'acme-backoff:%'")
+        db.execute("insert or replace into kv values (?, ?, strftime('%s','now'))",
+                   (lock_key, f"{host}/{pid}/0badc0de {int(time.time()) + 120}"))
+    pb.start()
+    t0 = time.monotonic()
+    m.start()
+    cert = wait_served(m.https_port, "killed.example.test", pb.roots(tmp_path), timeout=20)
+    took = time.monotonic() - t0
+    print(f"\nissued {took:.1f} s after the restart")
+    assert ("DNS", "killed.example.test") in cert["subjectAltName"]
+    assert "another moat process is issuing it" not in m.logs()
