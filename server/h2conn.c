@@ -247,8 +247,12 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
         content_length = -1;
     }
     st->front.responded = 1;
-    if (st->front.body_unread && status == 413)
-        moat_h2_drain_body(h2, st->id); /* so curl shows the 413; the body is dropped */
+    /* An error answer while the request body is still arriving (413, a 502 after
+     * upstream_wait, an app refusing an upload early): the rest of the body is read and
+     * dropped rather than refused with RST_STREAM, which RFC 9113 §8.1 allows but which curl
+     * and some other clients report as a failed transfer instead of showing the answer. */
+    if (status >= 400)
+        moat_h2_drain_body(h2, st->id);
     int r = moat_h2_respond(h2, st->id, status, h, n, content_length, has_body);
     if (r != 0)
         moat_h2_reset(h2, st->id, MOAT_H2_INTERNAL_ERROR);

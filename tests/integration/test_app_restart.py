@@ -193,6 +193,21 @@ def test_upstream_wait_0_answers_at_once(moat):
 
 
 @pytest.mark.moat_only
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_upload_to_an_app_that_is_down_shows_the_502(moat, tmp_path, http):
+    """The answer comes before the body was read: the client must still see the 502 (over
+    HTTP/2, moat reads and drops the rest of the body instead of resetting the stream, which
+    curl reports as a failed transfer)."""
+    p = moat(f"127.0.0.1:{free_port()}", site_opts=["upstream_wait=0"])
+    body = tmp_path / "upload.bin"
+    body.write_bytes(os.urandom(3 << 20))
+    cp = curl(*p.curl_args(), http, "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+              "--data-binary", f"@{body}", p.url("/api/v1/files/"), timeout=60)
+    out = cp.stdout.decode() if isinstance(cp.stdout, bytes) else cp.stdout
+    assert cp.returncode == 0 and out == "502", (cp.returncode, out, cp.stderr)
+
+
+@pytest.mark.moat_only
 def test_browser_page_retries_until_the_app_is_back(moat, apps, tmp_path):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip("Debian chromium not installed (packaging/deps.sh --test)")
