@@ -21,8 +21,18 @@ from pathlib import Path
 
 import httpx
 
-from conftest import NginxProxy, Upstream
+from conftest import TARGET, NginxProxy, Upstream
 from helpers import FIXTURES, PYTHON, free_port, tail
+
+
+def figure(name, value):
+    """A measured figure: printed, and appended to $MOAT_TEST_FIGURES when set."""
+    line = f"FIGURE {TARGET} {name}: {value}"
+    print(line)
+    path = os.environ.get("MOAT_TEST_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
 
 CHROMIUM = os.environ.get("MOAT_TEST_CHROMIUM", "/usr/bin/chromium")
 

@@ -17,19 +17,9 @@ import time
 
 import pytest
 
-from conftest import TARGET
 from h2util import RawH2
 from helpers import curl, free_port, write_random_file
-from owui_util import CHROMIUM, Chromium, Standin, ssl_ctx
-
-
-def figure(name, value):
-    line = f"FIGURE {TARGET} {name}: {value}"
-    print(line)
-    path = os.environ.get("MOAT_TEST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
+from owui_util import CHROMIUM, Chromium, Standin, figure, ssl_ctx
 
 
 @pytest.fixture

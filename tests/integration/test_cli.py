@@ -3,7 +3,6 @@ pid-file commands, certificate listing, reload with a broken file, unknown hosts
 and pipelining. These exercise moat's CLI, so they are skipped for nginx."""
 
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from conftest import MOAT_BIN, require_moat
-from helpers import free_port, raw_https, tail, wait_port
+from helpers import free_port, raw_https, tail
 
 pytestmark = pytest.mark.moat_only
 

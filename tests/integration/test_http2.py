@@ -5,7 +5,6 @@
     MOAT_TEST_TARGET=nginx /usr/bin/python3 -m pytest -q tests/integration/test_http2.py
 """
 
-import base64
 import hashlib
 import json
 import os
@@ -13,7 +12,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import threading
 import time
 
 import httpx

@@ -24,21 +24,12 @@ import pytest
 from conftest import TARGET, MoatProxy, _teardown, require_moat
 from helpers import (curl, pattern_sha256, raw_https, read_response, uses_asan,
                      write_random_file)
-from owui_util import (Chromium, MemSampler, OwuiNginx, Standin, curl_line_arrivals,
+from owui_util import (figure, Chromium, MemSampler, OwuiNginx, Standin, curl_line_arrivals,
                        spacing_summary, sse_arrivals, sha256_stream, ssl_ctx, token_times)
 
 MB = 1 << 20
 # Peak RSS growth allowed while 200 MB cross a release build (ASan builds: reported only).
 RSS_GROWTH_MB = float(os.environ.get("MOAT_TEST_RSS_GROWTH_MB", "30"))
-
-
-def figure(name, value):
-    line = f"FIGURE {TARGET} {name}: {value}"
-    print(line)
-    path = os.environ.get("MOAT_TEST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 
-from conftest import MOAT_BIN
 
 pytestmark = pytest.mark.moat_only
 

@@ -13,7 +13,6 @@ MOAT_TEST_TARGET=nginx runs the first test against nginx in the same namespace (
 upstream names once, at start, and fails it).
 """
 
-import os
 import threading
 import time
 
@@ -22,16 +21,7 @@ import pytest
 
 from conftest import TARGET, MoatProxy, NginxProxy, _teardown, require_moat
 from helpers import free_port
-from owui_util import Standin
-
-
-def figure(name, value):
-    line = f"FIGURE {TARGET} {name}: {value}"
-    print(line)
-    path = os.environ.get("MOAT_TEST_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
+from owui_util import Standin, figure
 
 
 def write_hosts(path, app_ip):
