@@ -2,28 +2,15 @@
  * and an HTTP/1.1 upstream connection (server/upstream.c).
  *
  * Re-entrancy: an exchange is reference-counted. Its life holds one reference, every
- * upstream event another while it runs; complete() and moat_proxy_abort() only mark it over
- * and drop the life reference, so code after a front-end call that ended the exchange still
- * reads valid memory and stops at the `over` check.
+ * upstream event another while it runs; moat__proxy_complete() and moat_proxy_abort() only
+ * mark it over and drop the life reference, so code after a front-end call that ended the
+ * exchange still reads valid memory and stops at the `over` check.
  *
- * Waiting for the app (upstream_wait=): when every upstream of the site refuses the
- * connection (refused, unreachable, connect timeout), nothing of the request has reached the
- * app, so any request may wait and be sent whole later. It joins the worker's waiting list;
- * one timer per worker dials again for each with a backoff of 100 ms doubling to 1 s, and at
- * once when a new runtime arrives (the app's name now points elsewhere: server/resolver.c).
- * While a request waits its body stays with the client (paused). What had been written to
- * the refused connection (it sends nothing before its connect completes) and what arrives
- * anyway (HTTP/2 DATA inside the stream window) is kept in `pending`, bounded by flow control
- * and the high-water mark, and goes first on the next connection. So a healthy upstream
- * costs nothing extra: the body goes to the socket as it always did.
- * After upstream_wait the answer is 502 with Retry-After (a page that retries by itself for a
- * browser page load); beyond MOAT_PROXY_MAX_WAITING waiting requests per site on a worker,
- * 503 at once. */
-#include "moat/proxy.h"
+ * Requests that wait for an app that is restarting (upstream_wait=) are kept by
+ * server/proxy_wait.c; the exchange itself is in server/proxy_internal.h. */
+#include "proxy_internal.h"
 #include "moat/log.h"
 #include "resolver.h"
-#include "upstream.h"
-#include "worker.h"
 
 #include <arpa/inet.h>
 #include <openssl/base64.h>
@@ -33,76 +20,12 @@
 #define MAX_RESPONSE_HEADERS 128
 /* A failing upstream is skipped for this long (passive health check). */
 #define UPSTREAM_DOWN_MS 10000
-/* Waiting for the app: the first retry after WAIT_FIRST_MS, doubling up to WAIT_MAX_MS. */
-#define WAIT_FIRST_MS 100
-#define WAIT_MAX_MS   1000
-/* Per site and per worker: more waiting requests get 503 at once. */
-#define MOAT_PROXY_MAX_WAITING 1000
-/* What a client that got 502/503 for an app that is away is told to wait (seconds). */
-#define RETRY_AFTER "5"
-
-struct moat_exchange {
-    moat_worker_t *w;
-    int refs;
-    const moat_front_ops_t *ops;
-    void *front;
-    const moat_runtime_t *rt;
-    const moat_site_rt_t *site;
-    const moat_upstream_t *upstream;
-    moat_upstream_state_t *ustate;
-    moat_upconn_t *up;
-    moat_buf_t head; /* the upstream request head, kept for one retry until a response byte */
-    moat_req_body_t req_body;
-    moat_http1_body_t resp;
-    int status;
-    uint64_t t_start, t_first_byte;
-    int tries;
-    unsigned over : 1;     /* completed or aborted: no more calls to the front end */
-    unsigned produced : 1; /* output given to the front end since its last flush */
-    unsigned head_req : 1;
-    unsigned upgrade_req : 1;
-    unsigned tls : 1;
-    unsigned hsts : 1;
-    unsigned idempotent : 1;
-    unsigned reused : 1;
-    unsigned req_done : 1;
-    unsigned resp_head_done : 1;
-    unsigned resp_started : 1;
-    unsigned resp_done : 1;
-    unsigned up_keep_alive : 1;
-    unsigned tunnel : 1;
-    unsigned tunnel_client_eof : 1;
-    unsigned tunnel_up_eof : 1;
-    unsigned client_paused : 1;
-    unsigned up_paused : 1;
-    /* lb=cookie: the upstream the client's moat_upstream cookie names (-1: none), and
-     * whether the response must (re)set that cookie (value kept here for send_head). */
-    unsigned set_cookie : 1;
-    int sticky;
-    char cookie[96];
-    /* Waiting for the app (see the top of the file). */
-    moat_exchange_t *wnext, *wprev; /* the worker's waiting list */
-    moat_exchange_t *dnext;         /* the timer's list of those due */
-    moat_runtime_t *rt_held;        /* a newer runtime taken up while waiting (worker-local) */
-    moat_buf_t pending;             /* request body kept while no upstream connection is up */
-    uint64_t wait_until, retry_at;  /* loop times; retry_at UINT64_MAX while dialling */
-    unsigned backoff_ms;
-    int deferred;          /* a status to answer from the timer (found inside moat_proxy_start) */
-    unsigned starting : 1; /* inside moat_proxy_start: nothing may complete */
-    unsigned waited : 1;   /* has waited (wait_until is set) */
-    unsigned waiting : 1;  /* on the worker's waiting list: from the first refusal until a
-                              connection is up or the exchange ends */
-    unsigned get_req : 1;
-    unsigned html : 1; /* a browser page load: GET with Accept: text/html */
-};
 
 static const moat_upconn_cb_t up_cb;
 static void handle_response(moat_exchange_t *x);
 static void fail(moat_exchange_t *x, int status, const char *why);
-static void wait_or_fail(moat_exchange_t *x, const char *why);
-static void wait_unlink(moat_exchange_t *x);
 
-static void hold(moat_exchange_t *x)
+void moat__proxy_hold(moat_exchange_t *x)
 {
     x->refs++;
 }
@@ -119,7 +42,7 @@ static void drop(moat_exchange_t *x)
 }
 
 /* The end of an upstream event: what it gave the front end goes out now. */
-static void leave(moat_exchange_t *x)
+void moat__proxy_leave(moat_exchange_t *x)
 {
     if (!x->over && x->produced) {
         x->produced = 0;
@@ -368,7 +291,7 @@ static size_t body_queued(const moat_exchange_t *x)
     return x->up != NULL ? moat_sock_queued(&x->up->sock) : moat_buf_size(&x->pending);
 }
 
-static void pause_client(moat_exchange_t *x)
+void moat__proxy_pause_client(moat_exchange_t *x)
 {
     if (!x->client_paused && !x->req_done) {
         x->client_paused = 1;
@@ -377,14 +300,14 @@ static void pause_client(moat_exchange_t *x)
 }
 
 /* The upstream as error lines name it: with the address dialled (see refused()). */
-static const char *who(const moat_exchange_t *x, char *buf, size_t n)
+const char *moat__proxy_who(const moat_exchange_t *x, char *buf, size_t n)
 {
     return x->upstream != NULL ? moat_upstream_describe(x->upstream, buf, n) : "-";
 }
 
 /* A connection was refused: keep the body bytes written to it (after the head, which x->head
  * still holds) for the next one. Only on that failure path. */
-static int keep_unsent(moat_exchange_t *x)
+int moat__proxy_keep_unsent(moat_exchange_t *x)
 {
     moat_slice_t s = moat_upconn_unsent(x->up);
     size_t head = moat_buf_size(&x->head);
@@ -420,16 +343,16 @@ static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
     char w[320];
     const char *why = os_err ? strerror(os_err) : moat_strerror(err);
     if (x->ustate->down_until_ms <= now)
-        MOAT_WARN("upstream %s %s (%s): marked down for %d s", who(x, w, sizeof w), how, why,
-                  UPSTREAM_DOWN_MS / 1000);
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s", moat__proxy_who(x, w, sizeof w), how,
+                  why, UPSTREAM_DOWN_MS / 1000);
     else
-        MOAT_DEBUG("upstream %s %s (%s)", who(x, w, sizeof w), how, why);
+        MOAT_DEBUG("upstream %s %s (%s)", moat__proxy_who(x, w, sizeof w), how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
     if (x->upstream->named)
         moat_resolver_kick();
 }
 
-static void release_upstream(moat_exchange_t *x, int reusable)
+void moat__proxy_release_upstream(moat_exchange_t *x, int reusable)
 {
     moat_upconn_t *u = x->up;
     if (u == NULL)
@@ -441,7 +364,7 @@ static void release_upstream(moat_exchange_t *x, int reusable)
 
 /* Attach x to an upstream connection (pooled or new) and send the head. No callback runs
  * inside this call. */
-static int connect_upstream(moat_exchange_t *x)
+int moat__proxy_connect(moat_exchange_t *x)
 {
     for (;;) {
         x->tries++;
@@ -474,28 +397,28 @@ static int connect_upstream(moat_exchange_t *x)
         moat_sock_read_start(&u->sock); /* a pooled one reads already: no event from here */
         int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
         if (r == 0 && u->connected)
-            wait_unlink(x);
+            moat__proxy_wait_unlink(x);
         if (r == 0)
             r = send_pending(x);
         if (r == 0)
             return 0;
         /* A pooled connection that broke while idle: try a fresh one. */
         int reused = x->reused;
-        release_upstream(x, 0);
+        moat__proxy_release_upstream(x, 0);
         if (!reused || x->tries >= 3)
             return r;
     }
 }
 
 /* The exchange ends: give the upstream back or close it, tell the front end. */
-static void complete(moat_exchange_t *x, int err)
+void moat__proxy_complete(moat_exchange_t *x, int err)
 {
     if (x->over)
         return;
     x->over = 1;
-    wait_unlink(x);
+    moat__proxy_wait_unlink(x);
     int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
-    release_upstream(x, reusable);
+    moat__proxy_release_upstream(x, reusable);
     moat_exchange_result_t res = {
         .status = x->status,
         .upstream = x->upstream ? x->upstream->label : "",
@@ -505,8 +428,8 @@ static void complete(moat_exchange_t *x, int err)
     drop(x); /* the life reference; an event still running holds its own */
 }
 
-static void send_page(moat_exchange_t *x, int status, const char *body, const moat_header_t *h,
-                      size_t n)
+void moat__proxy_send_page(moat_exchange_t *x, int status, const char *body, const moat_header_t *h,
+                           size_t n)
 {
     size_t len = strlen(body);
     x->status = status;
@@ -518,205 +441,19 @@ static void send_page(moat_exchange_t *x, int status, const char *body, const mo
 static void fail(moat_exchange_t *x, int status, const char *why)
 {
     char w[320];
-    MOAT_DEBUG("upstream %s: %s", who(x, w, sizeof w), why);
+    MOAT_DEBUG("upstream %s: %s", moat__proxy_who(x, w, sizeof w), why);
     if (status && !x->resp_head_done) {
         x->resp_head_done = 1;
         x->resp_done = 1;
         /* The upstream connection is not reusable; the client's is, if the request body
          * was read whole. */
         x->up_keep_alive = 0;
-        send_page(x, status, moat_http_error_page(status), moat_http_page_headers,
-                  MOAT_HTTP_PAGE_NHEADERS);
-        complete(x, 0);
+        moat__proxy_send_page(x, status, moat_http_error_page(status), moat_http_page_headers,
+                              MOAT_HTTP_PAGE_NHEADERS);
+        moat__proxy_complete(x, 0);
         return;
     }
-    complete(x, MOAT_EUPSTREAM);
-}
-
-/* ---- waiting for the app (see the top of the file) ---- */
-
-/* The app stayed away for upstream_wait (502), or too many wait already (503): nothing
- * reached it, so the client is told when to ask again. A browser loading a page gets one
- * that asks again by itself. */
-static void unavailable(moat_exchange_t *x, int status, const char *why)
-{
-    char w[320];
-    MOAT_DEBUG("upstream %s: %s; answering %d", who(x, w, sizeof w), why, status);
-    x->resp_head_done = 1;
-    x->resp_done = 1;
-    x->up_keep_alive = 0;
-    moat_header_t h[MOAT_HTTP_PAGE_NHEADERS + 1];
-    memcpy(h, moat_http_page_headers, sizeof moat_http_page_headers);
-    h[MOAT_HTTP_PAGE_NHEADERS] =
-        (moat_header_t){MOAT_SLICE_LIT("retry-after"), MOAT_SLICE_LIT(RETRY_AFTER)};
-    const char *body = status == 503 ? moat_http_busy_page()
-                       : x->html     ? moat_http_retry_page()
-                                     : moat_http_error_page(status);
-    send_page(x, status, body, h, MOAT_ARRAY_LEN(h));
-    complete(x, 0);
-}
-
-static void on_wait_timer(uv_timer_t *t);
-
-static void arm_wait_timer(moat_worker_t *w)
-{
-    uint64_t next = UINT64_MAX, now = uv_now(&w->loop);
-    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext)
-        next = MOAT_MIN(next, x->retry_at);
-    if (next == UINT64_MAX)
-        uv_timer_stop(&w->wait_timer);
-    else
-        uv_timer_start(&w->wait_timer, on_wait_timer, next > now ? next - now : 0, 0);
-}
-
-/* On the list (if not yet), and the timer armed for x->retry_at. */
-static void wait_link(moat_exchange_t *x)
-{
-    moat_worker_t *w = x->w;
-    if (!x->waiting) {
-        x->wprev = NULL;
-        x->wnext = w->waiting;
-        if (w->waiting != NULL)
-            w->waiting->wprev = x;
-        w->waiting = x;
-        x->waiting = 1;
-    }
-    uint64_t now = uv_now(&w->loop);
-    uint64_t in = x->retry_at > now ? x->retry_at - now : 0;
-    if (!uv_is_active((uv_handle_t *)&w->wait_timer) || uv_timer_get_due_in(&w->wait_timer) > in)
-        uv_timer_start(&w->wait_timer, on_wait_timer, in, 0);
-}
-
-static void wait_unlink(moat_exchange_t *x)
-{
-    if (!x->waiting)
-        return;
-    if (x->wprev != NULL)
-        x->wprev->wnext = x->wnext;
-    else
-        x->w->waiting = x->wnext;
-    if (x->wnext != NULL)
-        x->wnext->wprev = x->wprev;
-    x->wnext = x->wprev = NULL;
-    x->waiting = 0;
-}
-
-/* Requests of this site waiting on this worker (dialling again included). Only counted when
- * one more would wait, and bounded by the limit: the list is empty while the app is up. */
-static size_t count_waiting(const moat_exchange_t *x)
-{
-    size_t n = 0;
-    for (const moat_exchange_t *y = x->w->waiting; y != NULL; y = y->wnext)
-        n += y->site->site == x->site->site && !y->deferred;
-    return n;
-}
-
-/* Every upstream refused this request: wait and dial again, or answer. Inside
- * moat_proxy_start nothing may complete, so an answer found there is given by the timer. */
-static void wait_or_fail(moat_exchange_t *x, const char *why)
-{
-    uint64_t now = uv_now(&x->w->loop);
-    uint64_t wait = x->site->site->upstream_wait_ms;
-    int status = 0;
-    if (!x->waited) {
-        x->waited = 1;
-        x->wait_until = x->t_start + wait;
-        x->backoff_ms = WAIT_FIRST_MS;
-        if (wait > 0 && count_waiting(x) >= MOAT_PROXY_MAX_WAITING)
-            status = 503;
-    } else {
-        x->backoff_ms = MOAT_MIN(x->backoff_ms * 2, WAIT_MAX_MS);
-    }
-    if (status == 0 && now >= x->wait_until)
-        status = 502;
-    if (status != 0 && !x->starting) {
-        unavailable(x, status, why);
-        return;
-    }
-    x->deferred = status;
-    x->retry_at = status ? now : MOAT_MIN(now + x->backoff_ms, x->wait_until);
-    wait_link(x);
-    pause_client(x); /* the body waits with the client */
-}
-
-/* A newer runtime of the same config (the resolver moved a name) is what the next dial must
- * use; one from a reload is not taken up (its sites may differ), the request finishes on the
- * one it started with. */
-static void take_current_runtime(moat_exchange_t *x)
-{
-    moat_runtime_t *cur = x->w->rts->rt;
-    if (cur == x->rt || cur->config != x->rt->config)
-        return;
-    size_t i = (size_t)(x->site - x->rt->sites);
-    moat_runtime_t *held = moat_worker_runtime_acquire(x->w);
-    if (x->rt_held != NULL)
-        moat_worker_runtime_release(x->w, x->rt_held);
-    x->rt_held = held;
-    x->rt = held;
-    x->site = &held->sites[i];
-    x->upstream = NULL;
-}
-
-static void retry(moat_exchange_t *x)
-{
-    if (x->deferred) {
-        unavailable(x, x->deferred, "every upstream refused the connection");
-        return;
-    }
-    take_current_runtime(x);
-    x->tries = 0;
-    int r = connect_upstream(x);
-    if (r != 0)
-        wait_or_fail(x, moat_strerror(r));
-}
-
-static void on_wait_timer(uv_timer_t *t)
-{
-    moat_worker_t *w = MOAT_CONTAINER_OF(t, moat_worker_t, wait_timer);
-    uint64_t now = uv_now(t->loop);
-    /* The due ones are gathered first (each under a reference): a retry may end other
-     * exchanges, which leave the waiting list. They stay on it while they dial: they still
-     * count against the limit. */
-    moat_exchange_t *due = NULL;
-    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
-        if (x->retry_at > now)
-            continue;
-        x->retry_at = UINT64_MAX;
-        hold(x);
-        x->dnext = due;
-        due = x;
-    }
-    while (due != NULL) {
-        moat_exchange_t *x = due;
-        due = x->dnext;
-        x->dnext = NULL;
-        if (!x->over)
-            retry(x);
-        leave(x);
-    }
-    arm_wait_timer(w);
-}
-
-void moat_proxy_waiting_init(moat_worker_t *w)
-{
-    w->waiting = NULL;
-    uv_timer_init(&w->loop, &w->wait_timer);
-}
-
-void moat_proxy_waiting_wake(moat_worker_t *w)
-{
-    if (w->waiting == NULL)
-        return;
-    uint64_t now = uv_now(&w->loop);
-    for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
-        /* One still dialling may be dialling the old address: a vanished container's address
-         * can take seconds to fail (no ARP answer). Nothing was sent: drop that attempt. */
-        if (x->up != NULL && !x->up->connected && keep_unsent(x) == 0)
-            release_upstream(x, 0);
-        if (x->up == NULL)
-            x->retry_at = now;
-    }
-    uv_timer_start(&w->wait_timer, on_wait_timer, 0, 0);
+    moat__proxy_complete(x, MOAT_EUPSTREAM);
 }
 
 /* ---- upstream events (each runs under a reference: see hold/leave) ---- */
@@ -724,77 +461,77 @@ void moat_proxy_waiting_wake(moat_worker_t *w)
 static void up_on_timeout(void *owner)
 {
     moat_exchange_t *x = owner;
-    hold(x);
+    moat__proxy_hold(x);
     if (!x->up->connected) {
         refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
-        int kept = keep_unsent(x);
-        release_upstream(x, 0);
+        int kept = moat__proxy_keep_unsent(x);
+        moat__proxy_release_upstream(x, 0);
         if (kept != 0)
             fail(x, 502, "out of memory");
-        else if (x->tries >= (int)x->site->nupstreams || connect_upstream(x) != 0)
-            wait_or_fail(x, "connect timeout");
+        else if (x->tries >= (int)x->site->nupstreams || moat__proxy_connect(x) != 0)
+            moat__proxy_wait_or_fail(x, "connect timeout");
     } else if (x->tunnel) {
         fail(x, 0, "websocket idle timeout");
     } else {
         fail(x, 504, "upstream idle timeout");
     }
-    leave(x);
+    moat__proxy_leave(x);
 }
 
 static void up_on_connect(void *owner, int err)
 {
     moat_exchange_t *x = owner;
-    hold(x);
+    moat__proxy_hold(x);
     if (err != 0) {
         refused(x, err == MOAT_ETLS ? "failed the TLS handshake" : "refused the connection", err,
                 x->up->sock.connect_errno);
         /* Nothing reached the app yet (the body is kept in `pending`): another upstream may
          * take the request, or it waits for this one. */
-        int kept = err == MOAT_ETLS ? 0 : keep_unsent(x);
-        release_upstream(x, 0);
-        int taken = kept == 0 && x->tries < (int)x->site->nupstreams && connect_upstream(x) == 0;
+        int kept = err == MOAT_ETLS ? 0 : moat__proxy_keep_unsent(x);
+        moat__proxy_release_upstream(x, 0);
+        int taken = kept == 0 && x->tries < (int)x->site->nupstreams && moat__proxy_connect(x) == 0;
         if (kept != 0)
             fail(x, 502, "out of memory");
         else if (!taken && err == MOAT_ETLS)
             fail(x, 502, "TLS handshake failed"); /* a certificate problem: waiting won't help */
         else if (!taken)
-            wait_or_fail(x, "connect failed");
+            moat__proxy_wait_or_fail(x, "connect failed");
     } else {
-        wait_unlink(x); /* the app is back for this one */
+        moat__proxy_wait_unlink(x); /* the app is back for this one */
         arm_timer(x);
         if (send_pending(x) != 0)
             fail(x, 502, "cannot send the request body");
     }
-    leave(x);
+    moat__proxy_leave(x);
 }
 
 static void up_on_read(void *owner)
 {
     moat_exchange_t *x = owner;
-    hold(x);
+    moat__proxy_hold(x);
     handle_response(x);
-    leave(x);
+    moat__proxy_leave(x);
 }
 
 static void up_on_eof(void *owner, int err)
 {
     moat_exchange_t *x = owner;
-    hold(x);
+    moat__proxy_hold(x);
     if (x->tunnel) {
         if (err != 0) {
-            complete(x, err);
+            moat__proxy_complete(x, err);
         } else {
             x->tunnel_up_eof = 1;
             out_end(x);
             if (x->tunnel_client_eof)
-                complete(x, 0);
+                moat__proxy_complete(x, 0);
         }
     } else if (x->resp_head_done && x->resp.kind == MOAT_BODY_UNTIL_CLOSE && err == 0) {
         handle_response(x); /* anything still buffered */
         if (!x->over) {
             x->resp_done = 1;
             out_end(x);
-            complete(x, 0);
+            moat__proxy_complete(x, 0);
         }
     } else if (!x->resp_started && x->idempotent && x->req_body == MOAT_REQ_BODY_NONE &&
                x->tries < 3 && (x->reused || x->site->site->upstream_wait_ms > 0)) {
@@ -802,16 +539,16 @@ static void up_on_eof(void *owner, int err)
          * requests may wait for the app, a fresh one it closed without an answer (an app
          * that stops drops the connections its listener had accepted): the retry then waits
          * for it. Only idempotent requests without a body, which may be sent twice. */
-        release_upstream(x, 0);
+        moat__proxy_release_upstream(x, 0);
         char w[320];
         MOAT_DEBUG("upstream %s closed the connection before answering; retrying",
-                   who(x, w, sizeof w));
-        if (connect_upstream(x) != 0)
-            wait_or_fail(x, "cannot connect");
+                   moat__proxy_who(x, w, sizeof w));
+        if (moat__proxy_connect(x) != 0)
+            moat__proxy_wait_or_fail(x, "cannot connect");
     } else {
         fail(x, 502, err ? "connection reset" : "connection closed before the response");
     }
-    leave(x);
+    moat__proxy_leave(x);
 }
 
 static void up_on_drain(void *owner)
@@ -973,10 +710,10 @@ static void handle_response(moat_exchange_t *x)
         }
     }
     if (e != 0) {
-        complete(x, e);
+        moat__proxy_complete(x, e);
     } else if (x->resp_done) {
         out_end(x);
-        complete(x, 0);
+        moat__proxy_complete(x, 0);
     }
 }
 
@@ -1020,16 +757,17 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
     x->starting = 1;
     int r = build_head(x, req);
     if (r == 0) {
-        r = connect_upstream(x);
+        r = moat__proxy_connect(x);
         if (r != 0 && r != MOAT_ENOMEM) {
-            wait_or_fail(x, moat_strerror(r)); /* refused on the spot: as any refusal */
+            moat__proxy_wait_or_fail(x, moat_strerror(r)); /* refused on the spot: as any refusal */
             r = 0;
         }
     }
     x->starting = 0;
     if (r != 0) {
         char w[320];
-        MOAT_DEBUG("upstream %s: cannot connect (%s)", who(x, w, sizeof w), moat_strerror(r));
+        MOAT_DEBUG("upstream %s: cannot connect (%s)", moat__proxy_who(x, w, sizeof w),
+                   moat_strerror(r));
         drop(x);
         return r;
     }
@@ -1051,7 +789,7 @@ int moat_proxy_body(moat_exchange_t *x, moat_slice_t data)
         r = body_out(x, &data, 1);
     }
     if (r == 0 && body_queued(x) > MOAT_PROXY_HIGH_WATER)
-        pause_client(x);
+        moat__proxy_pause_client(x);
     return r;
 }
 
@@ -1075,11 +813,11 @@ void moat_proxy_front_drained(moat_exchange_t *x)
     if (!x->up_paused || x->up == NULL)
         return;
     x->up_paused = 0;
-    hold(x);
+    moat__proxy_hold(x);
     moat_sock_read_start(&x->up->sock);
     if (!x->over && x->up != NULL && moat_sock_input(&x->up->sock).len > 0)
         handle_response(x);
-    leave(x);
+    moat__proxy_leave(x);
 }
 
 void moat_proxy_abort(moat_exchange_t *x)
@@ -1087,8 +825,8 @@ void moat_proxy_abort(moat_exchange_t *x)
     if (x->over)
         return;
     x->over = 1;
-    wait_unlink(x);
-    release_upstream(x, 0);
+    moat__proxy_wait_unlink(x);
+    moat__proxy_release_upstream(x, 0);
     drop(x);
 }
 
@@ -1111,5 +849,5 @@ void moat_proxy_tunnel_client_eof(moat_exchange_t *x)
     if (x->up != NULL)
         moat_sock_shutdown_after_flush(&x->up->sock);
     if (x->tunnel_up_eof)
-        complete(x, 0);
+        moat__proxy_complete(x, 0);
 }
