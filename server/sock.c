@@ -25,6 +25,13 @@ static void on_poll(uv_poll_t *h, int status, int events);
 #define BUF_CACHE_MAX 64
 static _Thread_local char *buf_cache[BUF_CACHE_MAX];
 static _Thread_local int buf_cached;
+/* Readiness events on this thread's sockets: the worker's idle check compares it over time. */
+static _Thread_local uint64_t poll_events;
+
+uint64_t moat_sock_thread_events(void)
+{
+    return poll_events;
+}
 
 static void take_read_buffer(moat_buf_t *b)
 {
@@ -459,6 +466,7 @@ static void on_writable(moat_sock_t *s)
 static void on_poll(uv_poll_t *h, int status, int events)
 {
     moat_sock_t *s = MOAT_CONTAINER_OF(h, moat_sock_t, poll);
+    poll_events++;
     if (s->closing)
         return;
     if (events & UV_READABLE)
