@@ -34,7 +34,10 @@ struct moat_conn {
     int refs;
     moat_worker_t *w;
     moat_conn_t *next, *prev;
-    struct sockaddr_storage peer;
+    union {
+        struct sockaddr_in in;
+        struct sockaddr_in6 in6;
+    } peer; /* TCP peers only (sockaddr_storage would be 100 bytes more per connection) */
     int port;
     int tls;
     conn_state_t state;

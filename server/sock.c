@@ -363,6 +363,10 @@ static void do_read(moat_sock_t *s)
         }
         if (n <= 0) {
             s->in_read = 0;
+            /* Give the buffer back before the owner hears of the end: when many peers leave
+             * at once, each would otherwise hold 16 KiB until its close callback ran. */
+            if (moat_buf_size(&s->in) == 0)
+                give_read_buffer(&s->in);
             if (n == 0) {
                 s->eof = 1;
                 s->reading = 0;

@@ -29,6 +29,8 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "5000"))
 IDLE_INFLIGHT = int(os.environ.get("BENCH_IDLE_INFLIGHT", "200"))
+# How long idle() waits after the last handshake before it reads RSS.
+IDLE_SETTLE_S = float(os.environ.get("BENCH_IDLE_SETTLE", "1"))
 # How long after a load run its memory must have come back (see mem()).
 MEM_SETTLE_S = float(os.environ.get("BENCH_MEM_SETTLE", "10"))
 BIG = int(os.environ.get("BENCH_BIG_BYTES", str(1 << 30)))
@@ -464,7 +466,7 @@ def idle(px, client, h2=False):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         res = json.loads(c.stdout.readline())
-        time.sleep(1.0)  # let the last handshakes' transient state go
+        time.sleep(IDLE_SETTLE_S)  # let the last handshakes' transient state go
         after = rss_kib(px.proc.pid)
         n = established(px.port)
     finally:
