@@ -4,6 +4,7 @@
 #include <nghttp2/nghttp2.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Glitch budget: a token bucket. Legitimate clients cancel a stream now and then (a browser
  * navigating away); an attacker resetting thousands per second (CVE-2023-44487) or sending
@@ -79,7 +80,77 @@ struct moat_h2 {
     unsigned goaway : 1;
     unsigned terminated : 1;
     unsigned flooded : 1;
+    unsigned creating : 1;     /* inside nghttp2_session_server_new3 */
+    unsigned shares_frame : 1; /* nghttp2's frame buffer is the thread's shared one */
 };
+
+/* ---- memory ----
+ *
+ * An idle nghttp2 server session holds ~25 KiB, and 16 KiB of it is one buffer: the chunk
+ * that outgoing frames are serialized into (its "framebufs" head, allocated with the session
+ * and kept for its life). Its bytes only matter from the moment a frame is serialized to the
+ * moment nghttp2_session_mem_send hands them out, and moat_h2_send's caller copies them away
+ * (to the socket or its gather buffer) before anything else runs on the thread. So every
+ * session of a thread gets the same chunk, the way nginx and h2o keep one output buffer per
+ * worker rather than per connection. Only that first chunk is shared: the extra chunks a header
+ * block over 16 KiB needs are the session's own, since they are handed out over several
+ * mem_send calls. tests/unit/h2_test.c (test_shared_frame_buffer) interleaves sessions to
+ * hold nghttp2 to it. */
+
+/* nghttp2's NGHTTP2_FRAMEBUF_CHUNKLEN: frame header, one pad-length byte, 16 KiB of payload.
+ * It is requested once while the session is created; nothing else asks for this size then. */
+#define FRAMEBUF_CHUNK (9 + 1 + 16384)
+
+static _Thread_local void *shared_frame;
+static _Thread_local size_t shared_frame_users;
+
+static void *mem_malloc(size_t n, void *ud)
+{
+    (void)ud;
+    return malloc(n);
+}
+
+static void mem_free(void *p, void *ud)
+{
+    moat_h2_t *h = ud;
+    if (p != NULL && p == shared_frame && h->shares_frame) {
+        h->shares_frame = 0;
+        if (--shared_frame_users == 0) {
+            free(shared_frame); /* a worker with no HTTP/2 connection holds none */
+            shared_frame = NULL;
+        }
+        return;
+    }
+    free(p);
+}
+
+static void *mem_calloc(size_t n, size_t size, void *ud)
+{
+    (void)ud;
+    return calloc(n, size);
+}
+
+static void *mem_realloc(void *p, size_t n, void *ud)
+{
+    moat_h2_t *h = ud;
+    if (p == NULL && n == FRAMEBUF_CHUNK && h->creating && !h->shares_frame) {
+        if (shared_frame == NULL && (shared_frame = malloc(FRAMEBUF_CHUNK)) == NULL)
+            return NULL;
+        shared_frame_users++;
+        h->shares_frame = 1;
+        return shared_frame;
+    }
+    if (p != NULL && p == shared_frame && h->shares_frame) {
+        /* nghttp2 does not grow its chunks; should it, the session gets a copy of its own. */
+        void *q = malloc(n);
+        if (q == NULL)
+            return NULL;
+        memcpy(q, p, MOAT_MIN(n, (size_t)FRAMEBUF_CHUNK));
+        mem_free(p, ud);
+        return q;
+    }
+    return realloc(p, n);
+}
 
 static int bucket_take(bucket_t *b, uint64_t now, double burst, double per_sec)
 {
@@ -524,7 +595,11 @@ moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, vo
      * bounded by the open streams. */
     nghttp2_option_set_no_closed_streams(opt, 1);
     nghttp2_option_set_max_deflate_dynamic_table_size(opt, 4096);
-    if (nghttp2_session_server_new2(&h->s, cbs, h, opt) != 0)
+    nghttp2_mem mem = {h, mem_malloc, mem_free, mem_calloc, mem_realloc};
+    h->creating = 1;
+    int r = nghttp2_session_server_new3(&h->s, cbs, h, opt, &mem);
+    h->creating = 0;
+    if (r != 0)
         goto fail;
     nghttp2_settings_entry iv[] = {
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,

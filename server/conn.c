@@ -34,12 +34,15 @@ struct moat_conn {
     int refs;
     moat_worker_t *w;
     moat_conn_t *next, *prev;
-    struct sockaddr_storage peer;
+    union {
+        struct sockaddr_in in;
+        struct sockaddr_in6 in6;
+    } peer; /* TCP peers only (sockaddr_storage would be 100 bytes more per connection) */
     int port;
     int tls;
     conn_state_t state;
-    size_t scan; /* how far moat_http1_head_end has looked */
-    moat_front_t front;
+    size_t scan;            /* how far moat_http1_head_end has looked */
+    moat_front_t *front;    /* the request in progress (from take_front), NULL between requests */
     moat_http1_body_t body; /* the request body's framing */
     uint64_t keepalive_ms, header_ms;
     uint64_t in_start, out_start; /* socket byte counters when the request began */
@@ -60,6 +63,56 @@ struct moat_conn {
 static const moat_sock_cb_t conn_cb;
 static const moat_front_ops_t front_ops;
 static void process(moat_conn_t *c);
+
+/* ---- the request's core state ----
+ *
+ * moat_front_t is ~1.4 KiB (the method, host and path kept for the access log) and a
+ * connection needs it only while a request is in progress: an idle keep-alive connection, or
+ * one that went over to HTTP/2, holds none. A small per-thread cache keeps a busy worker off
+ * malloc for it. */
+#define FRONT_CACHE_MAX 32
+static _Thread_local moat_front_t *front_cache[FRONT_CACHE_MAX];
+static _Thread_local int fronts_cached;
+
+/* The front for a request starting now; 0, or MOAT_ENOMEM. */
+static int take_front(moat_conn_t *c)
+{
+    if (c->front != NULL)
+        return 0;
+    moat_front_t *f = fronts_cached > 0 ? front_cache[--fronts_cached] : malloc(sizeof *f);
+    if (f == NULL)
+        return MOAT_ENOMEM;
+    moat_front_init(f, c->w, &front_ops, c, (const struct sockaddr *)&c->peer, c->port, c->tls);
+    c->front = f;
+    return 0;
+}
+
+/* The request is over (finished, answered or abandoned): abort what still runs (a no-op after
+ * moat_front_finish) and give the memory back. */
+static void front_over(moat_conn_t *c)
+{
+    moat_front_t *f = c->front;
+    if (f == NULL)
+        return;
+    moat_front_abort(f);
+    c->front = NULL;
+    if (fronts_cached < FRONT_CACHE_MAX)
+        front_cache[fronts_cached++] = f;
+    else
+        free(f);
+}
+
+void moat_conn_thread_cleanup(void)
+{
+    while (fronts_cached > 0)
+        free(front_cache[--fronts_cached]);
+}
+
+/* The running exchange, or NULL. */
+static moat_exchange_t *exchange(const moat_conn_t *c)
+{
+    return c->front != NULL ? c->front->x : NULL;
+}
 
 /* ---- lifetime ---- */
 
@@ -97,7 +150,7 @@ static void conn_close(moat_conn_t *c)
         moat_h2conn_free(c->h2);
         c->h2 = NULL;
     }
-    moat_front_abort(&c->front);
+    front_over(c);
     uv_close((uv_handle_t *)&c->timer, timer_closed);
     moat_sock_close(&c->sock);
 }
@@ -122,7 +175,7 @@ static void linger_close(moat_conn_t *c)
 {
     if (c->closing)
         return;
-    moat_front_abort(&c->front);
+    front_over(c);
     c->state = ST_LINGER;
     moat_sock_shutdown_after_flush(&c->sock);
     moat_sock_read_start(&c->sock);
@@ -138,7 +191,7 @@ static int fo_send_head(void *front, int status, const moat_header_t *h, size_t 
                         int64_t content_length, int has_body)
 {
     moat_conn_t *c = front;
-    moat_front_t *f = &c->front;
+    moat_front_t *f = c->front;
     moat_buf_t *b = &c->scratch;
     moat_buf_reset(b);
     f->responded = 1;
@@ -208,7 +261,7 @@ static void fo_flush(void *front)
 static int fo_send_data(void *front, moat_slice_t data)
 {
     moat_conn_t *c = front;
-    if (c->front.head_req || data.len == 0)
+    if (c->front->head_req || data.len == 0)
         return 0;
     if (c->resp_chunked) {
         char prefix[MOAT_HTTP1_CHUNK_PREFIX_MAX];
@@ -226,7 +279,7 @@ static int fo_send_end(void *front)
         moat_sock_shutdown_after_flush(&c->sock);
         return 0;
     }
-    if (c->resp_chunked && !c->front.head_req) {
+    if (c->resp_chunked && !c->front->head_req) {
         moat_slice_t end = MOAT_SLICE_LIT("0\r\n\r\n");
         return write_with_head(c, &end, 1);
     }
@@ -285,7 +338,8 @@ static void fo_done(void *front, int err, const moat_exchange_result_t *res)
     moat_conn_t *c = front;
     int was_tunnel = c->state == ST_TUNNEL;
     fo_flush(c);
-    moat_front_finish(&c->front, res);
+    moat_front_finish(c->front, res);
+    front_over(c);
     if (err != 0 || was_tunnel) {
         /* The response was cut: the client must see the connection end, not a short body
          * that looks whole. */
@@ -321,6 +375,7 @@ static const moat_front_ops_t front_ops = {
  * next request, or end it as the answer said. */
 static void after_answer(moat_conn_t *c)
 {
+    front_over(c);
     if (c->closing || c->state == ST_LINGER)
         return;
     if (!c->keep_alive) {
@@ -366,7 +421,11 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
     moat_http1_body_init(&c->body, req.body == MOAT_REQ_BODY_NONE ? MOAT_BODY_NONE : m->body,
                          m->content_length);
     c->body_done = req.body == MOAT_REQ_BODY_NONE;
-    moat_front_result_t res = moat_front_start(&c->front, &req);
+    if (take_front(c) != 0) {
+        conn_close(c);
+        return;
+    }
+    moat_front_result_t res = moat_front_start(c->front, &req);
     /* Consume the head only now: the request's slices point into it. */
     if (!c->closing)
         moat_sock_consume(&c->sock, head_len);
@@ -374,19 +433,21 @@ static void start_request(moat_conn_t *c, size_t head_len, moat_http1_msg_t *m)
         after_answer(c);
         return;
     }
-    c->keepalive_ms = c->front.site->site->keepalive_timeout_ms;
+    if (c->front == NULL)
+        return; /* closed from inside the start */
+    c->keepalive_ms = c->front->site->site->keepalive_timeout_ms;
     c->state = c->body_done ? ST_WAIT : ST_BODY;
 }
 
 static int feed_body(moat_conn_t *c)
 {
     moat_slice_t in = moat_sock_input(&c->sock);
-    while (in.len > 0 && !c->body_done && c->front.x != NULL && !c->paused) {
+    while (in.len > 0 && !c->body_done && exchange(c) != NULL && !c->paused) {
         moat_slice_t data;
         size_t used;
         int r = moat_http1_body_read(&c->body, in.base, in.len, &used, &data);
         if (r < 0) {
-            moat_front_refuse_body(&c->front, 400);
+            moat_front_refuse_body(c->front, 400);
             linger_close(c);
             return -1;
         }
@@ -394,7 +455,7 @@ static int feed_body(moat_conn_t *c)
             c->body_done = 1;
         moat_sock_consume(&c->sock, used);
         if (data.len) {
-            int e = moat_front_body(&c->front, data);
+            int e = moat_front_body(c->front, data);
             if (e == MOAT_ETOO_LARGE) {
                 linger_close(c);
                 return -1;
@@ -406,9 +467,9 @@ static int feed_body(moat_conn_t *c)
         }
         in = moat_sock_input(&c->sock);
     }
-    if (c->body_done && c->front.x != NULL && c->state == ST_BODY) {
+    if (c->body_done && exchange(c) != NULL && c->state == ST_BODY) {
         c->state = ST_WAIT;
-        moat_front_body_end(&c->front);
+        moat_front_body_end(c->front);
     }
     return 0;
 }
@@ -444,7 +505,8 @@ static void process(moat_conn_t *c)
                     break;
                 mark_start(c);
                 c->keep_alive = 0;
-                moat_front_reject(&c->front, status, "HTTP/1.1");
+                if (take_front(c) == 0)
+                    moat_front_reject(c->front, status, "HTTP/1.1");
                 linger_close(c);
                 break;
             }
@@ -456,7 +518,8 @@ static void process(moat_conn_t *c)
             if (r < 0) {
                 mark_start(c);
                 c->keep_alive = 0;
-                moat_front_reject(&c->front, r == MOAT_ENEED_MORE ? 431 : status, "HTTP/1.1");
+                if (take_front(c) == 0)
+                    moat_front_reject(c->front, r == MOAT_ENEED_MORE ? 431 : status, "HTTP/1.1");
                 linger_close(c);
                 break;
             }
@@ -480,9 +543,9 @@ static void process(moat_conn_t *c)
             break;
         }
         if (c->state == ST_TUNNEL) {
-            if (in.len == 0 || c->front.x == NULL)
+            if (in.len == 0 || exchange(c) == NULL)
                 break;
-            int r = moat_proxy_tunnel_write(c->front.x, in);
+            int r = moat_proxy_tunnel_write(exchange(c), in);
             moat_sock_consume(&c->sock, in.len);
             if (r != 0) {
                 conn_close(c);
@@ -519,11 +582,11 @@ static void on_eof(moat_sock_t *s, int err)
         moat_h2conn_on_eof(c->h2, err);
         return;
     }
-    if (c->state == ST_TUNNEL && err == 0 && c->front.x != NULL) {
-        moat_proxy_tunnel_client_eof(c->front.x);
+    if (c->state == ST_TUNNEL && err == 0 && exchange(c) != NULL) {
+        moat_proxy_tunnel_client_eof(exchange(c));
         return;
     }
-    if (c->state == ST_WAIT && err == 0 && c->front.x != NULL)
+    if (c->state == ST_WAIT && err == 0 && exchange(c) != NULL)
         return; /* a half-close after a whole request: still deliver the response */
     conn_close(c);
 }
@@ -535,8 +598,8 @@ static void on_drain(moat_sock_t *s)
         moat_h2conn_on_drain(c->h2);
         return;
     }
-    if (c->front.x != NULL)
-        moat_proxy_front_drained(c->front.x);
+    if (exchange(c) != NULL)
+        moat_proxy_front_drained(exchange(c));
     else if (c->state == ST_LINGER && c->client_eof)
         conn_close(c);
 }
@@ -592,6 +655,10 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
             close(fd);
             return;
         }
+        /* The connection's copy of the certificate, cipher and ALPN configuration is only
+         * needed during the handshake; BoringSSL frees it then (an idle connection is
+         * smaller by it). moat never renegotiates or asks for that configuration later. */
+        SSL_set_shed_handshake_config(ssl, 1);
     }
     moat_conn_t *c = calloc(1, sizeof *c);
     if (c == NULL) {
@@ -613,7 +680,6 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
         free(c); /* nothing of it is on the loop (moat_sock_init's contract) */
         return;
     }
-    moat_front_init(&c->front, w, &front_ops, c, (const struct sockaddr *)&c->peer, port, tls);
     uv_timer_init(&w->loop, &c->timer);
     c->timer.data = c;
     c->refs = 2;

@@ -46,7 +46,10 @@ struct stream {
 struct moat_h2conn {
     moat_worker_t *w;
     moat_sock_t *sock;
-    struct sockaddr_storage peer;
+    union {
+        struct sockaddr_in in;
+        struct sockaddr_in6 in6;
+    } peer; /* TCP peers only (sockaddr_storage would be 100 bytes more per connection) */
     int port;
     const moat_h2conn_owner_t *owner;
     void *owner_data;

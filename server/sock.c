@@ -25,6 +25,13 @@ static void on_poll(uv_poll_t *h, int status, int events);
 #define BUF_CACHE_MAX 64
 static _Thread_local char *buf_cache[BUF_CACHE_MAX];
 static _Thread_local int buf_cached;
+/* Readiness events on this thread's sockets: the worker's idle check compares it over time. */
+static _Thread_local uint64_t poll_events;
+
+uint64_t moat_sock_thread_events(void)
+{
+    return poll_events;
+}
 
 static void take_read_buffer(moat_buf_t *b)
 {
@@ -358,6 +365,10 @@ static void do_read(moat_sock_t *s)
         }
         if (n <= 0) {
             s->in_read = 0;
+            /* Give the buffer back before the owner hears of the end: when many peers leave
+             * at once, each would otherwise hold 16 KiB until its close callback ran. */
+            if (moat_buf_size(&s->in) == 0)
+                give_read_buffer(&s->in);
             if (n == 0) {
                 s->eof = 1;
                 s->reading = 0;
@@ -461,6 +472,7 @@ static void on_writable(moat_sock_t *s)
 static void on_poll(uv_poll_t *h, int status, int events)
 {
     moat_sock_t *s = MOAT_CONTAINER_OF(h, moat_sock_t, poll);
+    poll_events++;
     if (s->closing)
         return;
     if (events & UV_READABLE)

@@ -73,6 +73,9 @@ struct moat_worker {
     moat_deferred_t deferred;   /* list head */
     uv_prepare_t defer_prepare;
     uv_check_t defer_check;
+    uv_timer_t trim_timer; /* gives memory back once the worker has gone quiet */
+    uint64_t trim_events;  /* moat_sock_thread_events() at the last tick */
+    int trim_due;          /* quiet ticks that still trim since the last busy one */
 };
 
 /* Queue d to run at the end of this loop turn (no-op when already queued). */
@@ -102,6 +105,8 @@ void moat_worker_cleanup(moat_worker_t *w);
 void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int port, int tls);
 /* Close idle connections and make busy ones close after their current request. */
 void moat_conn_drain_all(moat_worker_t *w);
+/* Free the calling thread's cache of request states (at the worker's end). */
+void moat_conn_thread_cleanup(void);
 void moat_conn_close_all(moat_worker_t *w);
 
 uint64_t moat_now_ms(void);

@@ -83,8 +83,9 @@ void moat_h2_free(moat_h2_t *h);
  * fewer only after an error) or a negative nghttp2 error code when the connection must end
  * (moat_h2_send may still have a GOAWAY to flush). */
 ssize_t moat_h2_recv(moat_h2_t *h, const void *data, size_t len, uint64_t now_ms);
-/* The next bytes for the client, valid until the next call into the session; out->len 0 when
- * nothing is pending. Returns 0 or a negative nghttp2 error code. */
+/* The next bytes for the client, valid until the next call into any session of this thread
+ * (the sessions of a thread share one frame buffer: copy or write them before anything else
+ * runs); out->len 0 when nothing is pending. Returns 0 or a negative nghttp2 error code. */
 int moat_h2_send(moat_h2_t *h, moat_slice_t *out);
 /* Whether the session still wants to read or write; both 0 means the connection is over. */
 int moat_h2_want_read(moat_h2_t *h);

@@ -89,5 +89,7 @@ void moat_sock_shutdown_after_flush(moat_sock_t *s);
 void moat_sock_close(moat_sock_t *s);
 /* Free the calling thread's cache of read buffers (when its loop has ended). */
 void moat_sock_thread_cleanup(void);
+/* How many socket events this thread has handled so far (for telling an idle worker). */
+uint64_t moat_sock_thread_events(void);
 
 #endif

@@ -28,6 +28,11 @@ PY = "/usr/bin/python3"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "5000"))
+IDLE_INFLIGHT = int(os.environ.get("BENCH_IDLE_INFLIGHT", "200"))
+# How long idle() waits after the last handshake before it reads RSS.
+IDLE_SETTLE_S = float(os.environ.get("BENCH_IDLE_SETTLE", "1"))
+# How long after a load run its memory must have come back (see mem()).
+MEM_SETTLE_S = float(os.environ.get("BENCH_MEM_SETTLE", "10"))
 BIG = int(os.environ.get("BENCH_BIG_BYTES", str(1 << 30)))
 PROXY_CPU, CLIENT_CPU = "0", "1"
 # Raise the soft open-files limit to the hard one; every child inherits it.
@@ -35,7 +40,7 @@ _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 NOFILE = _hard
 ALL_PROXIES = ["nginx", "h2o", "caddy", "moat"]
-ALL_METRICS = ["h2", "h1", "newconn", "idle", "p99", "sse", "upload", "download"]
+ALL_METRICS = ["h2", "h1", "newconn", "idle", "mem", "p99", "sse", "upload", "download"]
 
 
 def log(msg):
@@ -450,15 +455,18 @@ def build_idle_client(work):
     return out
 
 
-def idle(px, client):
+def idle(px, client, h2=False):
     """Fresh proxy per call; KiB of proxy RSS per idle TLS connection: IDLE_CONNS connections
-    with finished handshakes and no request, at most 64 handshakes in flight."""
+    with finished handshakes and no request, at most IDLE_INFLIGHT handshakes in flight.  With
+    h2 the connections negotiate h2 and exchange the preface and SETTINGS (both ACKed) first,
+    as a browser tab's connection does before it goes quiet."""
     base = rss_kib(px.proc.pid)
-    c = subprocess.Popen(on_client_cpu([client, str(px.port), str(IDLE_CONNS), "64"]),
+    argv = [client, str(px.port), str(IDLE_CONNS), str(IDLE_INFLIGHT)] + (["h2"] if h2 else [])
+    c = subprocess.Popen(on_client_cpu(argv),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         res = json.loads(c.stdout.readline())
-        time.sleep(1.0)  # let the last handshakes' transient state go
+        time.sleep(IDLE_SETTLE_S)  # let the last handshakes' transient state go
         after = rss_kib(px.proc.pid)
         n = established(px.port)
     finally:
@@ -473,6 +481,41 @@ def idle(px, client):
             (px.name, res["open"], IDLE_CONNS, n))
         return None
     return (after - base) / res["open"]
+
+
+def mem(px, client):
+    """Does memory taken under load come back?  RSS before a load run, at its peak, and
+    MEM_SETTLE_S seconds after it ended (MiB).  The load is what a busy proxy sees: IDLE_CONNS
+    HTTP/2 connections opened and held (preface + SETTINGS), and while they are held a short
+    burst of requests (h2load, 64 connections x 10 streams, 20k requests: about a second);
+    then everything closes."""
+    before = rss_kib(px.proc.pid)
+    sampler = RssSampler(px.proc.pid)
+    sampler.start()
+    c = subprocess.Popen(on_client_cpu([client, str(px.port), str(IDLE_CONNS), str(IDLE_INFLIGHT),
+                                        "h2"]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        res = json.loads(c.stdout.readline())
+        r = run(on_client_cpu(["h2load", "-t1", "-c64", "-m10", "-n", "20000", px.url()]),
+                timeout=120)
+        if "20000 succeeded" not in r.stdout:
+            log("%s: mem load incomplete: %s" % (px.name, r.stdout[-400:]))
+    finally:
+        try:
+            c.stdin.write("\n")
+            c.stdin.close()
+        except BrokenPipeError:
+            pass
+        c.wait(timeout=30)
+    sampler.growth_mib()
+    time.sleep(MEM_SETTLE_S)
+    after = rss_kib(px.proc.pid)
+    if res["open"] < IDLE_CONNS * 0.98:
+        log("%s: mem: only %d/%d connections open" % (px.name, res["open"], IDLE_CONNS))
+    log("%s mem: before %.1f MiB, peak %.1f, %gs after %.1f" %
+        (px.name, before / 1024.0, sampler.peak / 1024.0, MEM_SETTLE_S, after / 1024.0))
+    return before / 1024.0, sampler.peak / 1024.0, after / 1024.0, after / before
 
 
 def sse(px):
@@ -541,16 +584,23 @@ def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client):
     def running():
         return [px for px in pxs if px.proc is not None]
 
-    if "idle" in metrics:
+    # A fresh process each time: nothing left from earlier load.
+    fresh = [(k, fn) for k, fn in (("idle", lambda px: idle(px, idle_client)),
+                                   ("idle_h2", lambda px: idle(px, idle_client, True)),
+                                   ("mem", lambda px: mem(px, idle_client)))
+             if k.split("_")[0] in metrics]
+    for key, fn in fresh:
         for _ in range(REPEAT):
-            for px in pxs:  # a fresh process each time: nothing left from earlier load
+            for px in pxs:
                 try:
                     px.start(up_fast)
-                    one(px, "idle", lambda: idle(px, idle_client))
+                    one(px, key, lambda: fn(px))
                 except Exception as e:  # noqa: BLE001
                     log("%s: %s" % (px.name, e))
                 finally:
                     px.stop()
+        for px in pxs:
+            log("%s %s: %s" % (px.name, key, raw[px.name].get(key)))
     fast = [m for m in ("h2", "h1", "newconn", "p99", "download") if m in metrics]
     slow = [m for m in ("sse", "upload") if m in metrics]
     for group, upstream in ((fast, up_fast), (slow, up_py)):
@@ -597,13 +647,16 @@ def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client):
                 # other work on the machine, and fair when the load generator is the limit.
                 out[key + "_eff"] = median([x[0] / (x[1] / 100.0) if x and x[1] > 0 else None
                                             for x in v])
-        for key in ("newconn", "p99", "idle"):
+        for key in ("newconn", "p99", "idle", "idle_h2"):
             if key in r:
                 out[key] = median(r[key])
         for key, a, b in (("sse", "sse_p50", "sse_p99"), ("download", "down_speed", "down_rss"),
                           ("upload", "up_speed", "up_rss")):
             if key in r:
                 out[a], out[b] = col(r[key], 0), col(r[key], 1)
+        if "mem" in r:
+            for i, k in enumerate(("mem_before", "mem_peak", "mem_after", "mem_back")):
+                out[k] = col(r["mem"], i)
     return res
 
 
@@ -614,7 +667,12 @@ ROWS = [
     ("h1", "h1-over-TLS req/s (c64)", True, "%.0f", ">= 1.2x h2o"),
     ("h1_eff", "  h1 req per proxy CPU-second", True, "%.0f", "-"),
     ("newconn", "new TLS conn/s (1 req each)", True, "%.0f", ">= 1.0x h2o"),
-    ("idle", "KiB per idle TLS conn", False, "%.1f", "<= 8 KiB"),
+    ("idle", "KiB per idle TLS conn (http/1.1)", False, "%.1f", "<= 4 KiB"),
+    ("idle_h2", "KiB per idle TLS conn (h2, preface+SETTINGS)", False, "%.1f", "<= 6 KiB"),
+    ("mem_before", "RSS before load MiB", False, "%.1f", "-"),
+    ("mem_peak", "  RSS peak under load MiB", False, "%.1f", "-"),
+    ("mem_after", "  RSS 10 s after load MiB", False, "%.1f", "-"),
+    ("mem_back", "  RSS 10 s after / before", False, "%.2f", "<= 1.25"),
     ("p99", "p99 ms @ ~1k req/s", False, "%.2f", "-"),
     ("sse_p50", "SSE relay delay p50 ms", False, "%.3f", "-"),
     ("sse_p99", "SSE relay delay p99 ms", False, "%.3f", "< 1 ms"),
@@ -719,7 +777,7 @@ def main():
              "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
     if r.returncode != 0:
         sys.exit("openssl: " + r.stderr)
-    idle_client = build_idle_client(work) if "idle" in metrics else None
+    idle_client = build_idle_client(work) if "idle" in metrics or "mem" in metrics else None
     procs, up_fast, up_py = start_upstreams(work)
     bigfile = os.path.join(work, "upstream", "big")
     if a.profile:
