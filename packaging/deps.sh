@@ -13,6 +13,7 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     python3-multipart nghttp2-client pebble nginx-light
     podman runc mmdebstrap debhelper
     python3-requests chromium libnss3-tools
+    python3-matplotlib   # tests/soak.sh plots
     # h2spec (tests/integration/test_h2spec.py) is built from source with Debian's Go.
     golang-go golang-golang-x-net-dev golang-golang-x-text-dev golang-golang-x-sys-dev
     golang-github-spf13-cobra-dev golang-github-spf13-pflag-dev golang-github-fatih-color-dev
