@@ -11,6 +11,11 @@
  * app, so any request may wait and be sent whole later. It joins the worker's waiting list;
  * one timer per worker dials again for each with a backoff of 100 ms doubling to 1 s, and at
  * once when a new runtime arrives (the app's name now points elsewhere: server/resolver.c).
+ * A request's first dial to a named upstream is on that list too while it dials (not due):
+ * a recreated container's old address gets no ARP answer, so that dial would hang for
+ * connect_timeout; when the name moves it is dropped and dialled again at the new address.
+ * A dial to a named upstream still not connected after SLOW_DIAL_MS has the name looked up
+ * again, which is how a vanished address is noticed before its connect fails.
  * While a request waits its body stays with the client (paused). What had been written to
  * the refused connection (it sends nothing before its connect completes) and what arrives
  * anyway (HTTP/2 DATA inside the stream window) is kept in `pending`, bounded by flow control
@@ -36,6 +41,8 @@
 /* Waiting for the app: the first retry after WAIT_FIRST_MS, doubling up to WAIT_MAX_MS. */
 #define WAIT_FIRST_MS 100
 #define WAIT_MAX_MS   1000
+/* A dial to a named upstream taking longer than this has its name looked up again. */
+#define SLOW_DIAL_MS 500
 /* Per site and per worker: more waiting requests get 503 at once. */
 #define MOAT_PROXY_MAX_WAITING 1000
 /* What a client that got 502/503 for an app that is away is told to wait (seconds). */
@@ -93,7 +100,10 @@ struct moat_exchange {
     unsigned waiting : 1;  /* on the worker's waiting list: from the first refusal until a
                               connection is up or the exchange ends */
     unsigned get_req : 1;
-    unsigned html : 1; /* a browser page load: GET with Accept: text/html */
+    unsigned html : 1;        /* a browser page load: GET with Accept: text/html */
+    unsigned slow_mark : 1;   /* the connect timer is set to SLOW_DIAL_MS, connect_rest after */
+    unsigned slow_kicked : 1; /* this dial has had its name looked up again */
+    uint64_t connect_rest;    /* the connect timeout left after the slow-dial mark */
 };
 
 static const moat_upconn_cb_t up_cb;
@@ -101,6 +111,7 @@ static void handle_response(moat_exchange_t *x);
 static void fail(moat_exchange_t *x, int status, const char *why);
 static void wait_or_fail(moat_exchange_t *x, const char *why);
 static void wait_unlink(moat_exchange_t *x);
+static void dial_link(moat_exchange_t *x);
 
 static void hold(moat_exchange_t *x)
 {
@@ -346,6 +357,13 @@ static void arm_timer(moat_exchange_t *x)
         uint64_t left = x->wait_until > now ? x->wait_until - now : 0;
         connect_ms = MOAT_MIN(connect_ms, MOAT_MAX(left, (uint64_t)WAIT_FIRST_MS));
     }
+    x->slow_mark = 0;
+    if (!x->up->connected && x->upstream->named && !x->slow_kicked && connect_ms > SLOW_DIAL_MS) {
+        /* First the slow-dial mark (up_on_timeout), then the rest of the connect timeout. */
+        x->slow_mark = 1;
+        x->connect_rest = connect_ms - SLOW_DIAL_MS;
+        connect_ms = SLOW_DIAL_MS;
+    }
     moat_upconn_set_timeout(x->up, !x->up->connected ? connect_ms
                                    : x->tunnel       ? site->ws_idle_timeout_ms
                                                      : site->read_timeout_ms);
@@ -455,6 +473,7 @@ static int connect_upstream(moat_exchange_t *x)
             if (x->upstream->named && x->ustate->down_until_ms > uv_now(&x->w->loop))
                 moat_resolver_kick();
             int os_err = 0;
+            x->slow_kicked = 0;
             int r =
                 moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
             if (r == MOAT_ENOMEM)
@@ -475,6 +494,8 @@ static int connect_upstream(moat_exchange_t *x)
         int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
         if (r == 0 && u->connected)
             wait_unlink(x);
+        else if (r == 0 && x->upstream->named)
+            dial_link(x); /* its name may move while it dials (see the top of the file) */
         if (r == 0)
             r = send_pending(x);
         if (r == 0)
@@ -587,6 +608,22 @@ static void wait_link(moat_exchange_t *x)
         uv_timer_start(&w->wait_timer, on_wait_timer, in, 0);
 }
 
+/* On the list while dialling, not due: only a moved name (moat_proxy_waiting_wake) or its
+ * own failure makes it dial again. */
+static void dial_link(moat_exchange_t *x)
+{
+    if (x->waiting)
+        return;
+    moat_worker_t *w = x->w;
+    x->retry_at = UINT64_MAX;
+    x->wprev = NULL;
+    x->wnext = w->waiting;
+    if (w->waiting != NULL)
+        w->waiting->wprev = x;
+    w->waiting = x;
+    x->waiting = 1;
+}
+
 static void wait_unlink(moat_exchange_t *x)
 {
     if (!x->waiting)
@@ -607,7 +644,7 @@ static size_t count_waiting(const moat_exchange_t *x)
 {
     size_t n = 0;
     for (const moat_exchange_t *y = x->w->waiting; y != NULL; y = y->wnext)
-        n += y->site->site == x->site->site && !y->deferred;
+        n += y->site->site == x->site->site && !y->deferred && y->waited;
     return n;
 }
 
@@ -708,7 +745,12 @@ void moat_proxy_waiting_wake(moat_worker_t *w)
     if (w->waiting == NULL)
         return;
     uint64_t now = uv_now(&w->loop);
+    const moat_runtime_t *cur = w->rts->rt;
     for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
+        /* A first dial is only dropped when a name moved (a runtime of the same config), not
+         * on a reload, which it finishes on the runtime it started with. */
+        if (!x->waited && (cur == x->rt || cur->config != x->rt->config))
+            continue;
         /* One still dialling may be dialling the old address: a vanished container's address
          * can take seconds to fail (no ARP answer). Nothing was sent: drop that attempt. */
         if (x->up != NULL && !x->up->connected && keep_unsent(x) == 0)
@@ -725,7 +767,14 @@ static void up_on_timeout(void *owner)
 {
     moat_exchange_t *x = owner;
     hold(x);
-    if (!x->up->connected) {
+    if (!x->up->connected && x->slow_mark) {
+        /* Slow to connect: the name may have moved (a vanished container's address gets no
+         * answer). Look it up again; the dial goes on for the rest of connect_timeout. */
+        x->slow_mark = 0;
+        x->slow_kicked = 1;
+        moat_resolver_kick();
+        moat_upconn_set_timeout(x->up, x->connect_rest);
+    } else if (!x->up->connected) {
         refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
         int kept = keep_unsent(x);
         release_upstream(x, 0);
