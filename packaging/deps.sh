@@ -11,7 +11,7 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     python3 python3-pytest python3-pytest-timeout python3-httpx python3-h2 python3-fastapi python3-uvicorn
     python3-httptools python3-websockets python3-socketio python3-engineio python3-websocket
     python3-multipart nghttp2-client pebble nginx-light
-    podman runc mmdebstrap debhelper
+    podman runc netavark aardvark-dns podman-compose mmdebstrap debhelper
     python3-requests chromium libnss3-tools
     # h2spec (tests/integration/test_h2spec.py) is built from source with Debian's Go.
     golang-go golang-golang-x-net-dev golang-golang-x-text-dev golang-golang-x-sys-dev
