@@ -11,7 +11,7 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     python3 python3-pytest python3-pytest-timeout python3-httpx python3-h2 python3-fastapi python3-uvicorn
     python3-httptools python3-websockets python3-socketio python3-engineio python3-websocket
     python3-multipart nghttp2-client pebble nginx-light
-    podman runc mmdebstrap debhelper
+    podman runc netavark aardvark-dns podman-compose mmdebstrap debhelper
     python3-requests chromium libnss3-tools
     python3-matplotlib   # tests/soak.sh plots
     # h2spec (tests/integration/test_h2spec.py) is built from source with Debian's Go.

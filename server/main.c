@@ -339,6 +339,10 @@ static int cmd_renew(cli_t *c)
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN); /* a peer that went away is an error return, not a signal */
+    /* libuv's thread pool runs the name lookups (server/resolver.c): a lookup lost in DNS
+     * holds a thread for glibc's timeouts (5 s per try), and the resolver starts others beside
+     * it. More threads than libuv's 4, unless the environment says how many. */
+    setenv("UV_THREADPOOL_SIZE", "16", 0);
     const char *cmd = argc > 1 ? argv[1] : "run";
     int first = 2;
     if (argc > 1 && strncmp(argv[1], "--", 2) == 0 && strcmp(argv[1], "--help") != 0 &&

@@ -20,6 +20,9 @@
 #define MAX_RESPONSE_HEADERS 128
 /* A failing upstream is skipped for this long (passive health check). */
 #define UPSTREAM_DOWN_MS 10000
+/* A dial to a named upstream taking longer than this has its name looked up again: a
+ * vanished container's address gets no answer, and this is how it is noticed early. */
+#define SLOW_DIAL_MS 500
 
 static const moat_upconn_cb_t up_cb;
 static void handle_response(moat_exchange_t *x);
@@ -269,6 +272,13 @@ static void arm_timer(moat_exchange_t *x)
         uint64_t left = x->wait_until > now ? x->wait_until - now : 0;
         connect_ms = MOAT_MIN(connect_ms, MOAT_MAX(left, (uint64_t)WAIT_FIRST_MS));
     }
+    x->slow_mark = 0;
+    if (!x->up->connected && x->upstream->named && !x->slow_kicked && connect_ms > SLOW_DIAL_MS) {
+        /* First the slow-dial mark (up_on_timeout), then the rest of the connect timeout. */
+        x->slow_mark = 1;
+        x->connect_rest = connect_ms - SLOW_DIAL_MS;
+        connect_ms = SLOW_DIAL_MS;
+    }
     moat_upconn_set_timeout(x->up, !x->up->connected ? connect_ms
                                    : x->tunnel       ? site->ws_idle_timeout_ms
                                                      : site->read_timeout_ms);
@@ -378,6 +388,7 @@ int moat__proxy_connect(moat_exchange_t *x)
             if (x->upstream->named && x->ustate->down_until_ms > uv_now(&x->w->loop))
                 moat_resolver_kick();
             int os_err = 0;
+            x->slow_kicked = 0;
             int r =
                 moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
             if (r == MOAT_ENOMEM)
@@ -398,6 +409,8 @@ int moat__proxy_connect(moat_exchange_t *x)
         int r = moat_sock_write(&u->sock, moat_buf_data(&x->head), moat_buf_size(&x->head));
         if (r == 0 && u->connected)
             moat__proxy_wait_unlink(x);
+        else if (r == 0 && x->upstream->named)
+            moat__proxy_dial_link(x); /* its name may move while it dials */
         if (r == 0)
             r = send_pending(x);
         if (r == 0)
@@ -462,7 +475,14 @@ static void up_on_timeout(void *owner)
 {
     moat_exchange_t *x = owner;
     moat__proxy_hold(x);
-    if (!x->up->connected) {
+    if (!x->up->connected && x->slow_mark) {
+        /* Slow to connect: the name may have moved (a vanished container's address gets no
+         * answer). Look it up again; the dial goes on for the rest of connect_timeout. */
+        x->slow_mark = 0;
+        x->slow_kicked = 1;
+        moat_resolver_kick();
+        moat_upconn_set_timeout(x->up, x->connect_rest);
+    } else if (!x->up->connected) {
         refused(x, "did not accept the connection in time", MOAT_ETIMEOUT, 0);
         int kept = moat__proxy_keep_unsent(x);
         moat__proxy_release_upstream(x, 0);

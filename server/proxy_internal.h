@@ -64,7 +64,10 @@ struct moat_exchange {
     unsigned waiting : 1;  /* on the worker's waiting list: from the first refusal until a
                               connection is up or the exchange ends */
     unsigned get_req : 1;
-    unsigned html : 1; /* a browser page load: GET with Accept: text/html */
+    unsigned html : 1;        /* a browser page load: GET with Accept: text/html */
+    unsigned slow_mark : 1;   /* the connect timer is set to SLOW_DIAL_MS, connect_rest after */
+    unsigned slow_kicked : 1; /* this dial has had its name looked up again */
+    uint64_t connect_rest;    /* the connect timeout left after the slow-dial mark */
 };
 
 /* proxy.c */
@@ -91,6 +94,9 @@ const char *moat__proxy_who(const moat_exchange_t *x, char *buf, size_t n);
 /* Every upstream refused x: wait and dial again, or answer 502/503 (from the timer when
  * inside moat_proxy_start). */
 void moat__proxy_wait_or_fail(moat_exchange_t *x, const char *why);
+/* A first dial to a named upstream goes on the waiting list, not due: when the name moves
+ * (moat_proxy_waiting_wake) it is dropped and dialled again at the new address. */
+void moat__proxy_dial_link(moat_exchange_t *x);
 /* Off the worker's waiting list (a connection came up, or the exchange ended). */
 void moat__proxy_wait_unlink(moat_exchange_t *x);
 

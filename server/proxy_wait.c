@@ -3,6 +3,9 @@
  * app, so any request may wait and be sent whole later. It joins the worker's waiting list;
  * one timer per worker dials again for each with a backoff of 100 ms doubling to 1 s, and at
  * once when a new runtime arrives (the app's name now points elsewhere: server/resolver.c).
+ * A request's first dial to a named upstream is on that list too while it dials (not due):
+ * a recreated container's old address gets no ARP answer, so that dial would hang for
+ * connect_timeout; when the name moves it is dropped and dialled again at the new address.
  * While a request waits its body stays with the client (paused). What had been written to
  * the refused connection (it sends nothing before its connect completes) and what arrives
  * anyway (HTTP/2 DATA inside the stream window) is kept in `pending`, bounded by flow control
@@ -75,6 +78,20 @@ static void wait_link(moat_exchange_t *x)
         uv_timer_start(&w->wait_timer, on_wait_timer, in, 0);
 }
 
+void moat__proxy_dial_link(moat_exchange_t *x)
+{
+    if (x->waiting)
+        return;
+    moat_worker_t *w = x->w;
+    x->retry_at = UINT64_MAX;
+    x->wprev = NULL;
+    x->wnext = w->waiting;
+    if (w->waiting != NULL)
+        w->waiting->wprev = x;
+    w->waiting = x;
+    x->waiting = 1;
+}
+
 void moat__proxy_wait_unlink(moat_exchange_t *x)
 {
     if (!x->waiting)
@@ -95,7 +112,7 @@ static size_t count_waiting(const moat_exchange_t *x)
 {
     size_t n = 0;
     for (const moat_exchange_t *y = x->w->waiting; y != NULL; y = y->wnext)
-        n += y->site->site == x->site->site && !y->deferred;
+        n += y->site->site == x->site->site && !y->deferred && y->waited;
     return n;
 }
 
@@ -196,7 +213,12 @@ void moat_proxy_waiting_wake(moat_worker_t *w)
     if (w->waiting == NULL)
         return;
     uint64_t now = uv_now(&w->loop);
+    const moat_runtime_t *cur = w->rts->rt;
     for (moat_exchange_t *x = w->waiting; x != NULL; x = x->wnext) {
+        /* A first dial is only dropped when a name moved (a runtime of the same config), not
+         * on a reload, which it finishes on the runtime it started with. */
+        if (!x->waited && (cur == x->rt || cur->config != x->rt->config))
+            continue;
         /* One still dialling may be dialling the old address: a vanished container's address
          * can take seconds to fail (no ARP answer). Nothing was sent: drop that attempt. */
         if (x->up != NULL && !x->up->connected && moat__proxy_keep_unsent(x) == 0)

@@ -7,19 +7,40 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
+/* A lookup running longer than this is presumed lost: a DNS packet dropped (a container
+ * network's DNS server reloads while containers come and go), and glibc waits 5 s per try,
+ * tens of seconds in all. A kick then starts another lookup beside it; whichever was begun
+ * last and has answered is what counts. */
+#define STUCK_MS 700
+/* At most this many lookups of one name at a time: a DNS server that stops answering for a
+ * few seconds (aardvark-dns while podman recreates a container) loses every lookup begun
+ * meanwhile, and each holds a thread-pool thread (server/main.c sizes the pool) for glibc's
+ * timeouts. */
+#define MAX_INFLIGHT 6
+
 /* One named upstream of the runtime being followed, by position (site, upstream). */
 typedef struct {
-    uv_getaddrinfo_t req;
-    moat_resolver_t *r;
     size_t site, up;
-    uint64_t due; /* loop time of its next periodic lookup; UINT64_MAX: none */
+    uint64_t due; /* loop time of its next periodic lookup; UINT64_MAX: none (or one runs) */
     struct sockaddr_storage addr;
     socklen_t addrlen;
     int status;
-    unsigned busy : 1;    /* a lookup runs */
-    unsigned looked : 1;  /* looked up in the current round */
+    uint64_t started;     /* loop time the newest lookup began */
+    uint64_t seq;         /* lookups begun */
+    uint64_t applied;     /* the newest lookup whose answer was taken */
+    unsigned inflight;    /* lookups running */
     unsigned failing : 1; /* the last lookup failed (said once, until it works again) */
 } name_t;
+
+/* One uv_getaddrinfo in the thread pool; answers for a replaced names array (a reload) or
+ * older than one already taken are dropped. */
+typedef struct lookup {
+    uv_getaddrinfo_t req;
+    moat_resolver_t *r;
+    struct lookup *next, *prev;
+    size_t idx;
+    uint64_t gen, seq;
+} lookup_t;
 
 struct moat_resolver {
     uv_loop_t *loop;
@@ -29,7 +50,11 @@ struct moat_resolver {
     moat_runtime_t *rt; /* the runtime `names` describes (one reference) */
     name_t *names;
     size_t nnames, pending;
+    uint64_t gen;               /* bumped when `names` is replaced */
+    lookup_t *lookups;          /* running */
     uint64_t last_kicked_round; /* loop time a round asked for by a kick last began */
+    uint64_t kick_not_before;   /* a kicked round that found a name's lookup running: when
+                                   that one counts as stuck */
     int handles;                /* open handles; freed when 0 and no lookup pending */
     unsigned kicked : 1;        /* a kick arrived since the last kicked round began */
     unsigned closing : 1;
@@ -61,11 +86,12 @@ static int same_addr(const struct sockaddr_storage *a, socklen_t alen,
 }
 
 /* Follow the names of the current runtime (a reload replaced it), keeping what is known of
- * names at the same position with the same label. Only between rounds. */
+ * names at the same position with the same label. Lookups still running for the old names
+ * are dropped when they answer. */
 static void sync_runtime(moat_resolver_t *r)
 {
     moat_runtime_t *cur = moat_snapmgr_current(r->snap)->rt;
-    if (cur == r->rt || r->pending > 0)
+    if (cur == r->rt)
         return;
     uint64_t now = uv_now(r->loop);
     size_t n = 0;
@@ -81,7 +107,6 @@ static void sync_runtime(moat_resolver_t *r)
             if (!s->upstreams[j].named)
                 continue;
             name_t *nm = &names[k++];
-            nm->r = r;
             nm->site = i;
             nm->up = j;
             nm->due = every ? now + every : UINT64_MAX;
@@ -94,6 +119,7 @@ static void sync_runtime(moat_resolver_t *r)
     free(r->names);
     r->names = names;
     r->nnames = n;
+    r->gen++;
     moat_runtime_unref(r->rt);
     r->rt = moat_runtime_ref(cur);
 }
@@ -104,11 +130,12 @@ static void on_timer(uv_timer_t *t);
  * last one) or the earliest periodic lookup. */
 static void schedule(moat_resolver_t *r)
 {
-    if (r->closing || r->pending > 0)
-        return; /* the round's end schedules */
+    if (r->closing)
+        return;
     uint64_t now = uv_now(r->loop), at = UINT64_MAX;
     if (r->kicked)
-        at = MOAT_MAX(now, r->last_kicked_round + MOAT_RESOLVE_KICK_GAP_MS);
+        at = MOAT_MAX(
+            now, MOAT_MAX(r->last_kicked_round + MOAT_RESOLVE_KICK_GAP_MS, r->kick_not_before));
     for (size_t i = 0; i < r->nnames; i++)
         at = MOAT_MIN(at, r->names[i].due);
     if (at == UINT64_MAX) {
@@ -118,98 +145,136 @@ static void schedule(moat_resolver_t *r)
     uv_timer_start(&r->timer, on_timer, at > now ? at - now : 0, 0);
 }
 
-static void finish_round(moat_resolver_t *r)
+/* An answer for nm was taken: say what changed, and publish a re-addressed runtime when its
+ * address moved. */
+static void apply(moat_resolver_t *r, name_t *nm)
 {
     moat_runtime_t *rt = r->rt;
     uint64_t now = uv_now(r->loop);
     moat_runtime_t *cur = moat_snapmgr_current(r->snap)->rt;
-    moat_runtime_t *next = NULL;
-    for (size_t i = 0; i < r->nnames; i++) {
-        name_t *nm = &r->names[i];
-        if (!nm->looked)
-            continue;
-        nm->looked = 0;
-        const moat_site_rt_t *s = &rt->sites[nm->site];
-        const moat_upstream_t *u = &s->upstreams[nm->up];
-        uint64_t every = s->site->resolve_interval_ms;
+    const moat_site_rt_t *s = &rt->sites[nm->site];
+    const moat_upstream_t *u = &s->upstreams[nm->up];
+    uint64_t every = s->site->resolve_interval_ms;
+    if (nm->inflight == 0)
         nm->due = every ? now + every : UINT64_MAX;
-        char was[INET6_ADDRSTRLEN], now_ip[INET6_ADDRSTRLEN];
-        format_ip(&u->addr, was, sizeof was);
-        if (nm->status != 0) {
-            /* The last good answer stays: a DNS hiccup must not take a working app away. */
-            if (!nm->failing)
-                MOAT_WARN("upstream %s: cannot look the name up again (%s); still using %s",
-                          u->label, uv_strerror(nm->status), was);
-            nm->failing = 1;
-            continue;
-        }
-        if (nm->failing)
-            MOAT_INFO("upstream %s: the name resolves again", u->label);
-        nm->failing = 0;
-        if (cur != rt || same_addr(&nm->addr, nm->addrlen, &u->addr, u->addrlen))
-            continue;
-        if (next == NULL)
-            next = moat_runtime_readdress(rt);
-        moat_upstream_t *nu = &next->sites[nm->site].upstreams[nm->up];
-        memcpy(&nu->addr, &nm->addr, nm->addrlen);
-        nu->addrlen = nm->addrlen;
-        format_ip(&nm->addr, now_ip, sizeof now_ip);
-        MOAT_INFO("upstream %s now resolves to %s (was %s)", u->label, now_ip, was);
+    char was[INET6_ADDRSTRLEN], now_ip[INET6_ADDRSTRLEN];
+    format_ip(&u->addr, was, sizeof was);
+    if (nm->status != 0) {
+        /* The last good answer stays: a DNS hiccup must not take a working app away. */
+        if (!nm->failing)
+            MOAT_WARN("upstream %s: cannot look the name up again (%s); still using %s", u->label,
+                      uv_strerror(nm->status), was);
+        nm->failing = 1;
+        return;
     }
-    if (next != NULL && moat_snapmgr_readdress(r->snap, next) == 0) {
+    if (nm->failing)
+        MOAT_INFO("upstream %s: the name resolves again", u->label);
+    nm->failing = 0;
+    if (cur != rt || same_addr(&nm->addr, nm->addrlen, &u->addr, u->addrlen))
+        return;
+    moat_runtime_t *next = moat_runtime_readdress(rt);
+    moat_upstream_t *nu = &next->sites[nm->site].upstreams[nm->up];
+    memcpy(&nu->addr, &nm->addr, nm->addrlen);
+    nu->addrlen = nm->addrlen;
+    format_ip(&nm->addr, now_ip, sizeof now_ip);
+    MOAT_INFO("upstream %s now resolves to %s (was %s)", u->label, now_ip, was);
+    if (moat_snapmgr_readdress(r->snap, next) == 0) {
         /* Same config, same positions: the names carry over as they are. */
         moat_runtime_unref(r->rt);
         r->rt = moat_runtime_ref(next);
     }
-    sync_runtime(r); /* a reload that ended meanwhile: its names from now on */
-    schedule(r);
 }
 
 static void on_lookup(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 {
-    name_t *nm = MOAT_CONTAINER_OF(req, name_t, req);
-    moat_resolver_t *r = nm->r;
-    nm->busy = 0;
-    nm->status = status == 0 && res == NULL ? UV_EAI_NODATA : status;
-    if (nm->status == 0 && res->ai_addrlen <= sizeof nm->addr) {
-        /* The first answer, as a reload takes it. */
-        memset(&nm->addr, 0, sizeof nm->addr);
-        memcpy(&nm->addr, res->ai_addr, res->ai_addrlen);
-        nm->addrlen = res->ai_addrlen;
-    } else if (nm->status == 0) {
-        nm->status = UV_EAI_FAMILY;
+    lookup_t *lk = MOAT_CONTAINER_OF(req, lookup_t, req);
+    moat_resolver_t *r = lk->r;
+    if (lk->prev != NULL)
+        lk->prev->next = lk->next;
+    else
+        r->lookups = lk->next;
+    if (lk->next != NULL)
+        lk->next->prev = lk->prev;
+    r->pending--;
+    if (!r->closing && lk->gen == r->gen) {
+        name_t *nm = &r->names[lk->idx];
+        nm->inflight--;
+        if (lk->seq > nm->applied) {
+            /* The newest answer yet; one begun earlier that answers later is not taken. */
+            nm->applied = lk->seq;
+            nm->status = status == 0 && res == NULL ? UV_EAI_NODATA : status;
+            if (nm->status == 0 && res->ai_addrlen <= sizeof nm->addr) {
+                /* The first answer, as a reload takes it. */
+                memset(&nm->addr, 0, sizeof nm->addr);
+                memcpy(&nm->addr, res->ai_addr, res->ai_addrlen);
+                nm->addrlen = res->ai_addrlen;
+            } else if (nm->status == 0) {
+                nm->status = UV_EAI_FAMILY;
+            }
+            apply(r, nm);
+        } else if (nm->inflight == 0 && nm->due == UINT64_MAX) {
+            uint64_t every = r->rt->sites[nm->site].site->resolve_interval_ms;
+            nm->due = every ? uv_now(r->loop) + every : UINT64_MAX;
+        }
     }
     uv_freeaddrinfo(res);
-    if (--r->pending == 0 && !r->closing)
-        finish_round(r);
+    free(lk);
+    if (!r->closing) {
+        sync_runtime(r); /* a reload that ended meanwhile: its names from now on */
+        schedule(r);
+    }
 }
 
-/* Look up every name (a failed connect asked), or only those due. */
+/* Look up every name (a failed connect asked), or only those due. A name whose lookup runs
+ * is looked up again only when asked and that one is stuck (STUCK_MS). */
 static void start_round(moat_resolver_t *r, int all)
 {
     uint64_t now = uv_now(r->loop);
-    if (all) {
-        r->kicked = 0;
-        r->last_kicked_round = now;
-    }
+    uint64_t stuck_at = UINT64_MAX;
     for (size_t i = 0; i < r->nnames; i++) {
         name_t *nm = &r->names[i];
-        if (nm->busy || (!all && nm->due > now))
+        if (!all && nm->due > now)
             continue;
+        if (nm->inflight > 0) {
+            if (!all || nm->inflight >= MAX_INFLIGHT)
+                continue;
+            if (now < nm->started + STUCK_MS) {
+                stuck_at = MOAT_MIN(stuck_at, nm->started + STUCK_MS);
+                continue;
+            }
+        }
         const moat_upstream_addr_t *a = &r->rt->sites[nm->site].site->upstreams[nm->up];
         char port[16];
         snprintf(port, sizeof port, "%d", a->port);
         struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_family = AF_UNSPEC};
-        if (uv_getaddrinfo(r->loop, &nm->req, on_lookup, a->host, port, &hints) != 0) {
-            nm->due = now + 1000; /* the thread pool refused the job: try again in a while */
+        lookup_t *lk = moat_xcalloc(1, sizeof *lk);
+        lk->r = r;
+        lk->idx = i;
+        lk->gen = r->gen;
+        lk->seq = nm->seq + 1;
+        if (uv_getaddrinfo(r->loop, &lk->req, on_lookup, a->host, port, &hints) != 0) {
+            free(lk);
+            if (nm->inflight == 0)
+                nm->due = now + 1000; /* the thread pool refused the job: try again soon */
             continue;
         }
-        nm->busy = 1;
-        nm->looked = 1;
+        lk->next = r->lookups;
+        if (r->lookups != NULL)
+            r->lookups->prev = lk;
+        r->lookups = lk;
+        nm->seq = lk->seq;
+        nm->started = now;
+        nm->inflight++;
+        nm->due = UINT64_MAX; /* its answer sets the next one */
         r->pending++;
     }
-    if (r->pending == 0)
-        schedule(r);
+    if (all) {
+        /* Asked while a lookup ran: ask again once it counts as stuck. */
+        r->kicked = stuck_at != UINT64_MAX;
+        r->kick_not_before = stuck_at != UINT64_MAX ? stuck_at : 0;
+        r->last_kicked_round = now;
+    }
+    schedule(r);
 }
 
 static void on_timer(uv_timer_t *t)
@@ -217,12 +282,15 @@ static void on_timer(uv_timer_t *t)
     moat_resolver_t *r = t->data;
     sync_runtime(r);
     uint64_t now = uv_now(r->loop);
-    start_round(r, r->kicked && now >= r->last_kicked_round + MOAT_RESOLVE_KICK_GAP_MS);
+    start_round(r, r->kicked && now >= r->last_kicked_round + MOAT_RESOLVE_KICK_GAP_MS &&
+                       now >= r->kick_not_before);
 }
 
 static void on_kick(uv_async_t *a)
 {
     moat_resolver_t *r = a->data;
+    if (!r->kicked)
+        r->kick_not_before = 0;
     r->kicked = 1;
     schedule(r);
 }
@@ -260,9 +328,8 @@ void moat_resolver_free(moat_resolver_t *r)
         return;
     atomic_store_explicit(&kick_handle, NULL, memory_order_release);
     r->closing = 1;
-    for (size_t i = 0; i < r->nnames; i++)
-        if (r->names[i].busy)
-            uv_cancel((uv_req_t *)&r->names[i].req);
+    for (lookup_t *lk = r->lookups; lk != NULL; lk = lk->next)
+        uv_cancel((uv_req_t *)&lk->req);
     uv_close((uv_handle_t *)&r->kick, handle_closed);
     uv_close((uv_handle_t *)&r->timer, handle_closed);
     /* A lookup already running in the thread pool cannot be interrupted: wait for it. */

@@ -6,16 +6,44 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
 moat_log_level_t moat_log_min_level = MOAT_LOG_INFO;
 static int access_fd = 1; /* -1: the access log is off */
-static int stderr_is_tty = -1;
+/* Where stderr goes, found out on the first line: a terminal (readable lines with the time),
+ * the journal (readable lines with a priority prefix the journal turns into the entry's
+ * priority, sd-daemon(3); it adds the time itself), or anything else (JSON lines). */
+enum { OUT_UNKNOWN, OUT_JSON, OUT_TTY, OUT_JOURNAL };
+static int stderr_kind = OUT_UNKNOWN;
 
 static const char *level_names[] = {"debug", "info", "warn", "error"};
+/* syslog priorities for the journal: debug 7, info 6, warning 4, err 3. */
+static const int level_priorities[] = {7, 6, 4, 3};
+
+/* systemd sets JOURNAL_STREAM=DEV:INODE to the stream it connected to stdout/stderr; only
+ * when stderr is still that stream (not redirected since) is it the journal. */
+static int stderr_is_journal(void)
+{
+    const char *e = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+    if (e == NULL || sscanf(e, "%llu:%llu", &dev, &ino) != 2 || fstat(2, &st) != 0)
+        return 0;
+    return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
+static int stderr_output(void)
+{
+    if (stderr_kind == OUT_UNKNOWN)
+        stderr_kind = isatty(2) ? OUT_TTY : stderr_is_journal() ? OUT_JOURNAL : OUT_JSON;
+    return stderr_kind;
+}
 
 int moat_log_parse_level(const char *s, moat_log_level_t *out)
 {
@@ -76,15 +104,21 @@ void moat_log_write(moat_log_level_t level, const char *fmt, ...)
     va_end(ap);
     if (n < 0)
         return;
-    if (stderr_is_tty < 0)
-        stderr_is_tty = isatty(2);
+    int out = stderr_output();
     char line[4608];
     char ts[40];
-    format_time(ts, sizeof ts);
     size_t o;
-    if (stderr_is_tty) {
+    if (out == OUT_JOURNAL) {
+        /* One journal entry per line: a line break inside the message would split it. */
+        for (char *c = msg; *c != '\0'; c++)
+            if (*c == '\n' || *c == '\r')
+                *c = ' ';
+        o = (size_t)snprintf(line, sizeof line, "<%d>%s\n", level_priorities[level], msg);
+    } else if (out == OUT_TTY) {
+        format_time(ts, sizeof ts);
         o = (size_t)snprintf(line, sizeof line, "%s %-5s %s\n", ts, level_names[level], msg);
     } else {
+        format_time(ts, sizeof ts);
         o = (size_t)snprintf(line, sizeof line, "{\"time\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
                              level_names[level]);
         o += json_escape(line + o, sizeof line - o - 4, msg);

@@ -19,98 +19,32 @@ its apt-get. Set MOAT_SKIP_PACKAGING=1 to leave these tests out of a quick local
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
 from helpers import REPO, free_port
-
-HERE = REPO / "tests" / "packaging"
-CACHE = Path(os.environ.get("MOAT_TEST_CACHE", "/var/cache/moat-tests"))
-SYSTEM_IMAGE = "localhost/moat-test-system:bookworm"
-SLIM_IMAGE = "docker.io/library/debian:bookworm-slim"
-MOAT_IMAGE = "localhost/moat:test"
-BUILD_IMAGE = "localhost/moat-build:cache"
-SOURCES = ["CMakeLists.txt", "include", "server", "http2", "acme", "storage", "packaging"]
-TAG = uuid.uuid4().hex[:8]
+from podman_util import (SYSTEM_IMAGE, TAG, moat_image, podman_with_bases, run, skip_reason,
+                         stage_sources)
 
 pytestmark = [pytest.mark.moat_only, pytest.mark.slow]
 
 
-def run(cmd, timeout=300, check=True, **kw):
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and cp.returncode != 0:
-        raise AssertionError(f"{cmd} failed rc={cp.returncode}\n{cp.stdout[-3000:]}\n"
-                             f"{cp.stderr[-3000:]}")
-    return cp
-
-
-class Podman:
-    def __init__(self):
-        self.env = dict(os.environ, CONTAINERS_CONF=str(HERE / "containers.conf"))
-        # Private storage under the cache (images and build layers survive between runs);
-        # --root/--runroot rather than a storage.conf, which made every exit wait ~20 s.
-        self.base = ["podman", "--root", str(CACHE / "storage"), "--runroot",
-                     "/run/moat-tests-podman", "--storage-driver", "overlay"]
-        self.containers = []
-
-    def __call__(self, *args, timeout=300, check=True):
-        return run(self.base + list(args), timeout=timeout, check=check, env=self.env)
-
-    def sh(self, name, script, timeout=300, check=True):
-        return self("exec", name, "bash", "-c", script, timeout=timeout, check=check)
-
-    def rm_all(self):
-        for name in self.containers:
-            self("rm", "-f", "-t", "0", name, check=False, timeout=60)
-        self.containers = []
-
-
-def _skip_reason():
-    if os.environ.get("MOAT_SKIP_PACKAGING"):
-        return "MOAT_SKIP_PACKAGING is set"
-    if os.geteuid() != 0:
-        return "needs root (podman with its own storage, a booted systemd container)"
-    for tool in ("podman", "runc", "mmdebstrap", "dpkg-buildpackage", "dh", "systemd-analyze"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing (packaging/deps.sh --test installs it)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def podman():
-    reason = _skip_reason()
+    reason = skip_reason("dpkg-buildpackage", "dh", "systemd-analyze")
     if reason:
         pytest.skip(reason)
-    run([str(HERE / "make-bases.sh")], timeout=600)
-    p = Podman()
-    # Imported once; a new tarball (the cache was cleared) gets imported again.
-    for image, tar in ((SYSTEM_IMAGE, "system.tar"), (SLIM_IMAGE, "slim.tar")):
-        stamp = CACHE / (tar + ".imported")
-        tar_mtime = str((CACHE / tar).stat().st_mtime)
-        present = p("image", "exists", image, check=False).returncode == 0
-        if not present or not stamp.exists() or stamp.read_text() != tar_mtime:
-            p("import", str(CACHE / tar), image, timeout=300)
-            stamp.write_text(tar_mtime)
+    p = podman_with_bases()
     yield p
     p.rm_all()
 
 
 @pytest.fixture(scope="module")
 def sources():
-    """The checkout's sources, staged without build folders: the .deb, install.sh and the
-    image all build moat from these."""
-    d = Path(tempfile.mkdtemp(prefix="moat-pkg-src."))
-    for name in SOURCES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, d / name, symlinks=True)
-        elif src.exists():
-            shutil.copy2(src, d / name)
+    """The checkout's sources, staged without build folders: the .deb and install.sh build
+    moat from these."""
+    d = stage_sources()
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -133,8 +67,19 @@ def booted(podman, sources):
         assert time.monotonic() < deadline, f"no boot: {state.stdout} {state.stderr}"
         time.sleep(0.2)
     yield name
-    podman("rm", "-f", "-t", "0", name, check=False)
+    podman("rm", "-f", "-v", "-t", "0", name, check=False)
     podman.containers.remove(name)
+
+
+@pytest.fixture(scope="module")
+def deb(sources, tmp_path_factory):
+    """moat's .deb, built once from the staged sources (packaging/build-deb.sh)."""
+    out_dir = tmp_path_factory.mktemp("deb")
+    out = run([str(sources / "packaging" / "build-deb.sh"), str(out_dir)],
+              timeout=600, env=dict(os.environ, MOAT_SRC=str(sources)))
+    debs = list(out_dir.glob("moat_*.deb"))
+    assert len(debs) == 1, out.stdout + out.stderr
+    return debs[0]
 
 
 def test_unit_verify_is_silent(tmp_path):
@@ -153,15 +98,14 @@ def test_unit_verify_is_silent(tmp_path):
     assert cp.returncode == 0 and not (cp.stdout + cp.stderr).strip(), cp.stdout + cp.stderr
 
 
-def test_deb_installs_serves_and_purges(podman, sources, booted, tmp_path):
-    out = run([str(sources / "packaging" / "build-deb.sh"), str(tmp_path / "deb")],
-              timeout=600, env=dict(os.environ, MOAT_SRC=str(sources)))
-    debs = list((tmp_path / "deb").glob("moat_*.deb"))
-    assert len(debs) == 1, out.stdout + out.stderr
-    podman("cp", str(debs[0]), f"{booted}:/tmp/{debs[0].name}")
-
+def install_deb(podman, booted, deb):
+    podman("cp", str(deb), f"{booted}:/tmp/{deb.name}")
     podman.sh(booted, f"DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 "
-                      f"install -y -q /tmp/{debs[0].name}")
+                      f"install -y -q /tmp/{deb.name}")
+
+
+def test_deb_installs_serves_and_purges(podman, booted, deb):
+    install_deb(podman, booted, deb)
     st = podman.sh(booted, "systemctl is-enabled moat; systemctl is-active moat; "
                            "stat -c '%U %a' /var/lib/moat; getent passwd moat | cut -d: -f7; "
                            "dpkg-query -W -f='${Conffiles}' moat", check=False)
@@ -217,6 +161,137 @@ def test_deb_installs_serves_and_purges(podman, sources, booted, tmp_path):
     assert left.stdout.strip() == "inactive", f"purge left: {left.stdout}"
 
 
+# A small keep-alive HTTP app for the booted system, which has perl but no python: one
+# process per connection, "ok" to every request (the load below sends GETs only).
+APP_PL = r"""
+use IO::Socket::INET;
+$SIG{CHLD} = "IGNORE";
+my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 8081, Listen => 512,
+                              ReuseAddr => 1) or die "listen: $!";
+while (1) {
+    my $c = $s->accept or next;
+    my $pid = fork();
+    if (defined $pid && $pid == 0) {
+        close $s;
+        my $buf = "";
+        while (1) {
+            while ($buf !~ /\r\n\r\n/) {
+                my $n = sysread($c, $buf, 65536, length $buf);
+                exit 0 unless $n;
+            }
+            $buf =~ s/^.*?\r\n\r\n//s;
+            syswrite($c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n");
+        }
+    }
+    close $c;
+}
+"""
+
+# Load from inside the booted system: 4 clients (2 over HTTP/2, 2 over HTTP/1.1), each curl
+# run sending 10 requests on one connection, so both new and kept-alive connections are in
+# flight when a reload lands. Bounded: 400 runs per client at most, stopped by /tmp/stop.
+LOAD_SH = r"""
+rm -f /tmp/stop /tmp/codes.*
+load() {
+    urls=$(for i in $(seq 10); do printf ' https://localhost/r%s' "$i"; done)
+    for n in $(seq 400); do
+        [ -e /tmp/stop ] && break
+        curl -sk $2 --max-time 20 -o /dev/null -o /dev/null -o /dev/null -o /dev/null \
+            -o /dev/null -o /dev/null -o /dev/null -o /dev/null -o /dev/null -o /dev/null \
+            -w '%{http_code}\n' $urls >>/tmp/codes.$1 2>/dev/null
+    done
+}
+load 1 --http2 & load 2 --http2 & load 3 --http1.1 & load 4 --http1.1 &
+sleep 1
+for i in 1 2 3; do
+    echo "localhost 127.0.0.1:8081 read_timeout=${i}0m" >/etc/moat/Moatfile
+    systemctl reload moat || echo reload-failed
+    sleep 0.7
+done
+sleep 0.5
+touch /tmp/stop
+wait
+cat /tmp/codes.* | sort | uniq -c
+"""
+
+FINGERPRINT = ("openssl s_client -connect 127.0.0.1:443 -servername localhost </dev/null "
+               "2>/dev/null | openssl x509 -noout -fingerprint -sha256")
+
+
+def test_deb_reload_under_load_restart_and_journal(podman, booted, deb):
+    """Under systemd: `systemctl reload` three times under load fails no request; `systemctl
+    restart` serves the same certificate from /var/lib/moat (no new issuance); the journal
+    has moat's lines as text with their priorities, so `journalctl -p err` lists only the
+    errors."""
+    since = podman.sh(booted, "date +%s").stdout.strip()
+    install_deb(podman, booted, deb)
+    podman.sh(booted, "cat >/tmp/app.pl <<'EOF'\n" + APP_PL + "\nEOF\n"
+                      "systemd-run --unit moat-test-app --quiet perl /tmp/app.pl; "
+                      "echo 'localhost 127.0.0.1:8081' >/etc/moat/Moatfile; "
+                      "systemctl reload moat; "
+                      "for i in $(seq 50); do curl -sk -o /dev/null -w '%{http_code}' "
+                      "https://localhost/ | grep -q 200 && break; sleep 0.1; done")
+    pid = podman.sh(booted, "systemctl show -p MainPID --value moat").stdout.strip()
+
+    t0 = time.monotonic()
+    load = podman.sh(booted, LOAD_SH, timeout=120)
+    took = time.monotonic() - t0
+    counts = {}
+    for line in load.stdout.split("\n"):
+        if line.strip() and line.split()[0].isdigit() and len(line.split()) == 2:
+            n, code = line.split()
+            counts[code] = counts.get(code, 0) + int(n)
+    total, ok = sum(counts.values()), counts.get("200", 0)
+    after = podman.sh(booted, "systemctl show -p MainPID --value moat; systemctl is-active moat;"
+                              f" journalctl -u moat --since @{since} -o cat | "
+                              "grep -c 'reload: now serving'").stdout.split()
+    print(f"\nreload x3 under load: {total} requests (curl runs of 10) in {took:.1f} s, "
+          f"{total - ok} failed ({counts})")
+    assert "reload-failed" not in load.stdout, load.stdout
+    assert total >= 40 and ok == total, (counts, load.stdout[-2000:])
+    # The same process, reloaded: the first reload (the app's site) and the three above.
+    assert after == [pid, "active", "4"], after
+
+    # A restart keeps the certificate: same one served, none issued since the install.
+    before = podman.sh(booted, FINGERPRINT).stdout.strip()
+    podman.sh(booted, "systemctl restart moat; for i in $(seq 50); do curl -sk -o /dev/null "
+                      "-w '%{http_code}' https://localhost/ | grep -q 200 && break; sleep 0.1;"
+                      " done")
+    fp = podman.sh(booted, FINGERPRINT).stdout.strip()
+    journal = podman.sh(booted, f"journalctl -u moat --since @{since} -o cat").stdout
+    print(f"restart: certificate {before} before, {fp} after")
+    assert before.startswith("sha256 Fingerprint=") and fp == before, (before, fp)
+    assert journal.count("issued a certificate for localhost") == 1, journal[-3000:]
+    assert pid != podman.sh(booted, "systemctl show -p MainPID --value moat").stdout.strip()
+
+    # A reload with a broken site file: an error in the journal, at priority err; moat keeps
+    # serving the previous configuration.
+    bad = podman.sh(booted, "echo 'localhost 127.0.0.1:8081 bogus_option=1' "
+                            ">/etc/moat/Moatfile; systemctl reload moat; sleep 0.3; "
+                            "curl -sk -o /dev/null -w '%{http_code}\\n' https://localhost/; "
+                            f"journalctl -u moat --since @{since} -p err -o cat; echo ---; "
+                            f"journalctl -u moat --since @{since} -p info -o cat | "
+                            "grep -v '^{'; echo ---; "
+                            f"journalctl -u moat --since @{since} -p err -o verbose | "
+                            "grep -c '^ *PRIORITY=3$'")
+    first, infos, nprio = bad.stdout.split("---\n")
+    served, errs = first.split("\n", 1)
+    print(f"journalctl -u moat -p err:\n{errs}")
+    err_lines = [ln for ln in errs.split("\n") if ln.strip()]
+    assert served == "200", bad.stdout
+    assert err_lines and any("bogus_option" in ln for ln in err_lines), bad.stdout
+    assert all("still serving the previous configuration" in ln or "bogus_option" in ln
+               for ln in err_lines), err_lines
+    assert int(nprio.strip()) == len(err_lines), bad.stdout
+    # Info lines are in the journal as text (not JSON), and not among the errors.
+    assert "reload: now serving 1 site(s)" in infos and "ready with" in journal, infos
+    assert not any(ln.startswith("{") for ln in journal.split("\n") if "reload:" in ln)
+    assert not any("now serving" in ln or "listening on" in ln for ln in err_lines)
+
+    podman.sh(booted, "systemctl stop moat-test-app; DEBIAN_FRONTEND=noninteractive "
+                      "apt-get purge -y -q moat; systemctl reset-failed")
+
+
 def test_install_script_twice_then_uninstall(podman, booted):
     script = "/src/packaging/install.sh"
     first = podman.sh(booted, f"{script} localhost 127.0.0.1:8080 --email admin@example.com",
@@ -251,20 +326,8 @@ def test_install_script_twice_then_uninstall(podman, booted):
         purged.stdout
 
 
-def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
-    # The build stage is tagged too, and the previous run's images are removed once the new
-    # ones are tagged: the cached storage does not grow, and the build stage's apt layer
-    # (the slow part, from the Debian mirror) stays as the cache for the next run.
-    dockerfile = str(sources / "packaging" / "docker" / "Dockerfile")
-    for target, tag in (("build", BUILD_IMAGE), (None, MOAT_IMAGE)):
-        old = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False)
-        args = ["build", "--pull=never", "--network=host", "--format", "docker", "-f",
-                dockerfile, "-t", tag] + (["--target", target] if target else [])
-        build = podman(*args, str(sources), timeout=900)
-        new = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False)
-        assert new.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-        if old.returncode == 0 and old.stdout.strip() != new.stdout.strip():
-            podman("rmi", old.stdout.strip(), check=False)
+def test_docker_image_https_health_nonroot_fast_stop(podman):
+    image = moat_image(podman)  # packaging/docker/Dockerfile, built once per run (podman_util)
 
     hp, sp = free_port(), free_port()
     name = f"moat-test-img-{TAG}"
@@ -273,7 +336,7 @@ def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
     # The healthcheck timer needs systemd on the host: run it by hand instead.
     podman("run", "-d", "--name", name, "--network=host", "--health-interval=disable",
            "-e", "MOAT_SITE=localhost 127.0.0.1:9", "-e", f"MOAT_HTTP_PORT={hp}",
-           "-e", f"MOAT_HTTPS_PORT={sp}", "-e", "MOAT_LISTEN=127.0.0.1", MOAT_IMAGE)
+           "-e", f"MOAT_HTTPS_PORT={sp}", "-e", "MOAT_LISTEN=127.0.0.1", image)
     code = ""
     for _ in range(50):
         # --max-time above upstream_wait (10 s): moat waits that long for the app before
@@ -300,7 +363,7 @@ def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
     took = time.monotonic() - t0
     state = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
     assert took < 2.0 and state == "0", f"stop took {took:.2f}s, exit {state}"
-    podman("rm", "-f", name)
+    podman("rm", "-f", "-v", name)
     podman.containers.remove(name)
 
     # Ports 80 and 443 as the non-root user, through the file capability: in a container of
@@ -308,7 +371,7 @@ def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
     name = f"moat-test-img80-{TAG}"
     podman.containers.append(name)
     podman("run", "-d", "--name", name, "--network=none", "--health-interval=disable",
-           MOAT_IMAGE, "localhost", "127.0.0.1:9")
+           image, "localhost", "127.0.0.1:9")
     hc = None
     for _ in range(50):
         hc = podman("healthcheck", "run", name, check=False)
@@ -318,5 +381,5 @@ def test_docker_image_https_health_nonroot_fast_stop(podman, sources):
     logs = podman("logs", name, check=False)
     assert hc.returncode == 0, f"{hc.stdout}{hc.stderr}\n{logs.stdout}{logs.stderr}"
     assert "listening on port 443" in logs.stdout + logs.stderr
-    podman("rm", "-f", "-t", "2", name)
+    podman("rm", "-f", "-v", "-t", "2", name)
     podman.containers.remove(name)
