@@ -60,18 +60,25 @@ static void arm_wait_timer(moat_worker_t *w)
         uv_timer_start(&w->wait_timer, on_wait_timer, next > now ? next - now : 0, 0);
 }
 
-/* On the list (if not yet), and the timer armed for x->retry_at. */
+/* On the worker's waiting list, if not yet. */
+static void list_add(moat_exchange_t *x)
+{
+    moat_worker_t *w = x->w;
+    if (x->waiting)
+        return;
+    x->wprev = NULL;
+    x->wnext = w->waiting;
+    if (w->waiting != NULL)
+        w->waiting->wprev = x;
+    w->waiting = x;
+    x->waiting = 1;
+}
+
+/* On the list, and the timer armed for x->retry_at. */
 static void wait_link(moat_exchange_t *x)
 {
     moat_worker_t *w = x->w;
-    if (!x->waiting) {
-        x->wprev = NULL;
-        x->wnext = w->waiting;
-        if (w->waiting != NULL)
-            w->waiting->wprev = x;
-        w->waiting = x;
-        x->waiting = 1;
-    }
+    list_add(x);
     uint64_t now = uv_now(&w->loop);
     uint64_t in = x->retry_at > now ? x->retry_at - now : 0;
     if (!uv_is_active((uv_handle_t *)&w->wait_timer) || uv_timer_get_due_in(&w->wait_timer) > in)
@@ -82,14 +89,8 @@ void moat__proxy_dial_link(moat_exchange_t *x)
 {
     if (x->waiting)
         return;
-    moat_worker_t *w = x->w;
-    x->retry_at = UINT64_MAX;
-    x->wprev = NULL;
-    x->wnext = w->waiting;
-    if (w->waiting != NULL)
-        w->waiting->wprev = x;
-    w->waiting = x;
-    x->waiting = 1;
+    x->retry_at = UINT64_MAX; /* not due: only a moved name or its own failure dials again */
+    list_add(x);
 }
 
 void moat__proxy_wait_unlink(moat_exchange_t *x)
