@@ -14,6 +14,9 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     podman runc netavark aardvark-dns podman-compose mmdebstrap debhelper
     python3-requests chromium libnss3-tools
     python3-matplotlib   # tests/soak.sh plots
+    postgresql-15 pgbouncer   # the shared store (storage/postgres.c), started by the tests
+    bind9 bind9-dnsutils      # DNS-01: an authoritative server for the test zone
+    prometheus                # the metrics scrape test (prometheus + promtool)
     # h2spec (tests/integration/test_h2spec.py) is built from source with Debian's Go.
     golang-go golang-golang-x-net-dev golang-golang-x-text-dev golang-golang-x-sys-dev
     golang-github-spf13-cobra-dev golang-github-spf13-pflag-dev golang-github-fatih-color-dev
