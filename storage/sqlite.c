@@ -86,6 +86,18 @@ static int describe_sqlite(const char *path, sqlite3 *db, int rc, const char *wh
                            size_t cap)
 {
     const char *detail = db != NULL ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    /* SQLite reports a file system turned read-only under an open database (a failing disk
+     * under errors=remount-ro) and a full one as plain I/O errors; the errno says which. */
+    int sys = db != NULL ? sqlite3_system_errno(db) : 0;
+    if ((rc & 0xff) == SQLITE_IOERR && sys == EROFS) {
+        moat_errf(err, cap,
+                  "the file system holding %s has become read-only (while %s); the disk may be "
+                  "failing: look at the kernel log (dmesg), repair it, then restart moat",
+                  path, what);
+        return MOAT_EIO;
+    }
+    if ((rc & 0xff) == SQLITE_IOERR && sys == ENOSPC)
+        rc = SQLITE_FULL;
     switch (rc & 0xff) {
     case SQLITE_NOMEM:
         moat_errf(err, cap, "out of memory while %s (%s)", what, path);
