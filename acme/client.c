@@ -36,6 +36,7 @@ enum {
     S_NONCE,
     S_ACCOUNT,
     S_ORDER,
+    S_RESUME,
     S_AUTHZ,
     S_CHALLENGE,
     S_AUTHZ_POLL,
@@ -54,7 +55,8 @@ struct moat_acme_order {
     moat_acme_io_t io;
     moat_acme_done_cb done;
     void *done_data;
-    char *dir_url, *email, *eab_kid, *eab_hmac, *preferred, *replaces;
+    char *dir_url, *email, *eab_kid, *eab_hmac, *preferred, *replaces, *resume_url;
+    void (*placed)(void *data, const char *order_url);
     char **names;
     size_t nnames;
     EVP_PKEY *account;
@@ -87,6 +89,7 @@ static void order_free(moat_acme_order_t *o)
     moat_secret_free(o->eab_hmac);
     free(o->preferred);
     free(o->replaces);
+    free(o->resume_url);
     for (size_t i = 0; i < o->nnames; i++)
         free(o->names[i]);
     free(o->names);
@@ -532,19 +535,20 @@ static void on_account(moat_acme_order_t *o, const moat_httpc_response_t *r, jso
         return;
     }
     o->kid = moat_xstrdup(loc);
-    send_new_order(o);
+    if (o->resume_url) /* POST-as-GET: what became of the order placed before the restart */
+        post(o, S_RESUME, o->resume_url, NULL);
+    else
+        send_new_order(o);
 }
 
-static void on_order(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+/* Take the order object j at url as this order's, and work through its authorizations. */
+static int adopt_order(moat_acme_order_t *o, const char *url, json_t *j)
 {
-    const char *loc = moat_httpc_header(r, "Location", 0, NULL);
     const char *fin = jstr(j, "finalize");
     json_t *az = json_object_get(j, "authorizations");
-    if (loc == NULL || fin == NULL || !json_is_array(az) || json_array_size(az) == 0) {
-        fail(o, MOAT_EPARSE, "the CA's order response is malformed");
-        return;
-    }
-    o->order_url = moat_xstrdup(loc);
+    if (url == NULL || fin == NULL || !json_is_array(az) || json_array_size(az) == 0)
+        return MOAT_EPARSE;
+    o->order_url = moat_xstrdup(url);
     o->finalize_url = moat_xstrdup(fin);
     o->nauthz = json_array_size(az);
     o->authz = moat_xcalloc(o->nauthz, sizeof *o->authz);
@@ -552,9 +556,39 @@ static void on_order(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
         const char *u = json_string_value(json_array_get(az, i));
         o->authz[i] = moat_xstrdup(u ? u : "");
     }
-    MOAT_INFO("acme: order %s placed for %s", o->order_url, o->names[0]);
+    if (o->placed)
+        o->placed(o->done_data, o->order_url);
     o->authz_i = 0;
+    return 0;
+}
+
+static void on_order(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    if (adopt_order(o, moat_httpc_header(r, "Location", 0, NULL), j) != 0) {
+        fail(o, MOAT_EPARSE, "the CA's order response is malformed");
+        return;
+    }
+    MOAT_INFO("acme: order %s placed for %s", o->order_url, o->names[0]);
     start_authz(o);
+}
+
+/* The order placed before a restart: continued while it can still lead to a certificate with
+ * a key this process holds, which is until it is finalized (the old key went with the old
+ * process). The CA's word on its expiry is taken as is: an expired order is "invalid". */
+static void on_resume(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
+{
+    (void)r;
+    const char *st = jstr(j, "status");
+    if (st && (strcmp(st, "pending") == 0 || strcmp(st, "ready") == 0) &&
+        adopt_order(o, o->resume_url, j) == 0) {
+        MOAT_INFO("acme: continuing order %s for %s, placed before a restart (%s)", o->order_url,
+                  o->names[0], st);
+        start_authz(o);
+        return;
+    }
+    MOAT_INFO("acme: the order placed before a restart is %s; placing a new one for %s",
+              st ? st : "unreadable", o->names[0]);
+    send_new_order(o);
 }
 
 /* The CA took the challenge: poll the authorization until it is decided. */
@@ -651,17 +685,12 @@ static void on_certificate(moat_acme_order_t *o, const moat_httpc_response_t *r,
 typedef void (*state_handler_fn)(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j);
 
 static const state_handler_fn state_handlers[] = {
-    [S_DIR] = on_directory,
-    [S_NONCE] = on_nonce,
-    [S_ACCOUNT] = on_account,
-    [S_ORDER] = on_order,
-    [S_AUTHZ] = on_authz,
-    [S_CHALLENGE] = on_challenge,
-    [S_AUTHZ_POLL] = on_authz_poll,
-    [S_FINALIZE] = on_order_status,
-    [S_ORDER_POLL] = on_order_status,
-    [S_CERT] = on_certificate,
-    [S_ALT] = on_certificate,
+    [S_DIR] = on_directory,         [S_NONCE] = on_nonce,
+    [S_ACCOUNT] = on_account,       [S_ORDER] = on_order,
+    [S_RESUME] = on_resume,         [S_AUTHZ] = on_authz,
+    [S_CHALLENGE] = on_challenge,   [S_AUTHZ_POLL] = on_authz_poll,
+    [S_FINALIZE] = on_order_status, [S_ORDER_POLL] = on_order_status,
+    [S_CERT] = on_certificate,      [S_ALT] = on_certificate,
 };
 
 /* A status >= 400: a badNonce is resent with the fresh nonce, a refused "replaces" is
@@ -678,6 +707,14 @@ static void on_problem(moat_acme_order_t *o, const moat_httpc_response_t *r, jso
         ++o->bad_nonces <= MAX_BAD_NONCE) {
         MOAT_DEBUG("acme: badNonce from %s; retrying with the fresh nonce", o->req_url);
         send_post(o);
+        return;
+    }
+    if (o->state == S_RESUME) {
+        /* Gone (404), or not this account's: start afresh. */
+        MOAT_INFO("acme: the order placed before a restart cannot be continued (%s); placing a "
+                  "new one for %s",
+                  msg, o->names[0]);
+        send_new_order(o);
         return;
     }
     if (o->state == S_ORDER && o->replaces && is_replaces_problem(msg)) {
@@ -764,6 +801,8 @@ moat_acme_order_t *moat_acme_order_start(const moat_acme_io_t *io,
     o->eab_hmac = dup_or_null(opts->eab_hmac);
     o->preferred = dup_or_null(opts->preferred_chain);
     o->replaces = dup_or_null(opts->replaces);
+    o->resume_url = dup_or_null(opts->resume_url);
+    o->placed = opts->placed;
     o->names = moat_xcalloc(opts->nnames ? opts->nnames : 1, sizeof *o->names);
     for (size_t i = 0; i < opts->nnames; i++)
         o->names[i] = moat_xstrdup(opts->names[i]);

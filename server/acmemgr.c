@@ -8,6 +8,9 @@
  *   acme-backoff:<id>              "<failures> <next attempt unix>"
  *   acme-error:<id>                the last failure, as logged
  *   acme-challenge:<id>            the challenge type that last worked
+ *   acme-order:<id>                "<CA directory> <order URL>" of the order under way, so
+ *                                  that a process killed mid-order is followed by one that
+ *                                  continues it rather than placing a second order
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
@@ -285,6 +288,35 @@ static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
     return 1;
 }
 
+/* The CA accepted the order (or a resumed one goes on): remember it across a restart. */
+static void on_order_placed(void *data, const char *order_url)
+{
+    job_t *j = data;
+    char key[600], *val = NULL;
+    kv_key(key, sizeof key, "acme-order", j->id);
+    if (asprintf(&val, "%s %s", j->cas[j->ca_i % j->ncas], order_url) < 0)
+        return;
+    if (j->m->st->ops->kv_put(j->m->st, key, val) != 0)
+        MOAT_WARN("acme: %s: cannot note the order under way (%s); after a restart a new order "
+                  "would be placed",
+                  j->id + 5, moat_storage_last_error(j->m->st));
+    free(val);
+}
+
+/* The URL of the order an earlier process left under way for this job on CA ca, or NULL. */
+static char *unfinished_order(job_t *j, const char *ca)
+{
+    char key[600], *val = NULL, *url = NULL;
+    kv_key(key, sizeof key, "acme-order", j->id);
+    if (j->m->st->ops->kv_get(j->m->st, key, &val) != 0)
+        return NULL;
+    size_t n = strlen(ca);
+    if (strncmp(val, ca, n) == 0 && val[n] == ' ' && val[n + 1] != '\0')
+        url = moat_xstrdup(val + n + 1);
+    free(val);
+    return url;
+}
+
 static void job_start_order(job_t *j)
 {
     moat_acmemgr_t *m = j->m;
@@ -309,13 +341,17 @@ static void job_start_order(job_t *j)
         .preferred_chain = j->preferred,
         .challenge = j->chal,
         .replaces = replaces ? j->ari_cert_id : NULL,
+        .placed = on_order_placed,
     };
+    char *resume = unfinished_order(j, ca);
+    o.resume_url = resume;
     MOAT_INFO("acme: %s a certificate for %s from %s (%s)", j->renewal ? "renewing" : "requesting",
               j->id + 5, ca, chal_name(j->chal));
     j->t_start = uv_now(m->loop);
     uv_update_time(m->loop);
     j->t_start = uv_now(m->loop);
     j->order = moat_acme_order_start(&io, &o, on_order_done, j);
+    free(resume);
     EVP_PKEY_free(k);
     uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
 }
@@ -489,6 +525,9 @@ static int store_cert(job_t *j, moat_acme_result_t *res)
     kv_key(key, sizeof key, "acme-challenge", j->id);
     if (rc == 0)
         rc = st->ops->kv_put(st, key, chal_name(res->challenge));
+    kv_key(key, sizeof key, "acme-order", j->id);
+    if (rc == 0)
+        rc = st->ops->kv_put(st, key, NULL);
     if (rc == 0)
         rc = st->ops->commit(st);
     if (rc != 0) {
@@ -512,6 +551,11 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     job_t *j = data;
     moat_acmemgr_t *m = j->m;
     j->order = NULL;
+    if (res->rc != 0) { /* the order is over either way; the next attempt places a new one */
+        char key[600];
+        kv_key(key, sizeof key, "acme-order", j->id);
+        m->st->ops->kv_put(m->st, key, NULL);
+    }
     if (res->rc == 0 && store_cert(j, res) == 0) {
         moat_acmeshare_lock_release(m->share, j->id);
         if (m->republish)

@@ -160,6 +160,15 @@ typedef struct {
     /* ARI certificate identifier of the certificate this order replaces, or NULL. When the CA
      * refuses it (alreadyReplaced, malformed) the newOrder is sent once more without it. */
     const char *replaces;
+    /* An order placed earlier for these names on this CA and not seen through (the process
+     * was killed, or restarted, in the middle), or NULL. It is continued while the CA still
+     * has it pending or ready (authorizations already won are not asked again); otherwise
+     * (gone, expired, invalid, or finalized with a key that went with the old process) a new
+     * order is placed. */
+    const char *resume_url;
+    /* Optional, with done's data: the CA accepted a new order at order_url (or a resumed one
+     * is being continued). The caller keeps the URL to pass as resume_url after a restart. */
+    void (*placed)(void *data, const char *order_url);
 } moat_acme_order_opts_t;
 
 /* What an order ended with. On success chain_pem/key_pem are set. On failure `error` is a

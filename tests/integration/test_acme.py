@@ -448,3 +448,45 @@ def test_lock_left_by_a_killed_process_is_taken_over_at_once(env, tmp_path, upst
     print(f"\nissued {took:.1f} s after the restart")
     assert ("DNS", "killed.example.test") in cert["subjectAltName"]
     assert "another moat process is issuing it" not in m.logs()
+
+
+def test_killed_mid_order_restarts_at_once_and_continues_the_same_order(env, tmp_path, upstream):
+    # SIGKILL while an order is under way, then start again: ready within 1 s, the store
+    # intact, the same internal CA, and the order the killed process placed continued (no
+    # second order). A peer process on the same store (serving another site) makes the order
+    # wait MOAT_ACMESHARE_PROPAGATION_MS between storing its token and telling the CA: the
+    # kill lands in that window, while the order is certainly pending.
+    pb, m = env([f"killed2.example.test {upstream.addr}", f"localhost {upstream.addr}"])
+    (tmp_path / "peer").mkdir(exist_ok=True)
+    peer = Moat(tmp_path / "peer", pb, [f"localhost {upstream.addr}"], free_port(), free_port(),
+                data=m.data)
+    peer.start()
+    try:
+        m.start()
+        assert m.wait_log(r"order \S+ placed", timeout=20), m.logs()
+        m.proc.kill()
+        m.proc.wait(5)
+        assert "issued a certificate for killed2" not in m.logs()  # killed before the end
+        placed = re.search(r"order (\S+) placed", m.logs()).group(1)
+        ca_root = subprocess.run([MOAT_BIN, "ca-root", "--data", m.data], capture_output=True,
+                                 text=True, timeout=10).stdout
+        with m.db() as db:
+            assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+        t0 = time.monotonic()
+        m.start()  # waits for the HTTPS port
+        ready = time.monotonic() - t0
+        cert = wait_served(m.https_port, "killed2.example.test", pb.roots(tmp_path), timeout=30)
+        print(f"\nready {ready:.2f} s after the restart; issued "
+              f"{time.monotonic() - t0:.1f} s after it")
+        assert ready < 1.0
+        assert ("DNS", "killed2.example.test") in cert["subjectAltName"]
+        assert f"continuing order {placed}" in m.logs(), m.logs()
+        assert not re.search(r"order \S+ placed", m.logs()), m.logs()
+        assert subprocess.run([MOAT_BIN, "ca-root", "--data", m.data], capture_output=True,
+                              text=True, timeout=10).stdout == ca_root
+        with m.db() as db:
+            left = db.execute("select count(*) from kv where key like 'acme-order:%'").fetchone()
+        assert left[0] == 0  # the order is over: nothing to continue after the next restart
+    finally:
+        peer.stop()
