@@ -28,6 +28,30 @@ void moat_front_init(moat_front_t *f, moat_worker_t *w, const moat_front_ops_t *
     f->tls = tls != 0;
 }
 
+/* The request's counters, on this worker's own block (server/metrics.h). */
+static void count(moat_front_t *f, uint64_t in, uint64_t out, uint64_t dur_ms, const char *upstream,
+                  uint64_t upstream_ms)
+{
+    moat_metrics_t *m = f->w->metrics;
+    if (m == NULL)
+        return;
+    moat_msite_t *ms = &m->sites[f->site ? f->site->mslot : 0];
+    unsigned sc = (unsigned)f->status / 100;
+    if (sc < 1 || sc > 5)
+        sc = 5;
+    moat_mc_inc(&m->requests);
+    moat_mc_inc(&ms->requests[moat_metrics_method(f->method)][sc - 1]);
+    moat_mc_inc(&ms->dur[moat_metrics_dur_bucket(dur_ms)]);
+    moat_mc_add(&ms->dur_sum_ms, dur_ms);
+    moat_mc_add(&ms->bytes_in, in);
+    moat_mc_add(&ms->bytes_out, out);
+    if (upstream != NULL && upstream[0]) {
+        moat_mc_inc(&ms->up[moat_metrics_dur_bucket(upstream_ms)]);
+        moat_mc_add(&ms->up_sum_ms, upstream_ms);
+        moat_mc_inc(&ms->up_count);
+    }
+}
+
 static void log_entry(moat_front_t *f, const char *upstream, uint64_t upstream_ms)
 {
     if (f->logged)
@@ -35,6 +59,8 @@ static void log_entry(moat_front_t *f, const char *upstream, uint64_t upstream_m
     f->logged = 1;
     uint64_t in = 0, out = 0;
     f->ops->counts(f->stream, &in, &out);
+    uint64_t duration = uv_now(&f->w->loop) - f->t_start;
+    count(f, in, out, duration, upstream, upstream_ms);
     moat_access_entry_t e = {
         .peer = f->peer,
         .remote = f->remote,
@@ -46,7 +72,7 @@ static void log_entry(moat_front_t *f, const char *upstream, uint64_t upstream_m
         .status = f->status,
         .bytes_in = in,
         .bytes_out = out,
-        .duration_ms = uv_now(&f->w->loop) - f->t_start,
+        .duration_ms = duration,
         .upstream = upstream,
         .upstream_ms = upstream_ms,
     };

@@ -37,6 +37,8 @@ static void drop(moat_exchange_t *x)
 {
     if (--x->refs > 0)
         return;
+    if (x->tunnel && x->w->metrics)
+        moat_mc_dec(&x->w->metrics->conns[MOAT_MC_WS]);
     moat_buf_free(&x->head);
     moat_buf_free(&x->pending);
     if (x->rt_held != NULL)
@@ -358,6 +360,14 @@ static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
     else
         MOAT_DEBUG("upstream %s %s (%s)", moat__proxy_who(x, w, sizeof w), how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
+    moat_metrics_t *m = x->w->metrics;
+    if (m != NULL) {
+        unsigned slot = x->upstream->mslot;
+        moat_mc_inc(&m->ups[slot].failures);
+        moat_mc_set(&m->health[slot].last_fail_ms, now);
+        moat_mc_set(&m->health[slot].down_until_ms, now + UPSTREAM_DOWN_MS);
+        moat_mc_set(&m->health[slot].last_err, (uint64_t)(int64_t)(os_err ? os_err : err));
+    }
     if (x->upstream->named)
         moat_resolver_kick();
 }
@@ -432,6 +442,13 @@ void moat__proxy_complete(moat_exchange_t *x, int err)
     moat__proxy_wait_unlink(x);
     int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
     moat__proxy_release_upstream(x, reusable);
+    moat_metrics_t *m = x->w->metrics;
+    if (m != NULL && x->upstream != NULL && x->t_first_byte) {
+        unsigned slot = x->upstream->mslot;
+        moat_mc_inc(&m->ups[slot].requests);
+        moat_mc_inc(&m->ups[slot].lat[moat_metrics_lat_bucket(x->t_first_byte - x->t_start)]);
+        moat_mc_set(&m->health[slot].last_ok_ms, x->t_first_byte);
+    }
     moat_exchange_result_t res = {
         .status = x->status,
         .upstream = x->upstream ? x->upstream->label : "",
@@ -673,6 +690,8 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
         return e;
     if (m.status == 101) {
         x->tunnel = 1;
+        if (x->w->metrics)
+            moat_mc_inc(&x->w->metrics->conns[MOAT_MC_WS]);
         x->ops->upgraded(x->front);
         if (!x->over)
             arm_timer(x);
