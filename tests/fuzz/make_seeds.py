@@ -453,6 +453,28 @@ def h2_seeds():
         write("h2", k, h2_input(frames, odd))
 
 
+# --- control socket requests ------------------------------------------------------------------
+
+
+def ctlproto_seeds():
+    fresh("ctlproto")
+    seeds = {
+        "reload": '{"cmd":"reload"}\n',
+        "stop-grace": '{"cmd":"stop","grace":5}\n',
+        "renew-name-force": '{"cmd":"renew","name":"chat.example.com","force":true}',
+        "health": '{"cmd":"health"}',
+        "status-extra-member": '{"cmd":"status","future":[1,{"a":null}]}\n',
+        "unknown-cmd": '{"cmd":"frobnicate"}',
+        "grace-for-reload": '{"cmd":"reload","grace":3}',
+        "nul-in-name": '{"cmd":"renew","name":"a\\u0000b"}',
+        "duplicate-key": '{"cmd":"stop","cmd":"reload"}',
+        "not-object": '["cmd","stop"]',
+        "truncated": '{"cmd":"sto',
+    }
+    for k, v in seeds.items():
+        write("ctlproto", k, v)
+
+
 def main():
     m = pem_material("--pem" in sys.argv)
     pem_seeds(m)
@@ -460,6 +482,7 @@ def main():
     config_seeds()
     http1_seeds()
     h2_seeds()
+    ctlproto_seeds()
 
 
 if __name__ == "__main__":
