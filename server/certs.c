@@ -273,6 +273,11 @@ size_t moat_certs_count(const moat_certs_t *c)
     return c ? c->ncerts : 0;
 }
 
+const moat_cert_t *moat_certs_at(const moat_certs_t *c, size_t i)
+{
+    return c && i < c->ncerts ? c->certs[i] : NULL;
+}
+
 int moat_cert_install(const moat_cert_t *cert, SSL *ssl)
 {
     return SSL_set_chain_and_key(ssl, cert->chain, cert->nchain, cert->key, NULL) ? 0 : MOAT_ETLS;
