@@ -31,6 +31,7 @@ struct moat_ctlconn {
     size_t len;
     unsigned dispatched : 1; /* the handler has it: a reply is due */
     unsigned closing : 1;
+    unsigned too_long : 1; /* past MOAT_CTL_MAX_REQUEST: the rest is read and dropped */
     char *out;
     void (*after)(void *);
     void *after_data;
@@ -84,10 +85,17 @@ static void conn_close(moat_ctlconn_t *k)
     uv_close((uv_handle_t *)&k->pipe, conn_closed);
 }
 
+static void answer_error(moat_ctlconn_t *k, const char *msg);
+
 static void on_timeout(uv_timer_t *t)
 {
     moat_ctlconn_t *k = t->data;
-    if (!k->dispatched)
+    if (k->dispatched)
+        return;
+    uv_read_stop((uv_stream_t *)&k->pipe);
+    if (k->too_long)
+        answer_error(k, "request too long");
+    else
         conn_close(k);
 }
 
@@ -119,12 +127,18 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b)
     if (n > 0)
         k->len += (size_t)n;
     const char *nl = memchr(k->buf + start, '\n', k->len - start);
-    if (nl == NULL && n != UV_EOF && k->len <= MOAT_CTL_MAX_REQUEST)
+    if (nl == NULL && k->len > MOAT_CTL_MAX_REQUEST) {
+        /* Too long: read the rest and drop it (within the read timeout), so that the answer
+         * is not lost to a reset for unread bytes when the connection closes. */
+        k->too_long = 1;
+        k->len = 0;
+    }
+    if (nl == NULL && n != UV_EOF)
         return; /* more to come */
     uv_read_stop(st);
     uv_timer_stop(&k->timer);
     size_t len = nl ? (size_t)(nl - k->buf) : k->len;
-    if (len > MOAT_CTL_MAX_REQUEST) {
+    if (k->too_long) {
         answer_error(k, "request too long");
         return;
     }
