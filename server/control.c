@@ -4,6 +4,7 @@
 #include "acmemgr.h"
 #include "ctlsock.h"
 #include "metrics.h"
+#include "metricsrv.h"
 #include "status.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
@@ -23,6 +24,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -60,6 +62,7 @@ typedef struct {
     /* Status and metrics: recent samples of the workers' counters (server/status.h). */
     moat_status_window_t *window;
     uv_timer_t sample_timer;
+    moat_metricsrv_t *metrics; /* --metrics */
     int64_t started_unix;
 } control_t;
 
@@ -383,6 +386,16 @@ static json_t *control_status(control_t *c)
     return j;
 }
 
+static void render_metrics(moat_buf_t *out, void *data)
+{
+    control_t *c = data;
+    moat_metrics_t *sum = moat_metrics_new();
+    moat_status_src_t src;
+    status_source(c, sum, &src);
+    moat_status_prometheus(&src, out);
+    free(sum);
+}
+
 static void on_sample(uv_timer_t *t)
 {
     control_t *c = t->data;
@@ -549,6 +562,14 @@ int moat_control_run(const moat_run_opts_t *o)
         MOAT_ERROR("%s", err);
         goto out;
     }
+    if (o->metrics_addr != NULL && moat_metricsrv_open(c.loop, o->metrics_addr, render_metrics, &c,
+                                                       &c.metrics, err, sizeof err) != 0) {
+        MOAT_ERROR("%s", err);
+        code = strncmp(err, "--metrics expects", 17) == 0 ? MOAT_EXIT_CONFIG : MOAT_EXIT_START;
+        goto out;
+    }
+    if (c.metrics != NULL)
+        MOAT_INFO("metrics on http://%s/metrics", o->metrics_addr);
     /* Ports bound and the database open: root is no longer needed. */
     int dropped = moat_system_drop_privileges(o->data_dir, err, sizeof err);
     if (dropped != 0) {
@@ -623,6 +644,8 @@ out:
         reload_answer(&c, 0, "moat stopped before the reload", NULL);
     moat_ctlsock_close(c.ctl);
     c.ctl = NULL;
+    moat_metricsrv_close(c.metrics);
+    c.metrics = NULL;
     moat_listen_close_all(&c.server);
     if (c.pid_path[0])
         unlink(c.pid_path);

@@ -409,13 +409,13 @@ void moat_status_prometheus(const moat_status_src_t *src, moat_buf_t *b)
                              (unsigned long long)moat_mc_get(&m->sites[s].bytes_out));
         }
 
-    static const char *const kinds[] = {"http1", "http2", "websocket"};
-    head(b, "moat_open_connections", "gauge",
-         "Client connections open, by protocol (websocket: tunnels inside them).");
-    for (size_t k = 0; k < MOAT_MC_N; k++)
+    static const char *const kinds[] = {"http1", "http2"};
+    head(b, "moat_open_connections", "gauge", "Client connections open, by protocol.");
+    for (size_t k = 0; k < MOAT_ARRAY_LEN(kinds); k++)
         moat_buf_appendf(b, "moat_open_connections{protocol=\"%s\"} %lld\n", kinds[k],
                          (long long)moat_mc_get(&m->conns[k]));
-    head(b, "moat_websockets_open", "gauge", "Websocket tunnels open.");
+    head(b, "moat_websockets_open", "gauge",
+         "Websocket tunnels open (inside HTTP/1.1 or HTTP/2 connections).");
     moat_buf_appendf(b, "moat_websockets_open %lld\n",
                      (long long)moat_mc_get(&m->conns[MOAT_MC_WS]));
     head(b, "moat_tls_handshakes_total", "counter", "TLS handshakes that completed.");
