@@ -130,7 +130,7 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
             xfh = v;
             continue;
         }
-        if (moat_slice_ieq(n, "forwarded") && !trusted)
+        if ((moat_slice_ieq(n, "forwarded") && !trusted) || moat_slice_ieq(n, "x-request-id"))
             continue;
         if (x->get_req && moat_slice_ieq(n, "accept") && memmem(v.base, v.len, "text/html", 9))
             x->html = 1; /* a browser loading a page: its 502 page retries by itself */
@@ -157,6 +157,11 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     r |= moat_buf_puts(b, "\r\nX-Forwarded-Host: ");
     r |= moat_buf_put(b, trusted && xfh.len ? xfh : req->authority);
     r |= moat_buf_puts(b, "\r\n");
+    if (req->request_id.len) {
+        r |= moat_buf_puts(b, "X-Request-Id: ");
+        r |= moat_buf_put(b, req->request_id);
+        r |= moat_buf_puts(b, "\r\n");
+    }
     if (req->body == MOAT_REQ_BODY_LENGTH) {
         r |= moat_buf_puts(b, "Content-Length: ");
         r |= moat_buf_put_u64(b, req->content_length);
@@ -354,10 +359,13 @@ static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
     uint64_t now = uv_now(&x->w->loop);
     char w[320];
     const char *why = os_err ? strerror(os_err) : moat_strerror(err);
-    if (x->ustate->down_until_ms <= now)
-        MOAT_WARN("upstream %s %s (%s): marked down for %d s", moat__proxy_who(x, w, sizeof w), how,
-                  why, UPSTREAM_DOWN_MS / 1000);
-    else
+    if (x->ustate->down_until_ms <= now) {
+        char ctx[512] = "";
+        if (x->context)
+            x->context(x->ctx, ctx, sizeof ctx);
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s%s%s", moat__proxy_who(x, w, sizeof w),
+                  how, why, UPSTREAM_DOWN_MS / 1000, ctx[0] ? "; " : "", ctx);
+    } else
         MOAT_DEBUG("upstream %s %s (%s)", moat__proxy_who(x, w, sizeof w), how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
     moat_metrics_t *m = x->w->metrics;
@@ -775,6 +783,8 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
     x->head_req = moat_slice_eq(req->method, "HEAD");
     x->upgrade_req = req->upgrade;
     x->tls = req->tls;
+    x->context = req->context;
+    x->ctx = req->ctx;
     x->idempotent = is_idempotent(req->method);
     x->req_body = req->body;
     x->req_done = req->body == MOAT_REQ_BODY_NONE ||
