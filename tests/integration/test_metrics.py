@@ -4,6 +4,8 @@ tmp, a 1 s scrape interval) scrapes moat and answers a query with the request co
 
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -11,7 +13,7 @@ import urllib.parse
 import httpx
 import pytest
 
-from helpers import free_port, stop_process, tail, wait_port
+from helpers import REPO, free_port, stop_process, tail, wait_port
 
 pytestmark = pytest.mark.moat_only
 
@@ -40,7 +42,18 @@ def test_metrics_endpoint_and_promtool(moat, upstream):
         for i in range(5):
             assert c.get(p.url(f"/health?i={i}")).status_code == 200
         assert c.post(p.url("/echo"), content=b"x" * 1000).status_code == 200
+    # A handshake for a name no site serves is refused, and counted as such.
+    ctx = ssl.create_default_context(cafile=str(p.ca))
+    with socket.create_connection(("127.0.0.1", p.https_port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw, server_hostname="other.example")
     text = scrape(port)
+    for _ in range(50):  # the refusal is counted when moat sees the connection end
+        if value(text, 'moat_tls_handshake_failures_total{reason="unknown_sni"}'):
+            break
+        time.sleep(0.05)
+        text = scrape(port)
+    assert value(text, 'moat_tls_handshake_failures_total{reason="unknown_sni"}') == 1
     assert value(text, 'moat_requests_total{site="localhost",method="GET",code="2xx"}') == 5
     assert value(text, 'moat_requests_total{site="localhost",method="POST",code="2xx"}') == 1
     assert value(text, 'moat_request_duration_seconds_count{site="localhost"}') == 6
@@ -117,5 +130,15 @@ scrape_configs:
         up = httpx.get(f"http://127.0.0.1:{pport}/api/v1/query?query=up",
                        trust_env=False).json()["data"]["result"]
         assert up and up[0]["value"][1] == "1"
+        # Every query of the Grafana dashboard is valid PromQL and finds moat's series.
+        dash = json.loads((REPO / "packaging" / "grafana-dashboard.json").read_text())
+        for panel in dash["panels"]:
+            for t in panel["targets"]:
+                q = (t["expr"].replace("$__rate_interval", "1m").replace("$site", ".*")
+                     .replace("$job", ".*"))
+                r = httpx.get(f"http://127.0.0.1:{pport}/api/v1/query",
+                              params={"query": q}, timeout=10, trust_env=False).json()
+                assert r["status"] == "success", (panel["title"], q, r)
+            assert panel["title"]
     finally:
         stop_process(prom, timeout=10)
