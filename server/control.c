@@ -579,8 +579,9 @@ int moat_control_run(const moat_run_opts_t *o)
     }
     write_pid_file(&c);
     /* After the privileges are dropped: the socket belongs to the user moat runs as. */
+    /* Without it moat still serves (and the CLI uses signals): a warning, not an error. */
     if (moat_ctlsock_open(c.loop, o->data_dir, on_control, &c, &c.ctl, err, sizeof err) != 0)
-        MOAT_ERROR("%s", err);
+        MOAT_WARN("%s", err);
     uv_signal_init(c.loop, &c.sighup);
     uv_signal_init(c.loop, &c.sigterm);
     uv_signal_init(c.loop, &c.sigint);
