@@ -350,6 +350,18 @@ static void begin_stop(control_t *c)
         return;
     c->stopping = 1;
     moat_system_stopping(c->opts->data_dir);
+    /* This loop stops turning now (the workers drain without it): the socket and the metrics
+     * endpoint go, so that clients fail at once instead of waiting for an answer (moat health
+     * then finds the status file gone). Reloads still waiting are told first. */
+    for (size_t i = 0; i < c->nnext; i++)
+        c->reload_cur[c->ncur++] = c->reload_next[i];
+    c->nnext = 0;
+    if (c->ncur > 0)
+        reload_answer(c, 0, "moat is stopping", NULL);
+    moat_ctlsock_close(c->ctl);
+    c->ctl = NULL;
+    moat_metricsrv_close(c->metrics);
+    c->metrics = NULL;
     MOAT_INFO("stopping: finishing requests in flight (up to %llu s)",
               (unsigned long long)(c->server.grace_ms / 1000));
     uv_stop(c->loop);

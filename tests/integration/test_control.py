@@ -124,11 +124,22 @@ def test_stop_with_grace_ends_a_slow_request_early(moat, upstream):
     t.start()
     time.sleep(1.0)  # the request is in flight
     t0 = time.monotonic()
-    cp = run("stop", "--data", str(p.data), "--grace", "1", timeout=40)
+    stopper = subprocess.Popen([MOAT_BIN, "stop", "--data", str(p.data), "--grace", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # While it drains: the socket is gone and health says so at once.
+    deadline = time.monotonic() + 5
+    while (p.data / "control.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not (p.data / "control.sock").exists()
+    h0 = time.monotonic()
+    health = run("health", "--data", str(p.data))
+    assert health.returncode == 1 and time.monotonic() - h0 < 3, health.stderr
+    out, err = stopper.communicate(timeout=40)
+    cp = subprocess.CompletedProcess(stopper.args, stopper.returncode, out, err)
     took = time.monotonic() - t0
     assert cp.returncode == 0, cp.stderr
     assert "stopped" in cp.stdout
-    assert took < 8, took  # 1 s of grace, not the default 30 or the request's 20
+    assert took < 9, took  # 2 s of grace, not the default 30 or the request's 20
     assert p.proc.wait(timeout=10) == 0
     assert not (p.data / "control.sock").exists()
     t.join(timeout=30)
