@@ -175,7 +175,41 @@ static void date(long long t, char *buf, size_t cap)
     time_t tt = (time_t)t;
     struct tm tm;
     gmtime_r(&tt, &tm);
-    strftime(buf, cap, "%Y-%m-%d", &tm);
+    strftime(buf, cap, "%Y-%m-%d %H:%MZ", &tm);
+}
+
+/* "prefix text" folded at 80 columns, continuation lines indented like the text; at most
+ * three lines, the last cut with "~". */
+static void wrap(FILE *out, const char *prefix, size_t indent, const char *text)
+{
+    size_t width = 80 - indent, n = strlen(text);
+    fputs(prefix, out);
+    if (n == 0)
+        fputc('\n', out);
+    for (int line = 0; n > 0; line++) {
+        if (line > 0)
+            fprintf(out, "%*s", (int)indent, "");
+        if (n <= width) {
+            fprintf(out, "%s\n", text);
+            return;
+        }
+        if (line == 2) {
+            fprintf(out, "%.*s~\n", (int)(width - 1), text);
+            return;
+        }
+        size_t cut = width;
+        while (cut > width / 2 && text[cut] != ' ')
+            cut--;
+        if (text[cut] != ' ')
+            cut = width;
+        fprintf(out, "%.*s\n", (int)cut, text);
+        text += cut;
+        n -= cut;
+        while (*text == ' ') {
+            text++;
+            n--;
+        }
+    }
 }
 
 static const char *col(int color, const char *c)
@@ -202,12 +236,14 @@ static void print_cert(const json_t *c, FILE *out, int color)
     json_t *nr = json_object_get(c, "next_renewal"), *na = json_object_get(c, "next_attempt");
     if (nr || na) {
         date(json_integer_value(na ? na : nr), b, sizeof b);
-        fprintf(out, "    %s %s\n", na ? "next attempt:" : "renews:     ", b);
+        fprintf(out, "    %s %s\n", na ? "next attempt:" : "renews:      ", b);
     }
     const char *e = gets(c, "last_error", NULL);
-    if (e != NULL)
-        fprintf(out, "    %slast ACME error:%s %s\n", col(color, RED), col(color, RESET),
-                fit(e, 58, a, sizeof a));
+    if (e != NULL) {
+        snprintf(line, sizeof line, "    %slast ACME error:%s ", col(color, RED),
+                 col(color, RESET));
+        wrap(out, line, 21, e);
+    }
 }
 
 void moat_ctl_print_status(const json_t *st, FILE *out, int color)
@@ -261,7 +297,7 @@ void moat_ctl_print_status(const json_t *st, FILE *out, int color)
             char ago[32];
             duration(geti(s, "last_error_age_s"), ago, sizeof ago);
             snprintf(b, sizeof b, "%s (%s ago)", e, ago);
-            fprintf(out, "    last error: %s\n", fit(b, 64, a, sizeof a));
+            wrap(out, "    last error: ", 16, b);
         }
     }
 }

@@ -118,3 +118,24 @@ def test_status_shows_a_dead_upstream_down(moat):
     text = status(p)
     assert any(x.startswith(dead) and x.split()[1] == "down" for x in text.splitlines())
     assert "last error: " in text and all(len(x) <= 80 for x in text.splitlines())
+
+
+def test_status_and_metrics_show_a_failing_acme_order(moat, upstream):
+    """A public name whose CA cannot be reached: the certificate is pending, with the last
+    ACME error and the next attempt; the metrics count the failed order and the backoff."""
+    mport = free_port()
+    ca = f"https://127.0.0.1:{free_port()}/dir"  # nothing listens there
+    p = moat(upstream.addr, site="chat.test",
+             extra_args=["--acme-ca", ca, "--metrics", f"127.0.0.1:{mport}"])
+    st = wait_for(p, lambda st: "last_error" in st["sites"][0]["certificate"])
+    cert = st["sites"][0]["certificate"]
+    assert cert["state"] == "pending" and cert["id"] == "acme:chat.test"
+    assert "cannot reach the CA" in cert["last_error"] and cert["failures"] == 1
+    assert cert["next_attempt"] > time.time()
+    text = status(p)
+    assert "pending" in text and "last ACME error: cannot reach the CA" in text
+    assert "next attempt:" in text and all(len(x) <= 80 for x in text.splitlines())
+    m = httpx.get(f"http://127.0.0.1:{mport}/metrics", trust_env=False, timeout=10).text
+    assert "\nmoat_acme_orders_total 1\n" in m and "\nmoat_acme_failures_total 1\n" in m
+    assert "\nmoat_acme_backoff 1\n" in m
+
