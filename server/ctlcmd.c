@@ -228,9 +228,11 @@ static void print_cert(const json_t *c, FILE *out, int color)
     if (strcmp(state, "pending") == 0) {
         snprintf(line, sizeof line, "pending (no certificate yet)");
     } else {
-        long long days = geti(c, "days_left");
-        snprintf(line, sizeof line, "%s%lld days left%s, %s", col(color && days < 14, YELLOW), days,
-                 col(color && days < 14, RESET), fit(gets(c, "issuer", "?"), 36, a, sizeof a));
+        /* Yellow when it should have been renewed by now, or expires within three days. */
+        long long days = geti(c, "days_left"), next = geti(c, "next_renewal");
+        int warn = color && (days < 3 || (next > 0 && next < (long long)time(NULL)));
+        snprintf(line, sizeof line, "%s%lld days left%s, %s", col(warn, YELLOW), days,
+                 col(warn, RESET), fit(gets(c, "issuer", "?"), 36, a, sizeof a));
     }
     fprintf(out, "    certificate: %s\n", line);
     json_t *nr = json_object_get(c, "next_renewal"), *na = json_object_get(c, "next_attempt");
