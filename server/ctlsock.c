@@ -163,7 +163,7 @@ void moat_ctlsock_reply(moat_ctlconn_t *k, json_t *answer, void (*after)(void *)
     k->dispatched = 0;
     k->after = after;
     k->after_data = after_data;
-    char *s = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
+    char *s = answer ? json_dumps(answer, JSON_COMPACT | JSON_REAL_PRECISION(6)) : NULL;
     json_decref(answer);
     if (s == NULL || k->closing) {
         free(s);

@@ -387,7 +387,7 @@ static int ctl(cli_t *c, moat_ctl_cmd_t cmd)
         break;
     case MOAT_CTL_STATUS:
         if (c->json) {
-            json_dumpf(a, stdout, JSON_INDENT(2));
+            json_dumpf(a, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6));
             fputc('\n', stdout);
         } else {
             moat_ctl_print_status(a, stdout, isatty(1));
