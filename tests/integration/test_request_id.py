@@ -53,11 +53,12 @@ def test_trusted_proxy_keeps_its_request_id(moat, upstream):
     assert entry(p, "/echo?t=2")["request_id"] == made[0]
 
 
-def test_warning_names_site_client_conn_and_request(moat):
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_warning_names_site_client_conn_and_request(moat, h2):
     p = moat(f"127.0.0.1:{free_port()}", site_opts=["upstream_wait=0"])
-    with p.client() as c:
+    with httpx.Client(verify=str(p.ca), http2=h2, trust_env=False, timeout=20) as c:
         r = c.get(p.url("/down"))
-    assert r.status_code in (502, 503)
+    assert r.status_code in (502, 503) and r.http_version == ("HTTP/2" if h2 else "HTTP/1.1")
     rid = entry(p, "/down")["request_id"]
     deadline = time.monotonic() + 5
     while "marked down" not in tail(p.stderr_path) and time.monotonic() < deadline:
@@ -65,3 +66,4 @@ def test_warning_names_site_client_conn_and_request(moat):
     line = next(x for x in tail(p.stderr_path).splitlines() if "marked down" in x)
     assert "site=localhost client=127.0.0.1 conn=127.0.0.1:" in line
     assert f"request={rid}" in line
+    assert (" stream=1 " in line) == h2, line
