@@ -107,7 +107,9 @@ def test_status_after_traffic(moat, upstream):
 
 def test_status_shows_a_dead_upstream_down(moat):
     dead = f"127.0.0.1:{free_port()}"
-    p = moat(dead, site_opts=["upstream_wait=0"])
+    # A first address longer than the SITE column: cut to fit, never past 80 columns.
+    long_name = "a-site-name-much-longer-than-the-column.localhost"
+    p = moat(dead, site=f"{long_name},localhost", site_opts=["upstream_wait=0"])
     with p.client() as c:
         assert c.get(p.url("/")).status_code in (502, 503)
     st = status_json(p)
@@ -115,8 +117,10 @@ def test_status_shows_a_dead_upstream_down(moat):
     assert up["name"] == dead and up["up"] is False and up["failures"] >= 1
     assert "refused" in up["last_error"].lower()
     assert st["sites"][0]["by_status"]["5xx"] == 1
+    assert st["sites"][0]["name"] == long_name
     text = status(p)
     assert any(x.startswith(dead) and x.split()[1] == "down" for x in text.splitlines())
+    assert long_name[:35] + "~" in text
     assert "last error: " in text and all(len(x) <= 80 for x in text.splitlines())
 
 
