@@ -334,8 +334,11 @@ static int ctl(cli_t *c, moat_ctl_cmd_t cmd)
                     err, data_dir(c));
             return 1;
         }
-        if (cmd == MOAT_CTL_HEALTH)
-            return -1; /* healthchecks stay quiet: the status file check follows */
+        char pidfile[4096];
+        snprintf(pidfile, sizeof pidfile, "%s/%s", data_dir(c), MOAT_PID_FILE);
+        if (cmd == MOAT_CTL_HEALTH || !file_exists(pidfile))
+            return -1; /* healthchecks stay quiet; without a pid file nothing runs: the
+                          signal path says so */
         fprintf(stderr, "moat: no control socket (%s); using the pid file and a signal%s\n", err,
                 req.grace_s >= 0 ? " (--grace cannot travel with a signal: the running moat "
                                    "keeps its own)"
