@@ -50,11 +50,11 @@ struct moat_acmemgr {
     void *request_data;
     void (*republish)(void *);
     void *republish_data;
+    uint64_t orders, failures; /* since the start, for moat_acmemgr_stats */
     job_t *jobs;
     struct after *afters;
     moat_acmeshare_t *share; /* locks, peers and tokens shared with other processes */
     uv_timer_t *share_timer;
-    uint64_t orders, failures; /* since the start, for moat_acmemgr_stats */
 };
 
 struct job {
@@ -70,7 +70,7 @@ struct job {
     moat_acme_order_t *order;
     moat_acme_chal_t chal;
     int fallback_tried, force, seen, renewal;
-    int in_backoff; /* the last order failed */
+    int in_backoff; /* the last order failed, and no other has started since */
     int64_t known_not_after;
     uint64_t t_start;
     /* ARI state for the stored certificate ari_cert_id, from CA index ari_ca. */
@@ -318,6 +318,7 @@ static void job_start_order(job_t *j)
     uv_update_time(m->loop);
     j->t_start = uv_now(m->loop);
     m->orders++;
+    j->in_backoff = 0;
     j->order = moat_acme_order_start(&io, &o, on_order_done, j);
     EVP_PKEY_free(k);
     uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
@@ -516,7 +517,6 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     moat_acmemgr_t *m = j->m;
     j->order = NULL;
     if (res->rc == 0 && store_cert(j, res) == 0) {
-        j->in_backoff = 0;
         moat_acmeshare_lock_release(m->share, j->id);
         if (m->republish)
             m->republish(m->republish_data);

@@ -181,17 +181,6 @@ static void format_time_utc(int64_t t, char *out, size_t cap)
     strftime(out, cap, "%Y-%m-%d %H:%MZ", &tm);
 }
 
-/* When the manager renews a stored certificate: ACME ones with a third of their life left,
- * internal ones after two thirds; files are the user's to renew. */
-int64_t moat_cert_next_renewal(const moat_cert_record_t *r)
-{
-    if (r->source == NULL || strcmp(r->source, "files") == 0)
-        return 0;
-    if (strcmp(r->source, "acme") == 0)
-        return moat_acme_renew_at(r->not_before, r->not_after, 0, 0, 0);
-    return r->not_before + (r->not_after - r->not_before) * 2 / 3;
-}
-
 /* The last ACME failure for a certificate id, or NULL (free()). */
 static char *last_error(moat_storage_t *st, const char *id)
 {

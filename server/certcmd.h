@@ -4,9 +4,6 @@
 #ifndef MOAT_CERTCMD_H
 #define MOAT_CERTCMD_H
 
-#include "moat/storage.h"
-#include <stdint.h>
-
 /* Print the internal root CA certificate (PEM), creating the CA on first use. */
 int moat_cmd_ca_root(const char *data_dir);
 /* add != 0: install the root into the system trust store
@@ -17,10 +14,6 @@ int moat_cmd_trust(const char *data_dir, int add);
  * LAST-ERROR), then the ACME names of the site file at config_path (may be NULL) that are
  * still pending, with the next attempt and the last error. */
 int moat_cmd_certs(const char *data_dir, const char *config_path);
-
-/* When the managers renew a stored certificate (unix time; 0: never, tls=files): ACME ones
- * with a third of their life left, internal ones after two thirds. */
-int64_t moat_cert_next_renewal(const moat_cert_record_t *r);
 
 /* moat_cmd_trust with the trust folder and the updater command given: for tests. */
 int moat__cmd_trust_at(const char *data_dir, int add, const char *dir, const char *updater);

@@ -24,7 +24,6 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -659,16 +658,16 @@ out:
     c.ctl = NULL;
     moat_metricsrv_close(c.metrics);
     c.metrics = NULL;
+    if (c.window != NULL) {
+        uv_close((uv_handle_t *)&c.sample_timer, NULL);
+        moat_status_window_free(c.window);
+    }
     moat_listen_close_all(&c.server);
     if (c.pid_path[0])
         unlink(c.pid_path);
     if (c.acme) {
         moat_acmemgr_free(c.acme);
         uv_close((uv_handle_t *)&c.sigusr1, NULL);
-    }
-    if (c.window != NULL) {
-        uv_close((uv_handle_t *)&c.sample_timer, NULL);
-        moat_status_window_free(c.window);
     }
     if (c.loop) {
         uv_close((uv_handle_t *)&c.renew_timer, NULL);

@@ -1,6 +1,5 @@
 /* `moat status` and `--metrics` (server/status.h). Control thread only. */
 #include "status.h"
-#include "certcmd.h"
 #include "moat/certs.h"
 #include "moat/runtime.h"
 
