@@ -53,6 +53,7 @@ struct moat_acmemgr {
     void *request_data;
     void (*republish)(void *);
     void *republish_data;
+    uint64_t orders, failures; /* since the start, for moat_acmemgr_stats */
     job_t *jobs;
     struct after *afters;
     moat_acmeshare_t *share; /* locks, peers and tokens shared with other processes */
@@ -72,6 +73,7 @@ struct job {
     moat_acme_order_t *order;
     moat_acme_chal_t chal;
     int fallback_tried, force, seen, renewal;
+    int in_backoff; /* the last order failed, and no other has started since */
     int64_t known_not_after;
     uint64_t t_start;
     /* ARI state for the stored certificate ari_cert_id, from CA index ari_ca. */
@@ -350,6 +352,8 @@ static void job_start_order(job_t *j)
     j->t_start = uv_now(m->loop);
     uv_update_time(m->loop);
     j->t_start = uv_now(m->loop);
+    m->orders++;
+    j->in_backoff = 0;
     j->order = moat_acme_order_start(&io, &o, on_order_done, j);
     free(resume);
     EVP_PKEY_free(k);
@@ -574,6 +578,8 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     }
     char key[600], val[64];
     int64_t failures = 0, next = 0, now = (int64_t)time(NULL);
+    m->failures++;
+    j->in_backoff = 1;
     kv_key(key, sizeof key, "acme-backoff", j->id);
     kv_get_i64(m->st, key, &failures, &next);
     failures++;
@@ -734,6 +740,16 @@ void moat_acmemgr_update(moat_acmemgr_t *m, const moat_config_t *cfg)
             pp = &j->next;
         }
     }
+}
+
+void moat_acmemgr_stats(const moat_acmemgr_t *m, uint64_t *orders, uint64_t *failures,
+                        unsigned *backoff)
+{
+    *orders = m ? m->orders : 0;
+    *failures = m ? m->failures : 0;
+    *backoff = 0;
+    for (const job_t *j = m ? m->jobs : NULL; j != NULL; j = j->next)
+        *backoff += j->in_backoff != 0;
 }
 
 void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force)

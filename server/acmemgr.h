@@ -41,6 +41,10 @@ void moat_acmemgr_renew(moat_acmemgr_t *m, const char *name, int force);
  * and acts on the file. */
 #define MOAT_ACME_RENEW_REQUEST "renew.request"
 void moat_acmemgr_renew_request(moat_acmemgr_t *m, const char *data_dir);
+/* Counters for status and metrics: orders started and failed since the start, and jobs
+ * whose last order failed and that wait for the next (their backoff). m may be NULL. */
+void moat_acmemgr_stats(const moat_acmemgr_t *m, uint64_t *orders, uint64_t *failures,
+                        unsigned *backoff);
 /* Cancel everything; handles close on the loop, so run it once afterwards. */
 void moat_acmemgr_free(moat_acmemgr_t *m);
 

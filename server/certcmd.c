@@ -181,17 +181,6 @@ static void format_time_utc(int64_t t, char *out, size_t cap)
     strftime(out, cap, "%Y-%m-%d %H:%MZ", &tm);
 }
 
-/* When the manager renews a stored certificate: ACME ones with a third of their life left,
- * internal ones after two thirds; files are the user's to renew. */
-static int64_t next_renewal(const moat_cert_record_t *r)
-{
-    if (r->source == NULL || strcmp(r->source, "files") == 0)
-        return 0;
-    if (strcmp(r->source, "acme") == 0)
-        return moat_acme_renew_at(r->not_before, r->not_after, 0, 0, 0);
-    return r->not_before + (r->not_after - r->not_before) * 2 / 3;
-}
-
 /* The last ACME failure for a certificate id, or NULL (free()). */
 static char *last_error(moat_storage_t *st, const char *id)
 {
@@ -265,7 +254,7 @@ int moat_cmd_certs(const char *data_dir, const char *config_path)
             const moat_cert_record_t *r = &recs[i];
             char when[32], renew[32];
             format_time_utc(r->not_after, when, sizeof when);
-            format_time_utc(next_renewal(r), renew, sizeof renew);
+            format_time_utc(moat_cert_next_renewal(r), renew, sizeof renew);
             char *last = r->id ? last_error(st, r->id) : NULL;
             printf("%-32s %-32s %-32s %-18s %-18s %-8s %s\n", r->id ? r->id : "",
                    (r->names && r->names[0]) ? r->names : "-",

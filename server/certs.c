@@ -1,5 +1,6 @@
 /* The certificate snapshot and the certificate manager (include/moat/certs.h). */
 #include "moat/certs.h"
+#include "moat/acme.h"
 #include "moat/common.h"
 #include "moat/log.h"
 #include "certs_internal.h"
@@ -271,6 +272,20 @@ const moat_cert_t *moat_certs_default(const moat_certs_t *c)
 size_t moat_certs_count(const moat_certs_t *c)
 {
     return c ? c->ncerts : 0;
+}
+
+const moat_cert_t *moat_certs_at(const moat_certs_t *c, size_t i)
+{
+    return c && i < c->ncerts ? c->certs[i] : NULL;
+}
+
+int64_t moat_cert_next_renewal(const moat_cert_record_t *r)
+{
+    if (r->source == NULL || strcmp(r->source, "files") == 0)
+        return 0;
+    if (strcmp(r->source, "acme") == 0)
+        return moat_acme_renew_at(r->not_before, r->not_after, 0, 0, 0);
+    return r->not_before + (r->not_after - r->not_before) * 2 / 3;
 }
 
 int moat_cert_install(const moat_cert_t *cert, SSL *ssl)

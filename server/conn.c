@@ -56,6 +56,8 @@ struct moat_conn {
     unsigned client_eof : 1;
     unsigned head_pending : 1; /* scratch holds a response head not yet written */
     unsigned line_checked : 1; /* the request line of the head in progress was judged */
+    unsigned handshaken : 1;   /* TLS: the handshake ended (counted either way) */
+    unsigned mkind : 2;        /* what it counts as in w->metrics->conns (MOAT_MC_H1/H2) */
     moat_buf_t scratch;        /* response head being serialized */
     moat_h2conn_t *h2;         /* set when ALPN chose h2: every socket event goes there */
 };
@@ -121,6 +123,8 @@ static void conn_release(moat_conn_t *c)
     if (--c->refs > 0)
         return;
     moat_worker_t *w = c->w;
+    if (w->metrics)
+        moat_mc_dec(&w->metrics->conns[c->mkind]);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -146,6 +150,11 @@ static void conn_close(moat_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
+    if (c->tls && !c->handshaken && c->w->metrics) {
+        /* Closed before its handshake ended: the header timeout, or the client went away. */
+        c->handshaken = 1;
+        moat_mc_inc(&c->w->metrics->tls_failed[MOAT_MT_TIMEOUT]);
+    }
     if (c->h2 != NULL) {
         moat_h2conn_free(c->h2);
         c->h2 = NULL;
@@ -614,12 +623,26 @@ static const moat_h2conn_owner_t h2_owner = {.close = h2_close};
 static void on_connect(moat_sock_t *s, int err)
 {
     moat_conn_t *c = s->data;
+    moat_metrics_t *m = c->w->metrics;
+    if (m != NULL && !c->handshaken) {
+        c->handshaken = 1;
+        if (err != 0)
+            moat_mc_inc(&m->tls_failed[moat_tls_refused_sni(c->sock.ssl) ? MOAT_MT_UNKNOWN_SNI
+                                                                         : MOAT_MT_PROTOCOL]);
+        else
+            moat_mc_inc(SSL_session_reused(c->sock.ssl) ? &m->tls_resumed : &m->tls_full);
+    }
     if (err != 0) {
         conn_close(c);
         return;
     }
     const char *alpn = moat_tls_selected_alpn(c->sock.ssl);
     if (alpn != NULL && strcmp(alpn, "h2") == 0) {
+        if (m != NULL) {
+            moat_mc_dec(&m->conns[MOAT_MC_H1]);
+            moat_mc_inc(&m->conns[MOAT_MC_H2]);
+        }
+        c->mkind = MOAT_MC_H2;
         c->h2 = moat_h2conn_new(c->w, &c->sock, (const struct sockaddr *)&c->peer, c->port,
                                 &h2_owner, c);
         if (c->h2 == NULL) {
@@ -683,6 +706,9 @@ void moat_conn_accept(moat_worker_t *w, int fd, const struct sockaddr *peer, int
     uv_timer_init(&w->loop, &c->timer);
     c->timer.data = c;
     c->refs = 2;
+    c->mkind = MOAT_MC_H1;
+    if (w->metrics)
+        moat_mc_inc(&w->metrics->conns[MOAT_MC_H1]);
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;

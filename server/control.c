@@ -2,6 +2,10 @@
  * workers see only immutable snapshots it publishes. */
 #include "control.h"
 #include "acmemgr.h"
+#include "ctlsock.h"
+#include "metrics.h"
+#include "metricsrv.h"
+#include "status.h"
 #include "moat/ca.h"
 #include "moat/certs.h"
 #include "moat/config.h"
@@ -48,9 +52,37 @@ typedef struct {
     int started;               /* first load done: status of the start below */
     int start_status;
     char start_err[1100];
+    /* The control socket (server/ctlsock.h), and the `moat reload` clients waiting for the
+     * reload in flight (cur) or for the one after it (next). */
+    moat_ctlsock_t *ctl;
+    moat_ctlconn_t *reload_cur[16], *reload_next[16];
+    size_t ncur, nnext;
+    uint64_t reloads_ok, reloads_failed;
+    /* Status and metrics: recent samples of the workers' counters (server/status.h). */
+    moat_status_window_t *window;
+    uv_timer_t sample_timer;
+    moat_metricsrv_t *metrics; /* --metrics */
+    int64_t started_unix;
 } control_t;
 
-static moat_config_t *load_config(const moat_run_opts_t *o)
+/* Tell the `moat reload` clients of the reload that just ended how it went: ok, or the
+ * sentence and the site file's error lines (the ones `moat validate` prints). */
+static void reload_answer(control_t *c, int ok, const char *msg, json_t *lines)
+{
+    if (ok)
+        c->reloads_ok++;
+    else
+        c->reloads_failed++;
+    for (size_t i = 0; i < c->ncur; i++) {
+        json_t *a = json_pack("{sbss}", "ok", ok, ok ? "message" : "error", msg);
+        if (lines != NULL && json_array_size(lines) > 0)
+            json_object_set(a, "errors", lines);
+        moat_ctlsock_reply(c->reload_cur[i], a, NULL, NULL);
+    }
+    c->ncur = 0;
+}
+
+static moat_config_t *load_config(const moat_run_opts_t *o, json_t *lines)
 {
     moat_config_t *cfg = NULL;
     moat_config_errors_t errs = {0};
@@ -59,10 +91,14 @@ static moat_config_t *load_config(const moat_run_opts_t *o)
     if (r != 0) {
         for (size_t i = 0; i < errs.n; i++) {
             const moat_config_error_t *e = &errs.items[i];
+            char line[1200];
             if (e->line > 0)
-                MOAT_ERROR("%s:%d:%d: %s", e->file, e->line, e->col, e->msg);
+                snprintf(line, sizeof line, "%s:%d:%d: %s", e->file, e->line, e->col, e->msg);
             else
-                MOAT_ERROR("%s: %s", e->file, e->msg);
+                snprintf(line, sizeof line, "%s: %s", e->file, e->msg);
+            MOAT_ERROR("%s", line);
+            if (lines != NULL)
+                json_array_append_new(lines, json_string(line));
         }
         moat_config_errors_free(&errs);
         return NULL;
@@ -180,17 +216,22 @@ static void reload(control_t *c);
 static void reload_done(int status, const char *err, void *data)
 {
     control_t *c = data;
+    char msg[1200];
     if (status != 0) {
+        snprintf(msg, sizeof msg, "%s; still serving the previous configuration", err);
         if (!c->stopping)
-            MOAT_ERROR("reload: %s; still serving the previous configuration", err);
+            MOAT_ERROR("reload: %s", msg);
+        reload_answer(c, 0, msg, NULL);
     } else {
         const moat_runtime_t *rt = moat_snapmgr_current(c->snap)->rt;
         schedule_renew(c);
         moat_resolver_update(c->resolver);
         if (c->acme)
             moat_acmemgr_update(c->acme, rt->config);
-        MOAT_INFO("reload: now serving %zu site(s) from %s", rt->config->nsites,
-                  c->opts->config_path);
+        snprintf(msg, sizeof msg, "now serving %zu site(s) from %s", rt->config->nsites,
+                 c->opts->config_path);
+        MOAT_INFO("reload: %s", msg);
+        reload_answer(c, 1, msg, NULL);
     }
     if (!c->stopping)
         moat_system_reloaded();
@@ -227,6 +268,13 @@ static void reload(control_t *c)
     const moat_run_opts_t *o = c->opts;
     if (o->config_path == NULL) {
         MOAT_INFO("reload: the site came from the command line; nothing to re-read");
+        for (size_t i = 0; i < c->nnext; i++)
+            c->reload_cur[c->ncur++] = c->reload_next[i];
+        c->nnext = 0;
+        reload_answer(c, 0,
+                      "the site came from the command line: there is no site file to "
+                      "re-read (restart moat with new arguments instead)",
+                      NULL);
         return;
     }
     if (moat_snapmgr_busy(c->snap)) {
@@ -235,20 +283,34 @@ static void reload(control_t *c)
         c->reload_again = 1;
         return;
     }
+    /* The clients that asked for this reload (or while the previous one ran) hear of it. */
+    for (size_t i = 0; i < c->nnext; i++)
+        c->reload_cur[c->ncur++] = c->reload_next[i];
+    c->nnext = 0;
     moat_system_reloading();
     check_store(c);
     MOAT_INFO("reload: reading %s", o->config_path);
-    moat_config_t *cfg = load_config(o);
+    json_t *lines = json_array();
+    moat_config_t *cfg = load_config(o, lines);
+    char msg[1200];
     if (cfg == NULL) {
-        MOAT_ERROR("reload: %s has errors; still serving the previous configuration",
-                   o->config_path);
+        snprintf(msg, sizeof msg, "%s has errors; still serving the previous configuration",
+                 o->config_path);
+        MOAT_ERROR("reload: %s", msg);
+        reload_answer(c, 0, msg, lines);
+        json_decref(lines);
         moat_system_reloaded();
         return;
     }
+    json_decref(lines);
     moat_server_opts_t plan = {0};
     char err[1024];
     if (plan_listeners(cfg, o, &plan, err, sizeof err) != 0) {
-        MOAT_ERROR("reload: %s; still serving the previous configuration", err);
+        snprintf(msg, sizeof msg, "%s; still serving the previous configuration", err);
+        MOAT_ERROR("reload: %s", msg);
+        lines = json_pack("[s]", err);
+        reload_answer(c, 0, msg, lines);
+        json_decref(lines);
         moat_config_free(cfg);
         moat_system_reloaded();
         return;
@@ -264,6 +326,8 @@ static void reload(control_t *c)
     moat_snapmgr_load(c->snap, cfg, reload_done, c);
 }
 
+static void begin_stop(control_t *c);
+
 static void on_signal(uv_signal_t *s, int signum)
 {
     control_t *c = s->data;
@@ -276,13 +340,133 @@ static void on_signal(uv_signal_t *s, int signum)
         reload(c);
         return;
     }
+    begin_stop(c);
+}
+
+static void begin_stop(control_t *c)
+{
     if (c->stopping)
         return;
     c->stopping = 1;
     moat_system_stopping(c->opts->data_dir);
+    /* This loop stops turning now (the workers drain without it): the socket and the metrics
+     * endpoint go, so that clients fail at once instead of waiting for an answer (moat health
+     * then finds the status file gone). Reloads still waiting are told first. */
+    for (size_t i = 0; i < c->nnext; i++)
+        c->reload_cur[c->ncur++] = c->reload_next[i];
+    c->nnext = 0;
+    if (c->ncur > 0)
+        reload_answer(c, 0, "moat is stopping", NULL);
+    moat_ctlsock_close(c->ctl);
+    c->ctl = NULL;
+    moat_metricsrv_close(c->metrics);
+    c->metrics = NULL;
     MOAT_INFO("stopping: finishing requests in flight (up to %llu s)",
-              (unsigned long long)(c->opts->grace_ms / 1000));
+              (unsigned long long)(c->server.grace_ms / 1000));
     uv_stop(c->loop);
+}
+
+/* What status and metrics are made of, now. *sum is the caller's (moat_metrics_new). */
+static void status_source(control_t *c, moat_metrics_t *sum, moat_status_src_t *src)
+{
+    moat_workers_metrics(sum);
+    uv_update_time(c->loop);
+    *src = (moat_status_src_t){
+        .config_path = c->opts->config_path,
+        .started_unix = c->started_unix,
+        .nworkers = c->server.nworkers,
+        .snap = moat_snapmgr_current(c->snap),
+        .storage = c->storage,
+        .storage_error = c->store_damaged ? moat_storage_last_error(c->storage) : NULL,
+        .reloads_ok = c->reloads_ok,
+        .reloads_failed = c->reloads_failed,
+        .sum = sum,
+        .window = c->window,
+        .now_ms = uv_now(c->loop),
+    };
+    moat_acmemgr_stats(c->acme, &src->acme_orders, &src->acme_failures, &src->acme_backoff);
+}
+
+static json_t *control_status(control_t *c)
+{
+    moat_metrics_t *sum = moat_metrics_new();
+    moat_status_src_t src;
+    status_source(c, sum, &src);
+    json_t *j = moat_status_json(&src);
+    free(sum);
+    return j;
+}
+
+static void render_metrics(moat_buf_t *out, void *data)
+{
+    control_t *c = data;
+    moat_metrics_t *sum = moat_metrics_new();
+    moat_status_src_t src;
+    status_source(c, sum, &src);
+    moat_status_prometheus(&src, out);
+    free(sum);
+}
+
+static void on_sample(uv_timer_t *t)
+{
+    control_t *c = t->data;
+    moat_metrics_t *sum = moat_metrics_new();
+    moat_workers_metrics(sum);
+    moat_status_window_sample(c->window, sum, uv_now(c->loop));
+    free(sum);
+}
+
+static void stop_after_reply(void *data)
+{
+    begin_stop(data);
+}
+
+/* One request on the control socket (server/ctlproto.h). */
+static void on_control(moat_ctlconn_t *k, const moat_ctl_req_t *req, void *data)
+{
+    control_t *c = data;
+    switch (req->cmd) {
+    case MOAT_CTL_RELOAD:
+        if (c->stopping || c->nnext == MOAT_ARRAY_LEN(c->reload_next) ||
+            c->ncur == MOAT_ARRAY_LEN(c->reload_cur)) {
+            moat_ctlsock_reply(
+                k,
+                json_pack("{sbss}", "ok", 0, "error",
+                          c->stopping ? "moat is stopping" : "too many reloads waiting; try again"),
+                NULL, NULL);
+            return;
+        }
+        c->reload_next[c->nnext++] = k;
+        reload(c);
+        return;
+    case MOAT_CTL_STOP:
+        if (req->grace_s >= 0 && !c->stopping)
+            c->server.grace_ms = (uint64_t)req->grace_s * 1000; /* read by the workers after
+                                                                    the stop's wakeup */
+        moat_ctlsock_reply(k,
+                           json_pack("{sbsisI}", "ok", 1, "pid", (int)getpid(), "grace",
+                                     (json_int_t)(c->server.grace_ms / 1000)),
+                           stop_after_reply, c);
+        return;
+    case MOAT_CTL_RENEW:
+        if (c->acme == NULL) {
+            moat_ctlsock_reply(k, json_pack("{sbss}", "ok", 0, "error", "ACME is not running"),
+                               NULL, NULL);
+            return;
+        }
+        moat_acmemgr_renew(c->acme, req->name[0] ? req->name : NULL, req->force);
+        moat_ctlsock_reply(k, json_pack("{sbsi}", "ok", 1, "pid", (int)getpid()), NULL, NULL);
+        return;
+    case MOAT_CTL_HEALTH:
+        moat_ctlsock_reply(k,
+                           json_pack("{sbsisisbsbss?}", "ok", !c->stopping, "pid", (int)getpid(),
+                                     "workers", c->server.nworkers, "stopping", c->stopping,
+                                     "reloading", moat_snapmgr_busy(c->snap), "degraded",
+                                     c->store_damaged ? moat_storage_last_error(c->storage) : NULL),
+                           NULL, NULL);
+        return;
+    case MOAT_CTL_STATUS: moat_ctlsock_reply(k, control_status(c), NULL, NULL); return;
+    }
 }
 
 static void on_tickets(uv_timer_t *t)
@@ -326,7 +510,7 @@ int moat_control_run(const moat_run_opts_t *o)
     const moat_runtime_t *rt = NULL;
     SSL_CTX *tls = NULL;
 
-    moat_config_t *cfg = load_config(o);
+    moat_config_t *cfg = load_config(o, NULL);
     if (cfg == NULL)
         return 1;
     c.server.nworkers = o->workers;
@@ -389,6 +573,14 @@ int moat_control_run(const moat_run_opts_t *o)
         MOAT_ERROR("%s", err);
         goto out;
     }
+    if (o->metrics_addr != NULL && moat_metricsrv_open(c.loop, o->metrics_addr, render_metrics, &c,
+                                                       &c.metrics, err, sizeof err) != 0) {
+        MOAT_ERROR("%s", err);
+        code = strncmp(err, "--metrics expects", 17) == 0 ? MOAT_EXIT_CONFIG : MOAT_EXIT_START;
+        goto out;
+    }
+    if (c.metrics != NULL)
+        MOAT_INFO("metrics on http://%s/metrics", o->metrics_addr);
     /* Ports bound and the database open: root is no longer needed. */
     int dropped = moat_system_drop_privileges(o->data_dir, err, sizeof err);
     if (dropped != 0) {
@@ -397,6 +589,10 @@ int moat_control_run(const moat_run_opts_t *o)
         goto out;
     }
     write_pid_file(&c);
+    /* After the privileges are dropped: the socket belongs to the user moat runs as. */
+    /* Without it moat still serves (and the CLI uses signals): a warning, not an error. */
+    if (moat_ctlsock_open(c.loop, o->data_dir, on_control, &c, &c.ctl, err, sizeof err) != 0)
+        MOAT_WARN("%s", err);
     uv_signal_init(c.loop, &c.sighup);
     uv_signal_init(c.loop, &c.sigterm);
     uv_signal_init(c.loop, &c.sigint);
@@ -433,6 +629,12 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_init(c.loop, &c.sigusr1);
     c.sigusr1.data = &c;
     uv_signal_start(&c.sigusr1, on_signal, SIGUSR1);
+    c.started_unix = (int64_t)time(NULL);
+    c.window = moat_status_window_new();
+    uv_timer_init(c.loop, &c.sample_timer);
+    c.sample_timer.data = &c;
+    on_sample(&c.sample_timer); /* the window starts at zero, now */
+    uv_timer_start(&c.sample_timer, on_sample, MOAT_STATUS_SAMPLE_MS, MOAT_STATUS_SAMPLE_MS);
     MOAT_INFO("moat %s ready with %d worker(s)", MOAT_VERSION, o->workers);
     moat_system_ready(o->data_dir, &c.server);
     uv_run(c.loop, UV_RUN_DEFAULT);
@@ -446,6 +648,19 @@ out:
         moat_snapmgr_cancel(c.snap);
         while (moat_snapmgr_busy(c.snap))
             uv_run(c.loop, UV_RUN_ONCE);
+    }
+    for (size_t i = 0; i < c.nnext; i++)
+        c.reload_cur[c.ncur++] = c.reload_next[i];
+    c.nnext = 0;
+    if (c.ncur > 0)
+        reload_answer(&c, 0, "moat stopped before the reload", NULL);
+    moat_ctlsock_close(c.ctl);
+    c.ctl = NULL;
+    moat_metricsrv_close(c.metrics);
+    c.metrics = NULL;
+    if (c.window != NULL) {
+        uv_close((uv_handle_t *)&c.sample_timer, NULL);
+        moat_status_window_free(c.window);
     }
     moat_listen_close_all(&c.server);
     if (c.pid_path[0])

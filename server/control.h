@@ -19,6 +19,7 @@ typedef struct {
      * acme_staging), extra trust anchor PEM for the directory's HTTPS. */
     const char *email, *acme_ca, *acme_ca_root;
     int acme_staging;
+    const char *metrics_addr; /* --metrics ADDR:PORT, or NULL */
 } moat_run_opts_t;
 
 /* Run until stopped; returns the process exit code (0 after a clean stop, 1 when the

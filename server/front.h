@@ -20,6 +20,8 @@
 
 typedef struct moat_worker moat_worker_t;
 
+#define MOAT_REQUEST_ID_MAX 64
+
 /* A request head as a front end parsed it. Slices need to live only during
  * moat_front_start. */
 typedef struct {
@@ -65,6 +67,10 @@ typedef struct {
     char host[256];
     char path[1024];
     char remote[INET6_ADDRSTRLEN + 1]; /* the client as a trusted proxy names it, or "" */
+    /* The request's id: in the access log, sent upstream as X-Request-Id, and in the log lines
+     * about the request. A trusted proxy's X-Request-Id is kept; else moat makes one. */
+    char request_id[MOAT_REQUEST_ID_MAX + 1];
+    uint32_t stream_id; /* HTTP/2: the stream (set by the front end after init), else 0 */
 } moat_front_t;
 
 /* Once per connection or stream. */
@@ -101,6 +107,10 @@ void moat_front_finish(moat_front_t *f, const moat_exchange_result_t *res);
 /* The client went away or the connection is being torn down: abort any exchange, log the
  * request once (499 when nothing was answered), release the snapshot. */
 void moat_front_abort(moat_front_t *f);
+
+/* "site=NAME client=IP conn=IP:PORT [stream=N] request=ID" for the log lines about f's
+ * request (warnings and errors; never on the request path otherwise). */
+const char *moat_front_context(const moat_front_t *f, char *buf, size_t n);
 
 /* Whether a request is between start and finish. */
 static inline int moat_front_active(const moat_front_t *f)

@@ -145,6 +145,7 @@ static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
     st->bytes_in = req->head_bytes;
     moat_front_init(&st->front, c->w, &front_ops, st, (const struct sockaddr *)&c->peer, c->port,
                     1);
+    st->front.stream_id = (uint32_t)id;
     moat_front_req_t r = {
         .method = req->method,
         .target = req->path,

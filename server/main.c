@@ -4,6 +4,7 @@
 #include "moat/config.h"
 #include "acmemgr.h"
 #include "control.h"
+#include "ctlcmd.h"
 #include "moat/log.h"
 #include "system.h"
 
@@ -25,9 +26,11 @@ static const char usage_text[] =
     "Usage:\n"
     "  moat run [SITE UPSTREAM [key=value ...]] [options]   serve sites (default command)\n"
     "  moat validate [--config FILE]      check a site file and print what would be served\n"
-    "  moat reload [--data DIR]           re-read the site file of the running moat\n"
-    "  moat stop [--data DIR]             stop the running moat gracefully\n"
+    "  moat reload [--data DIR]           re-read the site file of the running moat; its\n"
+    "                                     errors are printed and the exit status is 1\n"
+    "  moat stop [--data DIR] [--grace S] stop the running moat gracefully\n"
     "  moat health [--data DIR]           exit 0 when the running moat serves (healthchecks)\n"
+    "  moat status [--data DIR] [--json]  sites, certificates, upstreams, clients, rates\n"
     "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
     "  moat trust [--data DIR]            add the internal root to the system trust store\n"
     "  moat untrust [--data DIR]          remove it again\n"
@@ -52,6 +55,8 @@ static const char usage_text[] =
     "  --acme-staging       use Let's Encrypt's staging CA\n"
     "  --user NAME          started as root: run as NAME once the ports are bound (default\n"
     "                       moat, when that user exists)\n"
+    "  --metrics ADDR:PORT  serve Prometheus metrics at http://ADDR:PORT/metrics (off by\n"
+    "                       default; keep it on loopback or a private network)\n"
     "\n"
     "A site file has one site per line: ADDRESS[,ADDRESS...] UPSTREAM[,UPSTREAM...] "
     "[key=value ...]\n"
@@ -64,8 +69,9 @@ typedef struct {
     const char *listen;
     const char *access_log;
     const char *email, *acme_ca, *acme_ca_root;
-    int acme_staging, force;
+    int acme_staging, force, json, grace_set;
     const char *user;
+    const char *metrics;
     int http_port, https_port, workers;
     uint64_t grace_ms;
     int npos;
@@ -99,6 +105,10 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             *(a[2] == 'a' ? &c->acme_staging : &c->force) = 1;
             continue;
         }
+        if (strcmp(a, "--json") == 0) {
+            c->json = 1;
+            continue;
+        }
         if (strncmp(a, "--", 2) != 0) {
             if (c->npos == (int)MOAT_ARRAY_LEN(c->pos)) {
                 fprintf(stderr, "moat: too many arguments\n");
@@ -129,6 +139,8 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             c->acme_ca_root = v;
         } else if (strcmp(a, "--user") == 0) {
             c->user = v;
+        } else if (strcmp(a, "--metrics") == 0) {
+            c->metrics = v;
         } else if (strcmp(a, "--http-port") == 0) {
             if (parse_int(a, v, 1, 65535, &c->http_port))
                 return -1;
@@ -142,6 +154,7 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             if (parse_int(a, v, 0, 3600, &n))
                 return -1;
             c->grace_ms = (uint64_t)n * 1000;
+            c->grace_set = 1;
         } else if (strcmp(a, "--log-level") == 0) {
             if (moat_log_parse_level(v, &moat_log_min_level) != 0) {
                 fprintf(stderr, "moat: --log-level expects debug, info, warn or error, got '%s'\n",
@@ -195,6 +208,7 @@ static int cmd_run(cli_t *c)
         .acme_ca = c->acme_ca,
         .acme_ca_root = c->acme_ca_root,
         .acme_staging = c->acme_staging,
+        .metrics_addr = c->metrics,
     };
     if (c->npos > 0) {
         if (c->config) {
@@ -281,8 +295,117 @@ static int process_alive(pid_t pid)
     return !(paren && paren[1] == ' ' && paren[2] == 'Z');
 }
 
+/* Wait for a stopping process to end: up to its grace period plus a margin. */
+static int wait_stopped(pid_t pid, uint64_t grace_ms)
+{
+    uint64_t tries = (grace_ms + 10000) / 100;
+    for (uint64_t i = 0; i < tries; i++) {
+        if (!process_alive(pid)) {
+            printf("moat: process %d stopped\n", (int)pid);
+            return 0;
+        }
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    fprintf(stderr, "moat: process %d is still running after %llu s\n", (int)pid,
+            (unsigned long long)(tries / 10));
+    return 1;
+}
+
+/* Ask the running moat over DATA/control.sock (server/ctlproto.h). Returns the exit status, or
+ * -1 when there is no control socket: the caller then uses the pid file and a signal. */
+static int ctl(cli_t *c, moat_ctl_cmd_t cmd)
+{
+    moat_ctl_req_t req = {.cmd = cmd, .grace_s = -1, .force = c->force};
+    if (cmd == MOAT_CTL_STOP && c->grace_set)
+        req.grace_s = (int)(c->grace_ms / 1000);
+    if (cmd == MOAT_CTL_RENEW && c->npos > 0)
+        snprintf(req.name, sizeof req.name, "%s", c->pos[0]);
+    json_t *a = NULL;
+    char err[600];
+    /* A reload waits for its upstream names to resolve. */
+    int r = moat_ctl_call(data_dir(c), &req, cmd == MOAT_CTL_RELOAD ? 60000 : 10000, &a, err,
+                          sizeof err);
+    if (r == MOAT_ENOT_FOUND) {
+        if (cmd == MOAT_CTL_STATUS) {
+            fprintf(stderr,
+                    "moat: %s; moat status needs the control socket (is moat running "
+                    "with --data %s?)\n",
+                    err, data_dir(c));
+            return 1;
+        }
+        char pidfile[4096];
+        snprintf(pidfile, sizeof pidfile, "%s/%s", data_dir(c), MOAT_PID_FILE);
+        if (cmd == MOAT_CTL_HEALTH || !file_exists(pidfile))
+            return -1; /* healthchecks stay quiet; without a pid file nothing runs: the
+                          signal path says so */
+        fprintf(stderr, "moat: no control socket (%s); using the pid file and a signal%s\n", err,
+                req.grace_s >= 0 ? " (--grace cannot travel with a signal: the running moat "
+                                   "keeps its own)"
+                                 : "");
+        return -1;
+    }
+    if (r != 0) {
+        fprintf(stderr, "moat: %s\n", err);
+        return 1;
+    }
+    int ok = json_is_true(json_object_get(a, "ok"));
+    const char *msg = json_string_value(json_object_get(a, ok ? "message" : "error"));
+    int code = ok ? 0 : 1;
+    if (!ok) {
+        size_t i;
+        json_t *line;
+        json_array_foreach(json_object_get(a, "errors"), i, line)
+            fprintf(stderr, "%s\n", json_string_value(line));
+        if (cmd == MOAT_CTL_RELOAD)
+            fprintf(stderr, "moat: reload failed: %s\n", msg ? msg : "?");
+        else if (cmd != MOAT_CTL_HEALTH)
+            fprintf(stderr, "moat: %s\n", msg ? msg : "the running moat refused");
+    }
+    pid_t pid = (pid_t)json_integer_value(json_object_get(a, "pid"));
+    switch (cmd) {
+    case MOAT_CTL_RELOAD:
+        if (ok)
+            printf("moat: reloaded: %s\n", msg ? msg : "");
+        break;
+    case MOAT_CTL_STOP:
+        if (ok)
+            code =
+                wait_stopped(pid, (uint64_t)json_integer_value(json_object_get(a, "grace")) * 1000);
+        break;
+    case MOAT_CTL_RENEW:
+        if (ok)
+            printf("moat: asked process %d to renew %s%s; moat status and its log say what "
+                   "happens\n",
+                   (int)pid, c->npos > 0 ? c->pos[0] : "all ACME certificates",
+                   c->force ? " (forced)" : "");
+        break;
+    case MOAT_CTL_HEALTH:
+        if (!ok) {
+            fprintf(stderr, "moat: process %d is stopping\n", (int)pid);
+            break;
+        }
+        /* The control thread answered; the listener check below shows the workers serve. */
+        code = moat_system_health(data_dir(c), 3000);
+        break;
+    case MOAT_CTL_STATUS:
+        if (c->json) {
+            json_dumpf(a, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(6));
+            fputc('\n', stdout);
+        } else {
+            moat_ctl_print_status(a, stdout, isatty(1));
+        }
+        break;
+    }
+    json_decref(a);
+    return code;
+}
+
 static int cmd_signal(cli_t *c, int sig)
 {
+    int r = ctl(c, sig == SIGHUP ? MOAT_CTL_RELOAD : MOAT_CTL_STOP);
+    if (r >= 0)
+        return r;
     pid_t pid = read_pid(data_dir(c));
     if (pid < 0)
         return 1;
@@ -312,6 +435,9 @@ static int cmd_signal(cli_t *c, int sig)
  * moat (see MOAT_ACME_RENEW_REQUEST). */
 static int cmd_renew(cli_t *c)
 {
+    int r = ctl(c, MOAT_CTL_RENEW);
+    if (r >= 0)
+        return r;
     const char *dir = data_dir(c);
     pid_t pid = read_pid(dir);
     if (pid < 0)
@@ -374,8 +500,12 @@ int main(int argc, char **argv)
         return cmd_signal(&c, SIGHUP);
     if (strcmp(cmd, "stop") == 0)
         return cmd_signal(&c, SIGTERM);
-    if (strcmp(cmd, "health") == 0)
-        return moat_system_health(data_dir(&c), 3000);
+    if (strcmp(cmd, "health") == 0) {
+        int r = ctl(&c, MOAT_CTL_HEALTH);
+        return r >= 0 ? r : moat_system_health(data_dir(&c), 3000);
+    }
+    if (strcmp(cmd, "status") == 0)
+        return ctl(&c, MOAT_CTL_STATUS);
     if (strcmp(cmd, "ca-root") == 0)
         return moat_cmd_ca_root(data_dir(&c));
     if (strcmp(cmd, "trust") == 0)

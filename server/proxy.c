@@ -37,6 +37,8 @@ static void drop(moat_exchange_t *x)
 {
     if (--x->refs > 0)
         return;
+    if (x->tunnel && x->w->metrics)
+        moat_mc_dec(&x->w->metrics->conns[MOAT_MC_WS]);
     moat_buf_free(&x->head);
     moat_buf_free(&x->pending);
     if (x->rt_held != NULL)
@@ -128,7 +130,7 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
             xfh = v;
             continue;
         }
-        if (moat_slice_ieq(n, "forwarded") && !trusted)
+        if ((moat_slice_ieq(n, "forwarded") && !trusted) || moat_slice_ieq(n, "x-request-id"))
             continue;
         if (x->get_req && moat_slice_ieq(n, "accept") && memmem(v.base, v.len, "text/html", 9))
             x->html = 1; /* a browser loading a page: its 502 page retries by itself */
@@ -155,6 +157,11 @@ static int build_head(moat_exchange_t *x, const moat_request_t *req)
     r |= moat_buf_puts(b, "\r\nX-Forwarded-Host: ");
     r |= moat_buf_put(b, trusted && xfh.len ? xfh : req->authority);
     r |= moat_buf_puts(b, "\r\n");
+    if (req->request_id.len) {
+        r |= moat_buf_puts(b, "X-Request-Id: ");
+        r |= moat_buf_put(b, req->request_id);
+        r |= moat_buf_puts(b, "\r\n");
+    }
     if (req->body == MOAT_REQ_BODY_LENGTH) {
         r |= moat_buf_puts(b, "Content-Length: ");
         r |= moat_buf_put_u64(b, req->content_length);
@@ -352,12 +359,23 @@ static void refused(moat_exchange_t *x, const char *how, int err, int os_err)
     uint64_t now = uv_now(&x->w->loop);
     char w[320];
     const char *why = os_err ? strerror(os_err) : moat_strerror(err);
-    if (x->ustate->down_until_ms <= now)
-        MOAT_WARN("upstream %s %s (%s): marked down for %d s", moat__proxy_who(x, w, sizeof w), how,
-                  why, UPSTREAM_DOWN_MS / 1000);
-    else
+    if (x->ustate->down_until_ms <= now) {
+        char ctx[512] = "";
+        if (x->context)
+            x->context(x->ctx, ctx, sizeof ctx);
+        MOAT_WARN("upstream %s %s (%s): marked down for %d s%s%s", moat__proxy_who(x, w, sizeof w),
+                  how, why, UPSTREAM_DOWN_MS / 1000, ctx[0] ? "; " : "", ctx);
+    } else
         MOAT_DEBUG("upstream %s %s (%s)", moat__proxy_who(x, w, sizeof w), how, why);
     x->ustate->down_until_ms = now + UPSTREAM_DOWN_MS;
+    moat_metrics_t *m = x->w->metrics;
+    if (m != NULL) {
+        unsigned slot = x->upstream->mslot;
+        moat_mc_inc(&m->ups[slot].failures);
+        moat_mc_set(&m->health[slot].last_fail_ms, now);
+        moat_mc_set(&m->health[slot].down_until_ms, now + UPSTREAM_DOWN_MS);
+        moat_mc_set(&m->health[slot].last_err, (uint64_t)(int64_t)(os_err ? os_err : err));
+    }
     if (x->upstream->named)
         moat_resolver_kick();
 }
@@ -432,6 +450,13 @@ void moat__proxy_complete(moat_exchange_t *x, int err)
     moat__proxy_wait_unlink(x);
     int reusable = err == 0 && x->req_done && x->resp_done && x->up_keep_alive && !x->tunnel;
     moat__proxy_release_upstream(x, reusable);
+    moat_metrics_t *m = x->w->metrics;
+    if (m != NULL && x->upstream != NULL && x->t_first_byte) {
+        unsigned slot = x->upstream->mslot;
+        moat_mc_inc(&m->ups[slot].requests);
+        moat_mc_inc(&m->ups[slot].lat[moat_metrics_lat_bucket(x->t_first_byte - x->t_start)]);
+        moat_mc_set(&m->health[slot].last_ok_ms, x->t_first_byte);
+    }
     moat_exchange_result_t res = {
         .status = x->status,
         .upstream = x->upstream ? x->upstream->label : "",
@@ -673,6 +698,8 @@ static int relay_head(moat_exchange_t *x, moat_slice_t in)
         return e;
     if (m.status == 101) {
         x->tunnel = 1;
+        if (x->w->metrics)
+            moat_mc_inc(&x->w->metrics->conns[MOAT_MC_WS]);
         x->ops->upgraded(x->front);
         if (!x->over)
             arm_timer(x);
@@ -756,6 +783,8 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
     x->head_req = moat_slice_eq(req->method, "HEAD");
     x->upgrade_req = req->upgrade;
     x->tls = req->tls;
+    x->context = req->context;
+    x->ctx = req->ctx;
     x->idempotent = is_idempotent(req->method);
     x->req_body = req->body;
     x->req_done = req->body == MOAT_REQ_BODY_NONE ||

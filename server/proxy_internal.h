@@ -68,6 +68,9 @@ struct moat_exchange {
     unsigned slow_mark : 1;   /* the connect timer is set to SLOW_DIAL_MS, connect_rest after */
     unsigned slow_kicked : 1; /* this dial has had its name looked up again */
     uint64_t connect_rest;    /* the connect timeout left after the slow-dial mark */
+    /* Names the request in log lines (moat_request_t.context). */
+    const char *(*context)(const void *ctx, char *buf, size_t n);
+    const void *ctx;
 };
 
 /* proxy.c */

@@ -1,6 +1,7 @@
 /* The runtime snapshot (include/moat/runtime.h). */
 #include "moat/runtime.h"
 #include "moat/log.h"
+#include "metrics.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -113,6 +114,31 @@ static void tcp_upstream(lookup_t *l, const struct addrinfo *res)
     }
 }
 
+/* Counter slots for the sites (named by their first address) and upstreams (by label); the
+ * control thread builds runtimes, and the slots travel to the workers with the runtime. */
+static void assign_slots(moat_runtime_t *rt)
+{
+    for (size_t i = 0; i < rt->nsites; i++) {
+        moat_site_rt_t *s = &rt->sites[i];
+        char name[300];
+        moat_runtime_site_name(s->site, name, sizeof name);
+        s->mslot = moat_metrics_site_slot(name);
+        for (size_t j = 0; j < s->nupstreams; j++)
+            s->upstreams[j].mslot = moat_metrics_upstream_slot(s->upstreams[j].label);
+    }
+}
+
+const char *moat_runtime_site_name(const moat_site_t *s, char *buf, size_t n)
+{
+    const moat_site_addr_t *a = &s->addrs[0];
+    int v6 = a->kind == MOAT_HOST_IPV6;
+    if (a->port)
+        snprintf(buf, n, "%s%s%s:%d", v6 ? "[" : "", a->host, v6 ? "]" : "", a->port);
+    else
+        snprintf(buf, n, "%s%s%s", v6 ? "[" : "", a->host, v6 ? "]" : "");
+    return buf;
+}
+
 static void build_finish(moat_runtime_build_t *b)
 {
     moat_runtime_t *rt = b->rt;
@@ -147,6 +173,7 @@ static void build_finish(moat_runtime_build_t *b)
                       "(install ca-certificates)",
                       SYSTEM_CA_BUNDLE);
     }
+    assign_slots(rt);
     rt->generation = atomic_fetch_add(&generation, 1) + 1;
     cb(rt, NULL, data);
 }

@@ -42,6 +42,10 @@ int moat_workers_start(const moat_server_opts_t *o, const moat_snapshot_t *first
  * loop turn, and the old one is freed when no worker and no request uses it any more. A
  * no-op before the start. Control thread. */
 void moat_workers_publish(const moat_snapshot_t *s);
+/* Add every running worker's counters to *sum (server/metrics.h); returns how many workers
+ * run. Control thread. */
+struct moat_metrics;
+int moat_workers_metrics(struct moat_metrics *sum);
 /* Stop accepting; let requests in flight finish within the grace period; join the threads. */
 void moat_workers_stop(void);
 

@@ -334,6 +334,11 @@ static enum ssl_select_cert_result_t select_cert_cb(const SSL_CLIENT_HELLO *ch)
     return ssl_select_cert_error;
 }
 
+int moat_tls_refused_sni(const SSL *ssl)
+{
+    return ex_refused >= 0 && SSL_get_ex_data(ssl, ex_refused) != NULL;
+}
+
 static int servername_cb(SSL *ssl, int *alert, void *arg)
 {
     (void)arg;

@@ -39,6 +39,8 @@ static void pool_unlink(moat_upconn_t *u)
         u->next->prev = u->prev;
     u->next = u->prev = NULL;
     u->in_pool = 0;
+    if (w->metrics)
+        moat_mc_dec(&w->metrics->ups[u->mslot].pooled);
 }
 
 static void upconn_close(moat_upconn_t *u)
@@ -48,6 +50,8 @@ static void upconn_close(moat_upconn_t *u)
     u->closing = 1;
     u->owner = NULL;
     pool_unlink(u);
+    if (u->w->metrics)
+        moat_mc_dec(&u->w->metrics->ups[u->mslot].open);
     uv_close((uv_handle_t *)&u->timer, timer_closed);
     moat_sock_close(&u->sock);
 }
@@ -179,6 +183,9 @@ int moat_upconn_dial(moat_worker_t *w, const moat_upstream_t *up, SSL_CTX *tls_c
     u->cb = cb;
     u->owner = owner;
     snprintf(u->key, sizeof u->key, "%s", up->label);
+    u->mslot = up->mslot;
+    if (w->metrics)
+        moat_mc_inc(&w->metrics->ups[u->mslot].open);
     memcpy(&u->addr, &up->addr, up->addrlen);
     u->addrlen = up->addrlen;
     uv_timer_init(&w->loop, &u->timer);
@@ -204,6 +211,8 @@ void moat_upconn_release(moat_upconn_t *u, int reusable, uint64_t idle_ms)
         w->pool->prev = u;
     w->pool = u;
     u->in_pool = 1;
+    if (w->metrics)
+        moat_mc_inc(&w->metrics->ups[u->mslot].pooled);
     moat_upconn_set_timeout(u, idle_ms);
     moat_sock_read_start(&u->sock); /* to notice the app closing it */
 }

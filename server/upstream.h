@@ -29,8 +29,9 @@ struct moat_upconn {
     int refs;         /* open handles: freed when both have closed */
     moat_worker_t *w;
     const moat_upconn_cb_t *cb;
-    void *owner;   /* NULL while idle in the pool */
-    char key[128]; /* the upstream's label */
+    void *owner;    /* NULL while idle in the pool */
+    char key[128];  /* the upstream's label */
+    unsigned mslot; /* the upstream's counters (server/metrics.h) */
     /* The address dialled: a pooled connection serves a named upstream only while the name
      * still points there. */
     struct sockaddr_storage addr;

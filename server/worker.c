@@ -430,6 +430,7 @@ void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
 {
     w->id = id;
     w->opts = o;
+    w->metrics = moat_metrics_new();
     uv_loop_init(&w->loop);
     w->loop.data = w;
     uv_async_init(&w->loop, &w->wakeup, on_wakeup);
@@ -484,6 +485,8 @@ void moat_worker_cleanup(moat_worker_t *w)
         moat_snapshot_release(s);
         free(s);
     }
+    free(w->metrics);
+    w->metrics = NULL;
     moat_upstream_state_t *st = w->ups, *next;
     for (; st != NULL; st = next) {
         next = st->next;
@@ -508,6 +511,13 @@ void moat_workers_publish(const moat_snapshot_t *s)
 {
     for (int i = 0; i < nworkers; i++)
         moat_worker_publish(&workers[i], s);
+}
+
+int moat_workers_metrics(moat_metrics_t *sum)
+{
+    for (int i = 0; i < nworkers; i++)
+        moat_metrics_add(sum, workers[i].metrics);
+    return nworkers;
 }
 
 void moat_workers_stop(void)

@@ -7,6 +7,7 @@
 #include "moat/common.h"
 #include "moat/proxy.h"
 #include "moat/runtime.h"
+#include "metrics.h"
 #include "server.h"
 #include "upstream.h"
 #include "moat/sock.h"
@@ -76,6 +77,9 @@ struct moat_worker {
     uv_timer_t trim_timer; /* gives memory back once the worker has gone quiet */
     uint64_t trim_events;  /* moat_sock_thread_events() at the last tick */
     int trim_due;          /* quiet ticks that still trim since the last busy one */
+    /* This worker's counters: written by this thread only, read by the control thread
+     * (server/metrics.h). */
+    moat_metrics_t *metrics;
 };
 
 /* Queue d to run at the end of this loop turn (no-op when already queued). */

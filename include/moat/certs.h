@@ -66,6 +66,12 @@ void moat_certs_release(moat_certs_t *c);
 const moat_cert_t *moat_certs_lookup(const moat_certs_t *c, const char *sni, const char *local_ip);
 const moat_cert_t *moat_certs_default(const moat_certs_t *c);
 size_t moat_certs_count(const moat_certs_t *c);
+/* The i-th certificate (0: the default), NULL past the end; for status and metrics. */
+const moat_cert_t *moat_certs_at(const moat_certs_t *c, size_t i);
+/* When the managers renew a stored certificate (unix time; 0: never, tls=files): ACME ones
+ * with a third of their life left, internal ones after two thirds. For `moat certs` and
+ * `moat status`. */
+int64_t moat_cert_next_renewal(const moat_cert_record_t *r);
 /* Install the certificate on a server connection (takes references only). 0 or MOAT_ETLS. */
 int moat_cert_install(const moat_cert_t *cert, SSL *ssl);
 const char *moat_cert_id(const moat_cert_t *cert);

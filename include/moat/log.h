@@ -41,6 +41,7 @@ typedef struct {
     unsigned long long bytes_in, bytes_out, duration_ms;
     const char *upstream;
     unsigned long long upstream_ms;
+    const char *request_id; /* NULL or "": not written */
 } moat_access_entry_t;
 
 void moat_access_log_request(const moat_access_entry_t *e);

@@ -42,6 +42,12 @@ typedef struct {
     moat_slice_t upgrade_proto;
     int tls; /* arrived over TLS: X-Forwarded-Proto https */
     const struct sockaddr *peer;
+    /* Sent upstream as X-Request-Id (any X-Request-Id among headers is dropped); empty: none. */
+    moat_slice_t request_id;
+    /* Names the request in the proxy's log lines ("site=... client=... request=..."); must
+     * live as long as the exchange (the front end's state does). May be NULL. */
+    const char *(*context)(const void *ctx, char *buf, size_t n);
+    const void *ctx;
 } moat_request_t;
 
 typedef struct {

@@ -23,12 +23,14 @@ typedef struct {
     char *tls_name;  /* name to verify and send as SNI */
     char label[128]; /* "127.0.0.1:8080" or "unix:/run/app.sock", for logs and pool keys */
     int named;       /* host is a name (not an IP literal): its address may change */
+    unsigned mslot;  /* its counters' slot (server/metrics.h) */
 } moat_upstream_t;
 
 typedef struct {
     const moat_site_t *site;
     moat_upstream_t *upstreams;
     size_t nupstreams;
+    unsigned mslot; /* its counters' slot (server/metrics.h) */
 } moat_site_rt_t;
 
 typedef struct moat_runtime {
@@ -80,6 +82,9 @@ const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slic
 /* The HTTPS address, on any port, whose host is that of `host` (port ignored): where the
  * HTTP listener redirects a request for it. NULL when no TLS site has the name. */
 const moat_site_addr_t *moat_runtime_find_tls_addr(const moat_runtime_t *rt, moat_slice_t host);
+/* A site's name for status and metrics: its first address ("chat.example.com", with ":PORT"
+ * when the line names one). */
+const char *moat_runtime_site_name(const moat_site_t *s, char *buf, size_t n);
 /* Effective port of a site address on this runtime's listeners. */
 int moat_runtime_addr_port(const moat_runtime_t *rt, const moat_site_addr_t *a);
 

@@ -51,6 +51,8 @@ void moat_tls_set_alpn(const char *const *protos, size_t n);
 /* The negotiated ALPN protocol as a static string ("http/1.1", "h2", "acme-tls/1", or one
  * set by moat_tls_set_alpn), or NULL when none was negotiated. */
 const char *moat_tls_selected_alpn(const SSL *ssl);
+/* Whether the handshake was refused for a server name no site serves (for the counters). */
+int moat_tls_refused_sni(const SSL *ssl);
 
 /* Tell certificate selection the connection's local address, for clients that send no SNI
  * (an https://IP URL). `sa` is borrowed and must stay valid until the handshake ends (keep it

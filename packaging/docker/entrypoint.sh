@@ -4,9 +4,10 @@
 #   IMAGE                                  site from $MOAT_SITE, else /etc/moat/Moatfile
 #   IMAGE chat.example.com app:8080 ...    site from the arguments
 #   IMAGE health | validate | version ...  any moat command
+#   MOAT_METRICS=0.0.0.0:9180              also serve Prometheus metrics there (--metrics)
 set -e
 case "${1:-}" in
-run | validate | reload | stop | health | ca-root | certs | version | help | --help | -h)
+run | validate | reload | stop | health | status | renew | ca-root | certs | version | help | --help | -h)
     exec moat "$@"
     ;;
 esac
@@ -21,4 +22,5 @@ fi
 if [ -n "${MOAT_HTTP_PORT:-}" ]; then set -- "$@" --http-port "$MOAT_HTTP_PORT"; fi
 if [ -n "${MOAT_HTTPS_PORT:-}" ]; then set -- "$@" --https-port "$MOAT_HTTPS_PORT"; fi
 if [ -n "${MOAT_LISTEN:-}" ]; then set -- "$@" --listen "$MOAT_LISTEN"; fi
+if [ -n "${MOAT_METRICS:-}" ]; then set -- "$@" --metrics "$MOAT_METRICS"; fi
 exec moat run "$@"

@@ -170,14 +170,16 @@ void moat_access_log_request(const moat_access_entry_t *e)
     json_escape(host, sizeof host, e->host ? e->host : "");
     json_escape(path, sizeof path, e->path ? e->path : "");
     json_escape(method, sizeof method, e->method ? e->method : "");
+    char rid[140];
+    json_escape(rid, sizeof rid, e->request_id ? e->request_id : "");
     int len = snprintf(line, sizeof line,
                        "{\"time\":\"%s\",\"remote\":\"%s\",\"host\":\"%s\",\"method\":\"%s\","
                        "\"path\":\"%s\",\"proto\":\"%s\",\"tls\":%s,\"status\":%d,"
                        "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%llu,"
-                       "\"upstream\":\"%s\",\"upstream_ms\":%llu}\n",
+                       "\"upstream\":\"%s\",\"upstream_ms\":%llu%s%s%s}\n",
                        ts, ip, host, method, path, e->proto, e->tls ? "true" : "false", e->status,
                        e->bytes_in, e->bytes_out, e->duration_ms, e->upstream ? e->upstream : "",
-                       e->upstream_ms);
+                       e->upstream_ms, rid[0] ? ",\"request_id\":\"" : "", rid, rid[0] ? "\"" : "");
     if (len > 0)
         moat_access_log_line(line, MOAT_MIN((size_t)len, sizeof line - 1));
 }

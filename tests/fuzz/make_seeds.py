@@ -343,6 +343,28 @@ b.example.com foo connect_timeout=0 max_body=99999999999G "unterminated
     write("config", "command-line", "chat.example.com 127.0.0.1:8080 hsts=on max_body=1G\n")
 
 
+# --- control socket requests ------------------------------------------------------------------
+
+
+def ctlproto_seeds():
+    fresh("ctlproto")
+    seeds = {
+        "reload": '{"cmd":"reload"}\n',
+        "stop-grace": '{"cmd":"stop","grace":5}\n',
+        "renew-name-force": '{"cmd":"renew","name":"chat.example.com","force":true}',
+        "health": '{"cmd":"health"}',
+        "status-extra-member": '{"cmd":"status","future":[1,{"a":null}]}\n',
+        "unknown-cmd": '{"cmd":"frobnicate"}',
+        "grace-for-reload": '{"cmd":"reload","grace":3}',
+        "nul-in-name": '{"cmd":"renew","name":"a\\u0000b"}',
+        "duplicate-key": '{"cmd":"stop","cmd":"reload"}',
+        "not-object": '["cmd","stop"]',
+        "truncated": '{"cmd":"sto',
+    }
+    for k, v in seeds.items():
+        write("ctlproto", k, v)
+
+
 # --- HTTP/1.1 ----------------------------------------------------------------------------------
 
 
@@ -458,6 +480,7 @@ def main():
     pem_seeds(m)
     acme_seeds(m)
     config_seeds()
+    ctlproto_seeds()
     http1_seeds()
     h2_seeds()
 

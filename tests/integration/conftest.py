@@ -273,7 +273,9 @@ class MoatProxy(_Proxy):
         self.extra_args = list(extra_args)
         self.config = self.dir / "Moatfile"
         self.data = self.dir / "data"
-        self.data.mkdir(exist_ok=True)
+        # Private, as moat makes it and as install.sh and the image do: the control socket is
+        # only opened in a folder other users cannot enter.
+        self.data.mkdir(mode=0o700, exist_ok=True)
         self.ca = self.dir / "ca.pem"
 
     def site_line(self):

@@ -53,8 +53,8 @@ EXTRA = [
 
 # Fields a proxy sets itself, or that carry framing: compared separately or not at all.
 PROXY_FIELDS = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
-                "connection", "keep-alive", "upgrade", "content-length", "transfer-encoding",
-                "host"}
+                "x-request-id", "connection", "keep-alive", "upgrade", "content-length",
+                "transfer-encoding", "host"}
 
 # Where moat may forward what nginx refuses, or forward it differently, and why.
 EXPLAINED = {
