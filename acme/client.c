@@ -16,6 +16,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/sha.h>
 #include <openssl/x509.h>
 
 #include <jansson.h>
@@ -121,6 +122,18 @@ void moat_acme_result_clear(moat_acme_result_t *r)
     free(r->error);
     free(r->account_url);
     memset(r, 0, sizeof *r);
+}
+
+const char *moat_acme_chal_name(moat_acme_chal_t c)
+{
+    return c == MOAT_ACME_HTTP01 ? "http-01" : c == MOAT_ACME_TLSALPN01 ? "tls-alpn-01" : "dns-01";
+}
+
+char *moat_acme_dns01_value(const char *key_auth)
+{
+    uint8_t d[SHA256_DIGEST_LENGTH];
+    SHA256((const uint8_t *)key_auth, strlen(key_auth), d);
+    return moat_b64url(d, sizeof d);
 }
 
 static void withdraw(moat_acme_order_t *o)
@@ -304,6 +317,24 @@ static void challenge_fire(void *arg)
     post(o, S_CHALLENGE, o->chal_url, "{}");
 }
 
+/* The DNS-01 record is in place (or could not be made): tell the CA, or end the order. */
+static void dns01_published(void *arg, int rc, const char *error)
+{
+    moat_acme_order_t *o = arg;
+    o->pending--;
+    if (o->cancelled || o->finished) {
+        if (o->pending == 0)
+            order_free(o);
+        return;
+    }
+    if (rc != 0) {
+        fail(o, rc, "dns-01 for %s: %s", o->authz_name ? o->authz_name : "?",
+             error ? error : moat_strerror(rc));
+        return;
+    }
+    post(o, S_CHALLENGE, o->chal_url, "{}");
+}
+
 static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
 {
     (void)r;
@@ -319,7 +350,7 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
              status ? status : "malformed");
         return;
     }
-    const char *want = o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01";
+    const char *want = moat_acme_chal_name(o->chal);
     json_t *chals = json_object_get(j, "challenges"), *c, *pick = NULL;
     size_t i;
     json_array_foreach(chals, i, c)
@@ -341,6 +372,24 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
     }
     free(o->authz_name);
     o->authz_name = moat_xstrdup(name);
+    if (o->chal == MOAT_ACME_DNS01) {
+        /* One TXT value per authorization; a wildcard and its base name share the record name
+         * (the identifier of *.example.com is example.com), each with its own value. */
+        char *value = moat_acme_dns01_value(ka);
+        free(ka);
+        free(o->chal_url);
+        o->chal_url = moat_xstrdup(url);
+        if (o->io.dns01_publish == NULL || o->npub >= MOAT_ARRAY_LEN(o->pub)) {
+            free(value);
+            fail(o, MOAT_EINVAL, "dns-01 for %s: no DNS provider is configured", name);
+            return;
+        }
+        o->pub[o->npub++] = (published_t){MOAT_ACME_DNS01, moat_xstrdup(name), value};
+        MOAT_DEBUG("acme: answering dns-01 for %s", name);
+        o->pending++;
+        o->io.dns01_publish(o->io.data, name, value, dns01_published, o);
+        return;
+    }
     publish(o, o->chal, name, token, ka);
     free(ka);
     MOAT_DEBUG("acme: answering %s for %s", want, name);
@@ -589,8 +638,7 @@ static void on_authz_poll(moat_acme_order_t *o, const moat_httpc_response_t *r, 
             describe_problem(e, msg, sizeof msg, NULL, NULL);
     }
     o->res.challenge_failed = 1;
-    fail(o, MOAT_EIO, "%s validation of %s failed: %s",
-         o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01",
+    fail(o, MOAT_EIO, "%s validation of %s failed: %s", moat_acme_chal_name(o->chal),
          o->authz_name ? o->authz_name : "?", msg);
 }
 
