@@ -14,6 +14,7 @@
  * renewal order then names the certificate it replaces. */
 #include "acmemgr.h"
 #include "acmeshare.h"
+#include "dns01.h"
 #include "moat/certs.h"
 #include "moat/config.h"
 #include "moat/httpclient.h"
@@ -54,6 +55,7 @@ struct moat_acmemgr {
     struct after *afters;
     moat_acmeshare_t *share; /* locks, peers and tokens shared with other processes */
     uv_timer_t *share_timer;
+    moat_dns01_t *dns; /* DNS-01 records (server/dns01.c) */
 };
 
 struct job {
@@ -63,6 +65,10 @@ struct job {
     char **names;
     size_t nnames;
     char *email, *preferred, *eab_kid, *eab_hmac;
+    /* dns=: DNS-01 with this provider (then always DNS-01, never a fallback). */
+    int dns;
+    char *dns_server, *dns_tsig, *dns_token_file, *dns_resolver, *dns_api;
+    uint64_t dns_wait_ms;
     char **cas;
     size_t ncas, ca_i;
     uv_timer_t timer;
@@ -132,7 +138,46 @@ static void io_challenge(void *data, moat_acme_chal_t type, const char *name, co
                          const char *key_auth)
 {
     moat_acmemgr_t *m = data;
+    if (type == MOAT_ACME_DNS01) {
+        /* Published through io_dns01_publish; only the withdrawal comes this way. */
+        if (key_auth == NULL)
+            moat_dns01_remove(m->dns, name, token);
+        return;
+    }
     moat_acmeshare_publish(m->share, type, name, token, key_auth);
+}
+
+/* The job whose order is answering for name (an identifier: example.com also stands for
+ * *.example.com). */
+static job_t *job_for_name(moat_acmemgr_t *m, const char *name)
+{
+    for (job_t *j = m->jobs; j; j = j->next) {
+        if (j->order == NULL || j->dns == MOAT_DNS_NONE)
+            continue;
+        for (size_t k = 0; k < j->nnames; k++) {
+            const char *n = j->names[k];
+            if (strcasecmp(n, name) == 0 || (n[0] == '*' && strcasecmp(n + 2, name) == 0))
+                return j;
+        }
+    }
+    return NULL;
+}
+
+static void io_dns01_publish(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                             void *arg)
+{
+    moat_acmemgr_t *m = data;
+    job_t *j = job_for_name(m, name);
+    moat_dns01_cfg_t c = {.provider = MOAT_DNS_NONE};
+    if (j != NULL)
+        c = (moat_dns01_cfg_t){.provider = j->dns,
+                               .server = j->dns_server,
+                               .tsig = j->dns_tsig,
+                               .token_file = j->dns_token_file,
+                               .resolver = j->dns_resolver,
+                               .api = j->dns_api,
+                               .wait_ms = j->dns_wait_ms};
+    moat_dns01_add(m->dns, &c, name, value, cb, arg);
 }
 
 static uint64_t io_propagation_ms(void *data)
@@ -216,7 +261,7 @@ static void job_at(job_t *j, int64_t when)
 
 static const char *chal_name(moat_acme_chal_t c)
 {
-    return c == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01";
+    return moat_acme_chal_name(c);
 }
 
 static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *email)
@@ -251,6 +296,7 @@ static moat_acme_io_t job_io(moat_acmemgr_t *m)
                             .request = io_request,
                             .after = io_after,
                             .challenge = io_challenge,
+                            .dns01_publish = io_dns01_publish,
                             .propagation_ms = io_propagation_ms};
 }
 
@@ -395,6 +441,8 @@ static void job_check(job_t *j)
         j->chal = strcmp(pref, "tls-alpn-01") == 0 ? MOAT_ACME_TLSALPN01 : MOAT_ACME_HTTP01;
         free(pref);
     }
+    if (j->dns != MOAT_DNS_NONE)
+        j->chal = MOAT_ACME_DNS01;
     job_start_order(j);
 }
 
@@ -519,7 +567,7 @@ static void on_order_done(void *data, moat_acme_result_t *res)
         job_check(j);
         return;
     }
-    if (res->rc != 0 && res->challenge_failed && !j->fallback_tried) {
+    if (res->rc != 0 && res->challenge_failed && !j->fallback_tried && j->chal != MOAT_ACME_DNS01) {
         /* The other challenge may work where this one cannot (port 80 blocked, a TLS
          * terminator in front): try it at once rather than after a backoff. */
         j->fallback_tried = 1;
@@ -565,6 +613,12 @@ static void job_clear_settings(job_t *j)
         free(j->cas[i]);
     free(j->cas);
     j->email = j->preferred = j->eab_kid = j->eab_hmac = NULL;
+    free(j->dns_server);
+    free(j->dns_tsig);
+    free(j->dns_token_file);
+    free(j->dns_resolver);
+    free(j->dns_api);
+    j->dns_server = j->dns_tsig = j->dns_token_file = j->dns_resolver = j->dns_api = NULL;
     j->cas = NULL;
     j->ncas = 0;
 }
@@ -591,6 +645,17 @@ static void job_take_settings(job_t *j, const moat_site_t *s)
     j->preferred = dup_or_null(s->preferred_chain);
     j->eab_kid = dup_or_null(s->eab_kid);
     j->eab_hmac = dup_or_null(s->eab_hmac);
+    j->dns = s->dns;
+    j->dns_server = dup_or_null(s->dns_server);
+    j->dns_tsig = dup_or_null(s->dns_tsig);
+    j->dns_token_file = dup_or_null(s->dns_token_file);
+    j->dns_resolver = dup_or_null(s->dns_resolver);
+    j->dns_api = dup_or_null(s->dns_api);
+    j->dns_wait_ms = s->dns_wait_ms;
+    if (j->dns != MOAT_DNS_NONE)
+        j->chal = MOAT_ACME_DNS01;
+    else if (j->chal == MOAT_ACME_DNS01)
+        j->chal = MOAT_ACME_HTTP01;
     j->ncas = s->ncas ? s->ncas : 1;
     j->cas = moat_xcalloc(j->ncas, sizeof *j->cas);
     for (size_t k = 0; k < j->ncas; k++)
@@ -758,6 +823,11 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
     uv_timer_init(loop, m->share_timer);
     m->share_timer->data = m->share;
     uv_timer_start(m->share_timer, on_share_timer, MOAT_ACMESHARE_POLL_MS, MOAT_ACMESHARE_POLL_MS);
+    m->dns = moat_dns01_new(loop, st);
+    /* DNS-01 records a stopped process left: delete them, unless other processes share the
+     * store (one of them may be in the middle of an order; the next lone start cleans up). */
+    if (moat_acmeshare_peers(m->share) == 0)
+        moat_dns01_cleanup(m->dns);
     return m;
 }
 
@@ -779,6 +849,7 @@ void moat_acmemgr_free(moat_acmemgr_t *m)
         uv_close((uv_handle_t *)&a->t, after_closed);
         a->cb(a->arg);
     }
+    moat_dns01_free(m->dns);
     if (m->http)
         moat_httpc_free(m->http);
     uv_close((uv_handle_t *)m->share_timer, share_timer_closed);
