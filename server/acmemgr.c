@@ -147,6 +147,12 @@ static void io_challenge(void *data, moat_acme_chal_t type, const char *name, co
     moat_acmeshare_publish(m->share, type, name, token, key_auth);
 }
 
+static int owner_gone(void *data, const char *owner)
+{
+    moat_acmemgr_t *m = data;
+    return moat_acmeshare_owner_gone(m->share, owner);
+}
+
 /* The job whose order is answering for name (an identifier: example.com also stands for
  * *.example.com). */
 static job_t *job_for_name(moat_acmemgr_t *m, const char *name)
@@ -334,6 +340,8 @@ static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
 static void job_start_order(job_t *j)
 {
     moat_acmemgr_t *m = j->m;
+    if (j->dns != MOAT_DNS_NONE)
+        moat_dns01_cleanup(m->dns, owner_gone, m);
     const char *ca = j->cas[j->ca_i % j->ncas];
     EVP_PKEY *k = account_key(m, ca, j->email);
     if (k == NULL) {
@@ -823,11 +831,10 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
     uv_timer_init(loop, m->share_timer);
     m->share_timer->data = m->share;
     uv_timer_start(m->share_timer, on_share_timer, MOAT_ACMESHARE_POLL_MS, MOAT_ACMESHARE_POLL_MS);
-    m->dns = moat_dns01_new(loop, st);
-    /* DNS-01 records a stopped process left: delete them, unless other processes share the
-     * store (one of them may be in the middle of an order; the next lone start cleans up). */
-    if (moat_acmeshare_peers(m->share) == 0)
-        moat_dns01_cleanup(m->dns);
+    m->dns = moat_dns01_new(loop, st, moat_acmeshare_owner(m->share));
+    /* DNS-01 records a stopped process left (killed mid-order): delete them now. Records of
+     * live processes sharing the store are theirs; job_start_order looks again. */
+    moat_dns01_cleanup(m->dns, owner_gone, m);
     return m;
 }
 

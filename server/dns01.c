@@ -46,6 +46,7 @@ typedef struct exch exch_t;
 typedef void (*exch_cb)(op_t *op, int rc, const moat_dns_msg_t *m);
 
 struct moat_dns01 {
+    char *owner;
     uv_loop_t *loop;
     moat_storage_t *st;
     op_t *ops;
@@ -639,6 +640,7 @@ static char *row_json(op_t *op)
     char port[16];
     snprintf(port, sizeof port, "%d", op->server_port);
     json_object_set_new(j, "port", json_string(port));
+    json_object_set_new(j, "owner", json_string(op->d->owner));
     if (op->resolver_spec)
         json_object_set_new(j, "resolver", json_string(op->resolver_spec));
     char *s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
@@ -1068,7 +1070,7 @@ void moat_dns01_remove(moat_dns01_t *d, const char *name, const char *value)
     remove_begin(op);
 }
 
-void moat_dns01_cleanup(moat_dns01_t *d)
+void moat_dns01_cleanup(moat_dns01_t *d, int (*gone)(void *arg, const char *owner), void *arg)
 {
     moat_kv_t *rows = NULL;
     size_t n = 0;
@@ -1078,6 +1080,14 @@ void moat_dns01_cleanup(moat_dns01_t *d)
         json_t *j = json_loads(rows[i].value ? rows[i].value : "", 0, NULL);
         const char *name = json_string_value(json_object_get(j, "name"));
         const char *value = json_string_value(json_object_get(j, "value"));
+        const char *owner = json_string_value(json_object_get(j, "owner"));
+        int busy = 0;
+        for (op_t *op = d->ops; op && name && value; op = op->next)
+            busy |= strcmp(op->name, name) == 0 && strcmp(op->value, value) == 0;
+        if (busy || (owner && !gone(arg, owner))) {
+            json_decref(j);
+            continue;
+        }
         if (name && value) {
             MOAT_INFO("dns-01: deleting _acme-challenge.%s TXT \"%s\" left by an earlier run", name,
                       value);
@@ -1091,9 +1101,10 @@ void moat_dns01_cleanup(moat_dns01_t *d)
     moat_kv_free(rows, n);
 }
 
-moat_dns01_t *moat_dns01_new(uv_loop_t *loop, moat_storage_t *st)
+moat_dns01_t *moat_dns01_new(uv_loop_t *loop, moat_storage_t *st, const char *owner)
 {
     moat_dns01_t *d = moat_xcalloc(1, sizeof *d);
+    d->owner = moat_xstrdup(owner);
     d->loop = loop;
     d->st = st;
     return d;
@@ -1108,5 +1119,6 @@ void moat_dns01_free(moat_dns01_t *d)
         op_report(op, MOAT_ECLOSED, "moat is stopping");
         op_free(op);
     }
+    free(d->owner);
     free(d);
 }

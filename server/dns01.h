@@ -7,9 +7,10 @@
  * says so). DNS messages are built and read by acme/dnsmsg.c.
  *
  * Every record made is remembered in storage before the update is sent, as the kv row
- *   dns01-record:<fqdn>|<value>   {"provider","server","tsig","zone","resolver"} (JSON)
+ *   dns01-record:<fqdn>|<value>   {"owner","provider","server","port","tsig","zone",...} (JSON)
  * and the row is removed once the record is deleted, so a record a crash or restart left
- * behind is deleted by moat_dns01_cleanup at the next start. The row holds the key file's
+ * behind is deleted by moat_dns01_cleanup (at start and before each order) once its owner
+ * process is known to be gone. The row holds the key file's
  * path, never the key. What a name's DNS-01 is doing is kept, for `moat certs`, as
  *   dns01-state:<name>            a sentence ("waiting for ... since ...", "failed: ...") */
 #ifndef MOAT_DNS01_H
@@ -32,7 +33,8 @@ typedef struct {
     uint64_t wait_ms;
 } moat_dns01_cfg_t;
 
-moat_dns01_t *moat_dns01_new(uv_loop_t *loop, moat_storage_t *st);
+/* owner: this process's name in the rows it writes (moat_acmeshare_owner). */
+moat_dns01_t *moat_dns01_new(uv_loop_t *loop, moat_storage_t *st, const char *owner);
 /* Create _acme-challenge.<name> TXT value and wait for it on the zone's authoritative servers
  * (at most cfg->wait_ms). cb runs exactly once, never inside this call. */
 void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *name,
@@ -40,8 +42,9 @@ void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *na
 /* Delete that record (whatever an add still under way made of it). A failure is logged and
  * the storage row kept, so moat_dns01_cleanup tries again at the next start. */
 void moat_dns01_remove(moat_dns01_t *d, const char *name, const char *value);
-/* Delete every record storage remembers (left by a process that stopped mid-order). */
-void moat_dns01_cleanup(moat_dns01_t *d);
+/* Delete every record storage remembers whose owner gone(arg, owner) says has stopped (a
+ * process killed mid-order); rows of live processes, this one included, are left alone. */
+void moat_dns01_cleanup(moat_dns01_t *d, int (*gone)(void *arg, const char *owner), void *arg);
 /* Stop: adds under way report MOAT_ECLOSED; handles close on the loop, so run it once. */
 void moat_dns01_free(moat_dns01_t *d);
 

@@ -1,0 +1,273 @@
+"""ACME DNS-01 with real servers: BIND 9 (named) authoritative for a test zone on a loopback
+port, taking RFC 2136 updates signed with a TSIG key from tsig-keygen, and Pebble resolving
+through it (-dnsserver), so Pebble's validation reads the TXT records moat put in the zone.
+
+    MOAT_BIN=$PWD/build/moat /usr/bin/python3 -m pytest -q tests/integration/test_dns01.py
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TARGET
+from helpers import free_port, stop_process, tail
+from test_acme import Moat, Pebble, PEBBLE, served_cert, wait_served
+
+NAMED = shutil.which("named") or "/usr/sbin/named"
+TSIG_KEYGEN = shutil.which("tsig-keygen") or "/usr/sbin/tsig-keygen"
+DIG = shutil.which("dig") or "/usr/bin/dig"
+ZONE = "dns01.test"
+
+pytestmark = [
+    pytest.mark.skipif(TARGET != "moat", reason="ACME is moat's own feature"),
+    pytest.mark.skipif(not os.path.exists(PEBBLE), reason="pebble is not installed"),
+    pytest.mark.skipif(not os.path.exists(NAMED), reason="bind9 (named) is not installed"),
+    pytest.mark.skipif(not os.path.exists(TSIG_KEYGEN), reason="tsig-keygen is not installed"),
+    pytest.mark.skipif(not os.path.exists(DIG), reason="dig (bind9-dnsutils) is not installed"),
+]
+
+
+class Bind:
+    """named -g on 127.0.0.1:port, primary for ZONE, updates allowed for one TSIG key."""
+
+    def __init__(self, workdir):
+        self.dir = Path(workdir) / "bind"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.key_text = subprocess.run([TSIG_KEYGEN, "moat-test"], check=True,
+                                       capture_output=True, text=True).stdout
+        self.key_file = self.dir / "tsig.key"
+        self.key_file.write_text(self.key_text)
+        os.chmod(self.key_file, 0o600)
+        self.proc = None
+
+    def start(self):
+        d = self.dir
+        (d / f"{ZONE}.db").write_text(
+            "$TTL 60\n"
+            f"@ IN SOA ns1.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 60\n"
+            f"@ IN NS ns1.{ZONE}.\n"
+            "ns1 IN A 127.0.0.1\n"
+            "@ IN A 127.0.0.1\n"
+            "* IN A 127.0.0.1\n"
+            "ai IN A 127.0.0.1\n"
+            "*.ai IN A 127.0.0.1\n")
+        (d / "named.conf").write_text(
+            "options {\n"
+            f'  directory "{d}";\n'
+            f'  pid-file "{d}/named.pid";\n'
+            f'  session-keyfile "{d}/session.key";\n'
+            f'  managed-keys-directory "{d}";\n'
+            f"  listen-on port {self.port} {{ 127.0.0.1; }};\n"
+            "  listen-on-v6 { none; };\n"
+            "  recursion no;\n"
+            "  dnssec-validation no;\n"
+            "};\n"
+            "controls { };\n"
+            + self.key_text +
+            f'zone "{ZONE}" {{ type primary; file "{d}/{ZONE}.db"; '
+            'allow-update { key "moat-test"; }; };\n')
+        self.log = open(d / "named.log", "ab")
+        self.proc = subprocess.Popen([NAMED, "-g", "-c", str(d / "named.conf"), "-n", "1"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if "running" in (d / "named.log").read_text(errors="replace"):
+                if self.dig(ZONE, "SOA"):
+                    return self
+            time.sleep(0.1)
+        raise AssertionError("named did not start:\n" + self.logs())
+
+    def dig(self, name, rtype="TXT"):
+        cp = subprocess.run([DIG, "+short", "+time=2", "+tries=1", "-p", str(self.port),
+                             "@127.0.0.1", name, rtype], capture_output=True, text=True,
+                            timeout=10)
+        return [line for line in cp.stdout.splitlines() if line.strip()]
+
+    def txt(self):
+        return self.dig(f"_acme-challenge.ai.{ZONE}")
+
+    def stop(self):
+        if self.proc:
+            stop_process(self.proc)
+            self.proc = None
+
+    def logs(self):
+        return tail(self.dir / "named.log")
+
+
+class BindPebble(Pebble):
+    """Pebble resolving through BIND (no challtestsrv): dns-01 validation reads the real zone."""
+
+    def __init__(self, workdir, bind, http_port, tls_port):
+        super().__init__(workdir, http_port, tls_port)
+        self.bind = bind
+
+    def _spawn(self):
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
+        self.procs.append(subprocess.Popen(
+            [PEBBLE, "-config", str(self.dir / "pebble.json"), "-dnsserver",
+             f"127.0.0.1:{self.bind.port}"], stdout=self.log, stderr=subprocess.STDOUT,
+            env=env))
+
+    def start(self):
+        import json
+        from helpers import wait_port
+        cfg = {"pebble": {
+            "listenAddress": f"127.0.0.1:{self.port}",
+            "managementListenAddress": f"127.0.0.1:{self.mgmt}",
+            "certificate": str(self.dir / "srv.pem"),
+            "privateKey": str(self.dir / "srv.key"),
+            "httpPort": self.http_port,
+            "tlsPort": self.tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+        }}
+        (self.dir / "pebble.json").write_text(json.dumps(cfg))
+        self.log = open(self.dir / "pebble.log", "ab")
+        (self.dir / "challtestsrv.log").write_text("(not used: Pebble resolves through BIND)\n")
+        self._spawn()
+        assert wait_port(self.port, 15, self.procs[-1]), self.logs()
+        assert wait_port(self.mgmt, 5, self.procs[-1]), self.logs()
+        return self
+
+
+@pytest.fixture
+def rig(tmp_path, request):
+    started = []
+
+    def make(site_opts="", key_file=None, wait="20s"):
+        bind = Bind(tmp_path).start()
+        started.append(bind)
+        http_port, https_port = free_port(), free_port()
+        pb = BindPebble(tmp_path, bind, http_port, https_port).start()
+        started.append(pb)
+        key = key_file or bind.key_file
+        site = (f"*.ai.{ZONE},ai.{ZONE} {request.getfixturevalue('upstream').addr} dns=rfc2136 "
+                f"dns_server=127.0.0.1:{bind.port} dns_tsig={key} "
+                f"dns_resolver=127.0.0.1:{bind.port} dns_wait={wait} {site_opts}")
+        m = Moat(tmp_path, pb, [site], http_port, https_port)
+        started.append(m)
+        return bind, pb, m
+
+    yield make
+    rep = getattr(request.node, "rep_call", None)
+    for s in reversed(started):
+        if rep is not None and rep.failed:
+            print(f"---- {type(s).__name__} logs ----\n{s.logs()}")
+        s.stop()
+
+
+def kv_rows(m, prefix):
+    return m.db().execute("select key, value from kv where key like ?",
+                          (prefix + "%",)).fetchall()
+
+
+def wait_until(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return pred()
+
+
+def test_wildcard_and_base_over_rfc2136(rig, tmp_path):
+    bind, pb, m = rig()
+    t0 = time.monotonic()
+    m.start()
+    roots = pb.roots(tmp_path)
+    cert = wait_served(m.https_port, f"a.ai.{ZONE}", roots, timeout=60)
+    took = time.monotonic() - t0
+    print(f"wildcard + base certificate served after {took:.2f} s")
+    sans = cert["subjectAltName"]
+    assert ("DNS", f"*.ai.{ZONE}") in sans and ("DNS", f"ai.{ZONE}") in sans
+    # The same certificate for the base name and any other single label.
+    served_cert(m.https_port, f"ai.{ZONE}", roots)
+    served_cert(m.https_port, f"other-1.ai.{ZONE}", roots)
+    assert m.wait_log(rf"acme: issued a certificate for \*\.ai\.{ZONE},ai\.{ZONE} .* via dns-01")
+    # Two TXT values were made (one per authorization) and both deleted afterwards.
+    assert m.wait_log(r"dns-01: added _acme-challenge\.ai\.dns01\.test TXT", count=2)
+    assert m.wait_log(r"dns-01: deleted _acme-challenge\.ai\.dns01\.test TXT", count=2, timeout=15)
+    assert bind.txt() == []
+    assert kv_rows(m, "dns01-record:") == []
+    # HTTP -> HTTPS for a name only the wildcard covers, to that very name.
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", m.http_port, timeout=5)
+    c.request("GET", "/x?y=1", headers={"Host": f"b.ai.{ZONE}"})
+    r = c.getresponse()
+    assert r.status == 308
+    assert r.getheader("Location") == f"https://b.ai.{ZONE}:{m.https_port}/x?y=1"
+    # Two labels below the wildcard: not covered, no certificate.
+    with pytest.raises(Exception):
+        served_cert(m.https_port, f"x.y.ai.{ZONE}", roots)
+    # `moat certs` shows the certificate and how it was validated.
+    out = subprocess.run([m.proc.args[0], "certs", "--data", m.data], capture_output=True,
+                         text=True, timeout=20)
+    assert f"*.ai.{ZONE}" in out.stdout, out.stdout + out.stderr
+
+
+def test_wrong_tsig_key_is_refused_and_leaves_nothing(rig, tmp_path):
+    bad = tmp_path / "wrong.key"
+    bad.write_text(subprocess.run([TSIG_KEYGEN, "moat-test"], check=True, capture_output=True,
+                                  text=True).stdout)
+    os.chmod(bad, 0o600)
+    bind, pb, m = rig(key_file=bad)
+    m.start()
+    assert m.wait_log(r"refused the TSIG key \S*moat-test", timeout=30), m.logs()
+    assert m.wait_log(r"BADSIG", timeout=1)
+    # A clear failure with a backoff, never a retry storm.
+    assert m.wait_log(r"attempt 1 failed, next attempt in \d+ s", timeout=10)
+    assert bind.txt() == []
+    assert kv_rows(m, "dns01-record:") == []
+    state = dict(kv_rows(m, "dns01-state:"))
+    assert any("refused the TSIG key" in v for v in state.values()), state
+    # The secret never shows in the log.
+    secret = re.search(r'secret "([^"]+)"', bad.read_text()).group(1)
+    assert secret not in m.log_path.read_text()
+
+
+def test_key_file_readable_by_others_is_refused(rig, tmp_path):
+    loose = tmp_path / "loose.key"
+    bind = None
+    bind, pb, m = rig(key_file=loose)
+    shutil.copy(bind.key_file, loose)
+    os.chmod(loose, 0o644)
+    m.start()
+    assert m.wait_log(rf"can be read by other users \(mode 0644\); run 'chmod 600 {loose}'",
+                      timeout=30), m.logs()
+    assert bind.txt() == []
+
+
+def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
+    bind, pb, m = rig(wait="20s")
+    # A resolver nobody answers: the record goes in, then the NS lookup takes its ~4.5 s of
+    # timeouts before moat checks at the primary: the window in which moat is killed.
+    dead = free_port()
+    m.cfg.write_text(m.cfg.read_text().replace(f"dns_resolver=127.0.0.1:{bind.port}",
+                                               f"dns_resolver=127.0.0.1:{dead}"))
+    m.start()
+    assert m.wait_log(r"dns-01: added _acme-challenge\.ai\.dns01\.test TXT", timeout=30), m.logs()
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait(10)
+    m.proc = None
+    stray = bind.txt()
+    assert len(stray) == 1, stray
+    assert len(kv_rows(m, "dns01-record:")) == 1
+    # Start again (with a working resolver): the leftover is deleted first, then the order
+    # runs to the end and cleans up after itself.
+    m.cfg.write_text(m.cfg.read_text().replace(f"dns_resolver=127.0.0.1:{dead}",
+                                               f"dns_resolver=127.0.0.1:{bind.port}"))
+    m.start()
+    assert m.wait_log(r"left by an earlier run", timeout=10), m.logs()
+    wait_served(m.https_port, f"a.ai.{ZONE}", pb.roots(tmp_path), timeout=60)
+    assert wait_until(lambda: bind.txt() == [] and kv_rows(m, "dns01-record:") == [], 15), \
+        (bind.txt(), kv_rows(m, "dns01-record:"))
