@@ -690,6 +690,12 @@ static void on_update(op_t *op, int rc, const moat_dns_msg_t *m)
     }
     if (op->kind == OP_REMOVE) {
         op->d->st->ops->kv_put(op->d->st, op->rowkey, NULL);
+        /* A failure stays what `moat certs` shows; otherwise say the record served and went. */
+        char key[600], *v = NULL;
+        snprintf(key, sizeof key, MOAT_DNS01_STATE_PREFIX "%s", op->name);
+        if (op->d->st->ops->kv_get(op->d->st, key, &v) != 0 || strstr(v, ": failed: ") == NULL)
+            set_state(op, "done: %s TXT was published, then deleted", op->fqdn);
+        free(v);
         MOAT_INFO("dns-01: deleted %s TXT \"%s\" (zone %s)", op->fqdn, op->value, op->zone);
         op_free(op);
         return;
@@ -731,8 +737,8 @@ static void step_update(op_t *op)
         return;
     }
     op->sent_update = 1;
-    set_state(op, "%s %s TXT through %s", op->kind == OP_ADD ? "adding" : "deleting", op->fqdn,
-              op->server_host);
+    if (op->kind == OP_ADD)
+        set_state(op, "adding %s TXT through %s", op->fqdn, op->server_host);
     exch_start(op, &op->server, msg, (size_t)n, on_update);
 }
 
@@ -1063,9 +1069,6 @@ void moat_dns01_remove(moat_dns01_t *d, const char *name, const char *value)
             op->withdrawn = 1;
             return;
         }
-    char key[600];
-    snprintf(key, sizeof key, MOAT_DNS01_STATE_PREFIX "%s", name);
-    d->st->ops->kv_put(d->st, key, NULL);
     op_t *op = op_new(d, OP_REMOVE, name, value);
     remove_begin(op);
 }

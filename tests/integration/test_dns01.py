@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TARGET
+from conftest import MOAT_BIN, TARGET
 from helpers import free_port, stop_process, tail
 from test_acme import Moat, Pebble, PEBBLE, served_cert, wait_served
 
@@ -209,10 +209,12 @@ def test_wildcard_and_base_over_rfc2136(rig, tmp_path):
     # Two labels below the wildcard: not covered, no certificate.
     with pytest.raises(Exception):
         served_cert(m.https_port, f"x.y.ai.{ZONE}", roots)
-    # `moat certs` shows the certificate and how it was validated.
-    out = subprocess.run([m.proc.args[0], "certs", "--data", m.data], capture_output=True,
+    # `moat certs` shows the certificate and the DNS-01 state of the name.
+    out = subprocess.run([MOAT_BIN, "certs", "--data", m.data], capture_output=True,
                          text=True, timeout=20)
     assert f"*.ai.{ZONE}" in out.stdout, out.stdout + out.stderr
+    assert re.search(rf"dns-01: ai\.{ZONE}: .*done: _acme-challenge\.ai\.{ZONE} TXT was published, then del",
+                     out.stdout), out.stdout
 
 
 def test_wrong_tsig_key_is_refused_and_leaves_nothing(rig, tmp_path):
@@ -230,6 +232,13 @@ def test_wrong_tsig_key_is_refused_and_leaves_nothing(rig, tmp_path):
     assert kv_rows(m, "dns01-record:") == []
     state = dict(kv_rows(m, "dns01-state:"))
     assert any("refused the TSIG key" in v for v in state.values()), state
+    m.stop()
+    out = subprocess.run([MOAT_BIN, "certs", "--data", m.data, "--config", str(m.cfg)],
+                         capture_output=True, text=True, timeout=20)
+    assert re.search(rf"pending: \*\.ai\.{ZONE},ai\.{ZONE} .*last error: .*BADSIG", out.stdout), \
+        out.stdout + out.stderr
+    assert re.search(rf"dns-01: ai\.{ZONE}: .*failed: .*refused the TSIG key", out.stdout), \
+        out.stdout
     # The secret never shows in the log.
     secret = re.search(r'secret "([^"]+)"', bad.read_text()).group(1)
     assert secret not in m.log_path.read_text()
