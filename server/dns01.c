@@ -12,6 +12,7 @@
  * Names the resolver is asked (the server's, the NS hosts') go through our own A queries,
  * never getaddrinfo: nothing here blocks and nothing runs on the thread pool. */
 #include "dns01.h"
+#include "dns01_cloudflare.h"
 #include "moat/common.h"
 #include "moat/config.h"
 #include "moat/dnsmsg.h"
@@ -47,6 +48,7 @@ typedef void (*exch_cb)(op_t *op, int rc, const moat_dns_msg_t *m);
 
 struct moat_dns01 {
     char *owner;
+    moat_httpc_t *http; /* Cloudflare's API; NULL when no client could be made */
     uv_loop_t *loop;
     moat_storage_t *st;
     op_t *ops;
@@ -87,9 +89,10 @@ enum {
 struct op {
     moat_dns01_t *d;
     op_t *next;
-    int kind, state, withdrawn, cb_done, sent_update, freeing;
+    int kind, state, withdrawn, cb_done, sent_update, freeing, http_pending;
     char *name, *fqdn, *value, *rowkey;
     char *server_host, *tsig_path, *resolver_spec, *zone;
+    char *token_file, *api, *token, *zone_id; /* cloudflare */
     int server_port;
     int provider;
     moat_dns_tsig_key_t key;
@@ -413,6 +416,10 @@ static void op_closed(uv_handle_t *h)
     free(op->tsig_path);
     free(op->resolver_spec);
     free(op->zone);
+    free(op->token_file);
+    free(op->api);
+    free(op->zone_id);
+    moat_secret_free(op->token);
     OPENSSL_cleanse(&op->key, sizeof op->key);
     free(op);
 }
@@ -432,7 +439,20 @@ static void op_free(op_t *op)
         exch_close(op->exch);
         op->exch = NULL;
     }
-    uv_close((uv_handle_t *)&op->timer, op_closed);
+    /* A Cloudflare call cannot be cancelled: its callback completes the free. */
+    if (!op->http_pending)
+        uv_close((uv_handle_t *)&op->timer, op_closed);
+}
+
+/* Back from a Cloudflare call: 1 when the operation was freed meanwhile (stop there). */
+static int cf_back(op_t *op)
+{
+    op->http_pending = 0;
+    if (op->freeing) {
+        uv_close((uv_handle_t *)&op->timer, op_closed);
+        return 1;
+    }
+    return 0;
 }
 
 static void set_state(op_t *op, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -461,6 +481,7 @@ static void op_report(op_t *op, int rc, const char *error)
 }
 
 static void remove_begin(op_t *op);
+static void cf_add_begin(op_t *op, const moat_dns01_cfg_t *cfg);
 
 /* End an add: report, and when it failed after the update may have been sent (or the order
  * withdrew it meanwhile), go on to delete the record. */
@@ -489,40 +510,77 @@ static void add_end(op_t *op, int rc, const char *fmt, ...)
     op_free(op);
 }
 
-static int load_key(op_t *op, char *err, size_t errlen)
+/* Read a secret file of at most cap - 1 bytes into buf (NUL-terminated); it must not be
+ * readable by group or others. Returns its length, or < 0 with a sentence in err. */
+static int read_secret(const char *path, const char *what, char *buf, size_t cap, char *err,
+                       size_t errlen)
 {
-    int fd = open(op->tsig_path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat sb;
     if (fd < 0 || fstat(fd, &sb) < 0) {
-        moat_errf(err, errlen, "cannot read the TSIG key file %s: %s", op->tsig_path,
-                  strerror(errno));
+        moat_errf(err, errlen, "cannot read the %s %s: %s", what, path, strerror(errno));
         if (fd >= 0)
             close(fd);
         return MOAT_EIO;
     }
     if (sb.st_mode & 077) {
         moat_errf(err, errlen,
-                  "the TSIG key file %s can be read by other users (mode %04o); run "
-                  "'chmod 600 %s' (and chown it to the user moat runs as)",
-                  op->tsig_path, (unsigned)(sb.st_mode & 07777), op->tsig_path);
+                  "the %s %s can be read by other users (mode %04o); run 'chmod 600 %s' (and "
+                  "chown it to the user moat runs as)",
+                  what, path, (unsigned)(sb.st_mode & 07777), path);
         close(fd);
         return MOAT_EPERM;
     }
-    char buf[KEY_FILE_MAX];
-    ssize_t n = read(fd, buf, sizeof buf);
+    ssize_t n = read(fd, buf, cap - 1);
     close(fd);
-    if (n < 0 || (size_t)n >= sizeof buf) {
-        moat_errf(err, errlen, "cannot read the TSIG key file %s: %s", op->tsig_path,
-                  n < 0 ? strerror(errno) : "larger than 4 KiB");
-        OPENSSL_cleanse(buf, sizeof buf);
+    if (n < 0 || (size_t)n >= cap - 1) {
+        moat_errf(err, errlen, "cannot read the %s %s: %s", what, path,
+                  n < 0 ? strerror(errno) : "it is too large");
+        OPENSSL_cleanse(buf, cap);
         return MOAT_EIO;
     }
+    buf[n] = '\0';
+    return (int)n;
+}
+
+static int load_key(op_t *op, char *err, size_t errlen)
+{
+    char buf[KEY_FILE_MAX];
+    int n = read_secret(op->tsig_path, "TSIG key file", buf, sizeof buf, err, errlen);
+    if (n < 0)
+        return n;
     char why[256];
     int rc = moat_dns_tsig_key_parse(buf, (size_t)n, &op->key, why, sizeof why);
     OPENSSL_cleanse(buf, sizeof buf);
     if (rc != 0)
         moat_errf(err, errlen, "the TSIG key file %s: %s", op->tsig_path, why);
     return rc;
+}
+
+/* The Cloudflare API token: the file's one line, surrounding white space ignored. */
+static int load_token(op_t *op, char *err, size_t errlen)
+{
+    char buf[1024];
+    int n = read_secret(op->token_file, "API token file", buf, sizeof buf, err, errlen);
+    if (n < 0)
+        return n;
+    char *b = buf, *e = buf + n;
+    while (b < e && (*b == ' ' || *b == '\t' || *b == '\n' || *b == '\r'))
+        b++;
+    while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
+        e--;
+    int ok = e > b;
+    for (char *p = b; ok && p < e; p++)
+        ok = (unsigned char)*p > 0x20 && (unsigned char)*p < 0x7f;
+    if (!ok) {
+        OPENSSL_cleanse(buf, sizeof buf);
+        moat_errf(err, errlen, "the API token file %s must hold the token on one line",
+                  op->token_file);
+        return MOAT_EPARSE;
+    }
+    op->token = moat_xstrndup(b, (size_t)(e - b));
+    OPENSSL_cleanse(buf, sizeof buf);
+    return 0;
 }
 
 static void step_server(op_t *op);
@@ -634,6 +692,17 @@ static void step_soa(op_t *op)
 
 static char *row_json(op_t *op)
 {
+    if (op->provider == MOAT_DNS_CLOUDFLARE) {
+        json_t *c = json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:s}", "provider", "cloudflare",
+                              "name", op->name, "fqdn", op->fqdn, "value", op->value, "token_file",
+                              op->token_file, "api", op->api, "zone_id", op->zone_id, "zone",
+                              op->zone, "owner", op->d->owner);
+        if (op->resolver_spec)
+            json_object_set_new(c, "resolver", json_string(op->resolver_spec));
+        char *cs = json_dumps(c, JSON_COMPACT | JSON_SORT_KEYS);
+        json_decref(c);
+        return cs;
+    }
     json_t *j = json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s}", "provider", "rfc2136", "name", op->name,
                           "fqdn", op->fqdn, "value", op->value, "server", op->server_host, "tsig",
                           op->tsig_path, "zone", op->zone);
@@ -746,6 +815,14 @@ static void step_update(op_t *op)
 
 static void propagation_done_without_ns(op_t *op, const char *why)
 {
+    if (op->provider == MOAT_DNS_CLOUDFLARE) {
+        MOAT_WARN("dns-01: cannot find the authoritative servers of %s (%s); telling the CA "
+                  "without checking that %s is visible",
+                  op->zone, why, op->fqdn);
+        set_state(op, "published %s TXT (not checked); the CA is validating it", op->fqdn);
+        add_end(op, 0, NULL);
+        return;
+    }
     /* Without the NS set, the primary that took the update is the one server we can ask. */
     MOAT_WARN("dns-01: cannot find the authoritative servers of %s (%s); checking at %s only",
               op->zone, why, op->server_host);
@@ -985,6 +1062,133 @@ static void fail_later(op_t *op, const char *msg)
     uv_timer_start(&op->timer, later_fail_fire, 0, 0);
 }
 
+/* --- Cloudflare (server/dns01_cloudflare.c does the HTTP) ---------------------------------- */
+
+static void cf_created(void *arg, int rc, const char *error, const char *zone_id, const char *zone)
+{
+    op_t *op = arg;
+    (void)zone_id, (void)zone;
+    if (cf_back(op))
+        return;
+    if (rc != 0) {
+        add_end(op, rc, "%s", error ? error : moat_strerror(rc));
+        return;
+    }
+    MOAT_INFO("dns-01: added %s TXT \"%s\" in Cloudflare zone %s", op->fqdn, op->value, op->zone);
+    if (op->withdrawn) {
+        add_end(op, MOAT_ECLOSED, "withdrawn while it was being added");
+        return;
+    }
+    step_ns(op);
+}
+
+static void cf_zone_found(void *arg, int rc, const char *error, const char *zone_id,
+                          const char *zone)
+{
+    op_t *op = arg;
+    if (cf_back(op))
+        return;
+    if (rc != 0) {
+        add_end(op, rc, "%s", error ? error : moat_strerror(rc));
+        return;
+    }
+    op->zone_id = moat_xstrdup(zone_id);
+    op->zone = moat_xstrdup(zone);
+    char *row = row_json(op);
+    int src = op->d->st->ops->kv_put(op->d->st, op->rowkey, row);
+    free(row);
+    if (src != 0) {
+        add_end(op, src, "cannot remember the record in storage: %s",
+                moat_storage_last_error(op->d->st));
+        return;
+    }
+    if (op->withdrawn) {
+        add_end(op, MOAT_ECLOSED, "withdrawn before it was added");
+        return;
+    }
+    op->sent_update = 1;
+    op->http_pending = 1;
+    set_state(op, "adding %s TXT through the Cloudflare API", op->fqdn);
+    moat_cf_create(op->d->http, op->api, op->token, op->zone_id, op->fqdn, op->value, cf_created,
+                   op);
+}
+
+static void cf_add_begin(op_t *op, const moat_dns01_cfg_t *cfg)
+{
+    char err[512];
+    if (cfg->token_file == NULL) {
+        fail_later(op, "dns=cloudflare needs dns_token_file=");
+        return;
+    }
+    if (op->d->http == NULL) {
+        fail_later(op, "no HTTP client for the Cloudflare API (see the log at start)");
+        return;
+    }
+    op->token_file = moat_xstrdup(cfg->token_file);
+    op->api = moat_xstrdup(cfg->api && *cfg->api ? cfg->api : MOAT_CF_API_DEFAULT);
+    if (load_token(op, err, sizeof err) != 0) {
+        fail_later(op, err);
+        return;
+    }
+    op->http_pending = 1;
+    moat_cf_zone(op->d->http, op->api, op->token, op->fqdn, cf_zone_found, op);
+}
+
+static void cf_removed(void *arg, int rc, const char *error, const char *zone_id, const char *zone)
+{
+    op_t *op = arg;
+    (void)zone_id, (void)zone;
+    if (cf_back(op))
+        return;
+    if (rc != 0) {
+        op_fail(op, rc, "%s", error ? error : moat_strerror(rc));
+        return;
+    }
+    op->d->st->ops->kv_put(op->d->st, op->rowkey, NULL);
+    MOAT_INFO("dns-01: deleted %s TXT \"%s\" (Cloudflare zone %s)", op->fqdn, op->value,
+              op->zone ? op->zone : "?");
+    char key[600], *v = NULL;
+    snprintf(key, sizeof key, MOAT_DNS01_STATE_PREFIX "%s", op->name);
+    if (op->d->st->ops->kv_get(op->d->st, key, &v) != 0 || strstr(v, ": failed: ") == NULL)
+        set_state(op, "done: %s TXT was published, then deleted", op->fqdn);
+    free(v);
+    op_free(op);
+}
+
+static void cf_remove_begin(op_t *op, json_t *row)
+{
+    const char *tf = json_string_value(json_object_get(row, "token_file"));
+    const char *api = json_string_value(json_object_get(row, "api"));
+    const char *zid = json_string_value(json_object_get(row, "zone_id"));
+    const char *zone = json_string_value(json_object_get(row, "zone"));
+    if (tf == NULL || api == NULL || zid == NULL) {
+        MOAT_WARN("dns-01: the stored record %s is malformed; forgetting it", op->rowkey);
+        op->d->st->ops->kv_put(op->d->st, op->rowkey, NULL);
+        op_free(op);
+        return;
+    }
+    op->provider = MOAT_DNS_CLOUDFLARE;
+    if (op->token == NULL) {
+        free(op->token_file);
+        op->token_file = moat_xstrdup(tf);
+        char err[512];
+        if (load_token(op, err, sizeof err) != 0) {
+            op_fail(op, MOAT_EIO, "%s", err);
+            return;
+        }
+    }
+    free(op->api);
+    op->api = moat_xstrdup(api);
+    free(op->zone);
+    op->zone = zone ? moat_xstrdup(zone) : NULL;
+    if (op->d->http == NULL) {
+        op_fail(op, MOAT_EIO, "no HTTP client for the Cloudflare API");
+        return;
+    }
+    op->http_pending = 1;
+    moat_cf_remove(op->d->http, op->api, op->token, zid, op->fqdn, op->value, cf_removed, op);
+}
+
 void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *name,
                     const char *value, moat_acme_dns01_cb cb, void *arg)
 {
@@ -1000,8 +1204,7 @@ void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *na
         return;
     }
     if (cfg->provider == MOAT_DNS_CLOUDFLARE) {
-        fail_later(op, "the Cloudflare provider is not implemented yet in this build; use "
-                       "dns=rfc2136");
+        cf_add_begin(op, cfg);
         return;
     }
     if (cfg->server == NULL || cfg->tsig == NULL) {
@@ -1028,6 +1231,12 @@ static void remove_begin(op_t *op)
     }
     json_t *j = json_loads(row, 0, NULL);
     free(row);
+    const char *provider = json_string_value(json_object_get(j, "provider"));
+    if (provider && strcmp(provider, "cloudflare") == 0) {
+        cf_remove_begin(op, j);
+        json_decref(j);
+        return;
+    }
     const char *server = json_string_value(json_object_get(j, "server"));
     const char *port = json_string_value(json_object_get(j, "port"));
     const char *tsig = json_string_value(json_object_get(j, "tsig"));
@@ -1110,6 +1319,10 @@ moat_dns01_t *moat_dns01_new(uv_loop_t *loop, moat_storage_t *st, const char *ow
     d->owner = moat_xstrdup(owner);
     d->loop = loop;
     d->st = st;
+    char err[256];
+    d->http = moat_httpc_new(loop, NULL, 30000, err, sizeof err);
+    if (d->http == NULL)
+        MOAT_WARN("dns-01: no HTTP client for the Cloudflare API: %s", err);
     return d;
 }
 
@@ -1122,6 +1335,9 @@ void moat_dns01_free(moat_dns01_t *d)
         op_report(op, MOAT_ECLOSED, "moat is stopping");
         op_free(op);
     }
+    /* Calls in flight report MOAT_ECLOSED now; their operations finish freeing then. */
+    if (d->http)
+        moat_httpc_free(d->http);
     free(d->owner);
     free(d);
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MOAT_BIN, TARGET
-from helpers import free_port, stop_process, tail
+from helpers import FIXTURES, free_port, stop_process, tail
 from test_acme import Moat, Pebble, PEBBLE, served_cert, wait_served
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
@@ -144,16 +144,20 @@ class BindPebble(Pebble):
 def rig(tmp_path, request):
     started = []
 
-    def make(site_opts="", key_file=None, wait="20s"):
+    def make(site_opts="", key_file=None, wait="20s", site=None):
         bind = Bind(tmp_path).start()
         started.append(bind)
         http_port, https_port = free_port(), free_port()
         pb = BindPebble(tmp_path, bind, http_port, https_port).start()
         started.append(pb)
         key = key_file or bind.key_file
-        site = (f"*.ai.{ZONE},ai.{ZONE} {request.getfixturevalue('upstream').addr} dns=rfc2136 "
-                f"dns_server=127.0.0.1:{bind.port} dns_tsig={key} "
-                f"dns_resolver=127.0.0.1:{bind.port} dns_wait={wait} {site_opts}")
+        up = request.getfixturevalue('upstream').addr
+        if site is None:
+            site = (f"*.ai.{ZONE},ai.{ZONE} {up} dns=rfc2136 "
+                    f"dns_server=127.0.0.1:{bind.port} dns_tsig={key} "
+                    f"dns_resolver=127.0.0.1:{bind.port} dns_wait={wait} {site_opts}")
+        else:
+            site = site(bind, up)
         m = Moat(tmp_path, pb, [site], http_port, https_port)
         started.append(m)
         return bind, pb, m
@@ -280,3 +284,91 @@ def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
     wait_served(m.https_port, f"a.ai.{ZONE}", pb.roots(tmp_path), timeout=60)
     assert wait_until(lambda: bind.txt() == [] and kv_rows(m, "dns01-record:") == [], 15), \
         (bind.txt(), kv_rows(m, "dns01-record:"))
+
+
+class CloudflareStandin:
+    """tests/fixtures/cloudflare_standin.py on a loopback port, writing into BIND's zone."""
+
+    def __init__(self, workdir, bind, token="cf-test-token-0123456789"):
+        self.dir = Path(workdir) / "cf"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.token_file = self.dir / "server.token"
+        self.token_file.write_text(token + "\n")
+        self.calls = self.dir / "calls.log"
+        self.calls.write_text("")
+        self.log = open(self.dir / "standin.log", "ab")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", str(FIXTURES / "cloudflare_standin.py"), "--port",
+             str(self.port), "--token-file", str(self.token_file), "--zone", ZONE, "--bind",
+             f"127.0.0.1:{bind.port}", "--key-file", str(bind.key_file), "--log",
+             str(self.calls)], stdout=self.log, stderr=subprocess.STDOUT)
+        from helpers import wait_port
+        assert wait_port(self.port, 10, self.proc), tail(self.dir / "standin.log")
+
+    @property
+    def api(self):
+        return f"http://127.0.0.1:{self.port}/client/v4"
+
+    def call_log(self):
+        return self.calls.read_text()
+
+    def stop(self):
+        stop_process(self.proc)
+
+    def logs(self):
+        return tail(self.dir / "standin.log") + "\n" + self.call_log()
+
+
+def cf_site(tmp_path, token):
+    """A site line factory for rig(site=...): chat.home.<zone> over the stand-in."""
+    holder = {}
+    tok = tmp_path / "cf.token"
+    tok.write_text(token + "\n")
+    os.chmod(tok, 0o600)
+
+    def site(bind, up):
+        cf = CloudflareStandin(tmp_path, bind)
+        holder["cf"] = cf
+        return (f"chat.home.{ZONE} {up} dns=cloudflare dns_token_file={tok} dns_api={cf.api} "
+                f"dns_resolver=127.0.0.1:{bind.port} dns_wait=20s")
+    return site, holder
+
+
+def test_cloudflare_provider_through_standin(rig, tmp_path):
+    site, holder = cf_site(tmp_path, "cf-test-token-0123456789")
+    bind, pb, m = rig(site=site)
+    cf = holder["cf"]
+    try:
+        m.start()
+        cert = wait_served(m.https_port, f"chat.home.{ZONE}", pb.roots(tmp_path), timeout=60)
+        assert ("DNS", f"chat.home.{ZONE}") in cert["subjectAltName"]
+        assert m.wait_log(r"via dns-01")
+        assert m.wait_log(r"dns-01: deleted _acme-challenge\.chat\.home\.dns01\.test TXT",
+                          timeout=15), m.logs()
+        calls = cf.call_log()
+        # The zone found from the name upwards, one record made and deleted.
+        assert f"GET /client/v4/zones?name=home.{ZONE} 200" in calls, calls
+        assert f"GET /client/v4/zones?name={ZONE} 200" in calls, calls
+        assert re.search(r"POST /client/v4/zones/\w+/dns_records 200", calls), calls
+        assert re.search(r"DELETE /client/v4/zones/\w+/dns_records/\w+ 200", calls), calls
+        assert bind.dig(f"_acme-challenge.chat.home.{ZONE}") == []
+        assert kv_rows(m, "dns01-record:") == []
+        assert "cf-test-token" not in m.log_path.read_text()
+    finally:
+        cf.stop()
+
+
+def test_cloudflare_wrong_token(rig, tmp_path):
+    site, holder = cf_site(tmp_path, "not-the-token")
+    bind, pb, m = rig(site=site)
+    cf = holder["cf"]
+    try:
+        m.start()
+        assert m.wait_log(r"10000 Authentication error \(HTTP 403\); the API token needs "
+                          r"Zone:Read and DNS:Edit", timeout=30), m.logs()
+        assert m.wait_log(r"attempt 1 failed, next attempt in \d+ s", timeout=10)
+        assert "POST" not in cf.call_log()
+        assert kv_rows(m, "dns01-record:") == []
+    finally:
+        cf.stop()
