@@ -360,6 +360,9 @@ static void udp_recv(uv_udp_t *u, ssize_t n, const uv_buf_t *buf, const struct s
     if (!exch_accept(x, x->ubuf, (size_t)n))
         return;
     if (x->msg.tc) {
+        char where[80];
+        addr_text(&x->to, where, sizeof where);
+        MOAT_DEBUG("dns-01: the answer from %s was truncated; asking again over TCP", where);
         exch_tcp(x);
         return;
     }
