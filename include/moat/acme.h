@@ -156,15 +156,15 @@ typedef struct {
     /* Publish (key_auth non-NULL) or withdraw a challenge answer. */
     void (*challenge)(void *data, moat_acme_chal_t type, const char *name, const char *token,
                       const char *key_auth);
+    /* Optional: milliseconds to wait after publishing an answer before telling the CA, so
+     * that other instances sharing the storage have picked it up. NULL means none. */
+    uint64_t (*propagation_ms)(void *data);
     /* DNS-01 only: create the TXT record _acme-challenge.<name> = value and wait until it is
      * visible; cb runs exactly once, never inside this call. The record is withdrawn through
      * `challenge` (type MOAT_ACME_DNS01, token = value, key_auth NULL), also when the publication
      * is still under way or failed (whatever part of it was made is then removed). */
     void (*dns01_publish)(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
                           void *arg);
-    /* Optional: milliseconds to wait after publishing an answer before telling the CA, so
-     * that other instances sharing the storage have picked it up. NULL means none. */
-    uint64_t (*propagation_ms)(void *data);
 } moat_acme_io_t;
 
 typedef struct {

@@ -230,6 +230,13 @@ def acme_seeds(m):
     write("acme", "tlsalpn01-two-names",
           script("a2w", setup() + [placed(3)] + both + tail +
                  [resp(200, [pemct, nonce(23)], chain)]))
+    # dns-01: the record is published (through the fake DNS provider) before the CA is told;
+    # "f" makes the publication fail, which ends the order before any challenge POST.
+    write("acme", "dns01-two-names",
+          script("d2", setup() + [placed(3)] + both + tail +
+                 [resp(200, [pemct, nonce(23)], chain)]))
+    write("acme", "dns01-publish-fails",
+          script("df", setup() + [placed(3)] + both[:1]))
     eab_dir = DIRECTORY.replace('"externalAccountRequired": false',
                                 '"externalAccountRequired": true')
     write("acme", "eab-required",

@@ -58,6 +58,11 @@ typedef struct {
     char key_auth[256], token[64], chal_name[64];
     moat_acme_chal_t chal_type;
     uint64_t propagation;
+    /* dns-01: what was asked to be published, and how the publication ends */
+    char dns_name[64], dns_value[64];
+    int dns_calls, dns_rc;
+    moat_acme_dns01_cb dns_cb;
+    void *dns_arg;
     /* the order's result */
     int done;
     moat_acme_result_t res;
@@ -168,6 +173,27 @@ static void fake_challenge(void *data, moat_acme_chal_t type, const char *name, 
     }
 }
 
+static void dns_fire(void *arg)
+{
+    fake_t *f = arg;
+    f->dns_cb(f->dns_arg, f->dns_rc, f->dns_rc ? "the DNS server refused the update" : NULL);
+}
+
+static void fake_dns01(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                       void *arg)
+{
+    fake_t *f = data;
+    f->dns_calls++;
+    snprintf(f->dns_name, sizeof f->dns_name, "%s", name);
+    snprintf(f->dns_value, sizeof f->dns_value, "%s", value);
+    f->dns_cb = cb;
+    f->dns_arg = arg;
+    event_t *e = push(f); /* reported later, from the "loop" */
+    e->is_after = 1;
+    e->after_cb = dns_fire;
+    e->arg = f;
+}
+
 static uint64_t fake_propagation(void *data)
 {
     return ((fake_t *)data)->propagation;
@@ -230,6 +256,7 @@ static moat_acme_io_t fake_io(fake_t *f)
                             .request = fake_request,
                             .after = fake_after,
                             .challenge = fake_challenge,
+                            .dns01_publish = fake_dns01,
                             .propagation_ms = fake_propagation};
 }
 
@@ -510,6 +537,78 @@ static void test_challenge_alpn(void)
     EVP_PKEY_free(k);
 }
 
+/* dns-01 for a wildcard: the authorization names the base domain; the TXT value is
+ * base64url(SHA-256(key authorization)); the CA is told only once the record is published,
+ * and the record is withdrawn at the end. A publication that fails ends the order with its
+ * sentence and never tells the CA. */
+#define AUTHZ_DNS                                                                                  \
+    {                                                                                              \
+        "POST", CA "/authz/1", 200, JSON,                                                          \
+            "{\"status\":\"pending\",\"wildcard\":true,\"identifier\":{\"type\":\"dns\","          \
+            "\"value\":\"a.example\"},\"challenges\":[{\"type\":\"http-01\",\"url\":\"" CA         \
+            "/chal/1\",\"token\":\"tok1\"},{\"type\":\"dns-01\",\"url\":\"" CA                     \
+            "/chal/3\",\"token\":\"tok3\"}]}",                                                     \
+        {                                                                                          \
+            NULL                                                                                   \
+        }                                                                                          \
+    }
+static void test_challenge_dns01(void)
+{
+    static const char *wild[] = {"*.a.example"};
+    static const step_t script[] = {
+        DIRECTORY,
+        NEW_NONCE,
+        NEW_ACCOUNT,
+        NEW_ORDER,
+        AUTHZ_DNS,
+        {"POST", CA "/chal/3", 200, JSON, "{}", {NULL}},
+        {"POST",
+         CA "/authz/1",
+         200,
+         JSON,
+         "{\"status\":\"invalid\",\"challenges\":[{\"type\":\"dns-01\",\"error\":{\"type\":"
+         "\"urn:ietf:params:acme:error:unauthorized\",\"detail\":\"no TXT\"}}]}",
+         {NULL}},
+    };
+    fake_t f = {0};
+    EVP_PKEY *k = moat_acme_key_new();
+    moat_acme_order_opts_t o = order_opts(k);
+    o.names = wild;
+    o.challenge = MOAT_ACME_DNS01;
+    run(&f, script, MOAT_ARRAY_LEN(script), &o);
+    CHECK_INT(f.dns_calls, 1);
+    CHECK_STR(f.dns_name, "a.example");
+    char *ka = moat_acme_key_authorization("tok3", k);
+    char *want = moat_acme_dns01_value(ka);
+    CHECK_STR(f.dns_value, want);
+    CHECK_INT(strlen(want), 43);
+    /* Withdrawn through `challenge` with the value as token; never published through it. */
+    CHECK_INT(f.published, 0);
+    CHECK_INT(f.withdrawn, 1);
+    CHECK_INT(f.chal_type, MOAT_ACME_DNS01);
+    CHECK_STR(f.token, want);
+    CHECK_INT(f.res.challenge, MOAT_ACME_DNS01);
+    CHECK_INT(f.res.challenge_failed, 1);
+    CHECK_STR(f.res.error, "dns-01 validation of a.example failed: unauthorized: no TXT");
+    /* The sent JWS names the wildcard in the order. */
+    CHECK(f.sent[3].payload && strstr(f.sent[3].payload, "\"*.a.example\"") != NULL);
+    fake_clear(&f);
+    free(ka);
+    free(want);
+
+    static const step_t failing[] = {DIRECTORY, NEW_NONCE, NEW_ACCOUNT, NEW_ORDER, AUTHZ_DNS};
+    fake_t g = {0};
+    g.dns_rc = MOAT_EPERM;
+    run(&g, failing, MOAT_ARRAY_LEN(failing), &o);
+    CHECK_INT(g.res.rc, MOAT_EPERM);
+    CHECK_INT(g.res.challenge_failed, 0);
+    CHECK_STR(g.res.error, "dns-01 for a.example: the DNS server refused the update");
+    CHECK_INT(g.withdrawn, 1);
+    fake_clear(&g);
+    EVP_PKEY_free(k);
+    CHECK_STR(moat_acme_chal_name(MOAT_ACME_DNS01), "dns-01");
+}
+
 /* The CA refuses "replaces": the newOrder goes once more without it. */
 static void test_replaces_refused(void)
 {
@@ -715,6 +814,7 @@ int main(void)
     test_order_problem();
     test_challenge_invalid();
     test_challenge_alpn();
+    test_challenge_dns01();
     test_replaces_refused();
     test_preferred_chain();
     test_early_failures();
