@@ -779,7 +779,7 @@ static void print_certificate(const moat_site_t *s, FILE *f)
     fputs("  certificate  ", f);
     switch (s->tls) {
     case MOAT_TLS_INTERNAL: fputs("internal CA\n", f); return;
-    case MOAT_TLS_ACME: fputs("ACME\n", f); return;
+    case MOAT_TLS_ACME: fputs(s->dns ? "ACME (dns-01)\n" : "ACME\n", f); return;
     case MOAT_TLS_FILES: fprintf(f, "files %s and %s\n", s->tls_cert, s->tls_key); return;
     case MOAT_TLS_AUTO: break;
     }
@@ -791,8 +791,10 @@ static void print_certificate(const moat_site_t *s, FILE *f)
             if (a->plain_http || moat_host_is_internal(a->host) != internal)
                 continue;
             if (!any[internal])
-                fprintf(f, "%s%s for ",
-                        any[0] ? "; " : "automatic: ", internal ? "internal CA" : "ACME");
+                fprintf(f, "%s%s for ", any[0] ? "; " : "automatic: ",
+                        internal ? "internal CA"
+                        : s->dns ? "ACME (dns-01)"
+                                 : "ACME");
             else
                 fputs(", ", f);
             fputs(a->host, f);
