@@ -518,6 +518,17 @@ static void check_dns(pctx_t *c, moat_site_t *s, const int *seen_col)
                           "expected an IP address and port like '127.0.0.1:5353'");
         free(hp.host);
     }
+    if (s->dns_api != NULL) {
+        /* The API token travels with every request: TLS, except to this machine (tests). */
+        const char *a = s->dns_api;
+        int ok = strncmp(a, "https://", 8) == 0 || strncmp(a, "http://127.", 11) == 0 ||
+                 strncmp(a, "http://localhost:", 17) == 0 ||
+                 strncmp(a, "http://localhost/", 17) == 0 || strncmp(a, "http://[::1]", 12) == 0;
+        if (!ok)
+            moat__cfg_err(c, c->line, seen_col[find_option("dns_api")] + 8,
+                          "expected an https:// API URL (plain http:// only to a loopback "
+                          "address), like https://api.cloudflare.com/client/v4");
+    }
     if (s->dns != MOAT_DNS_NONE && s->tls != MOAT_TLS_AUTO && s->tls != MOAT_TLS_ACME)
         moat__cfg_err(c, c->line, seen_col[find_option("dns")],
                       "dns= is for ACME certificates; remove it or tls=");

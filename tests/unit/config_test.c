@@ -837,6 +837,13 @@ static void test_dns01(void)
               "Moatfile:1:71: expected an IP address and port like '127.0.0.1:5353'");
     CHECK_ERR("a.example.com h:1 dns=route53", "Moatfile:1:23: bad value for dns: expected "
                                                "rfc2136 or cloudflare, got 'route53'");
+    CHECK_ERR(
+        "a.example.com h:1 dns=cloudflare dns_token_file=/t dns_api=http://api.example.com/v4",
+        "Moatfile:1:60: expected an https:// API URL (plain http:// only to a loopback "
+        "address), like https://api.cloudflare.com/client/v4");
+    c = parse_ok("a.example.com h:1 dns=cloudflare dns_token_file=/t "
+                 "dns_api=http://127.0.0.1:8080/client/v4\n");
+    moat_config_free(c);
     /* A wildcard with its own certificate files needs no DNS-01. */
     c = parse_ok("*.example.com h:1 tls=/c.pem,/k.pem\n");
     moat_config_free(c);
