@@ -102,7 +102,7 @@ struct op {
     char ns_names[MAX_NS][MOAT_DNS_NAME_MAX];
     struct sockaddr_storage ns[MAX_NS];
     size_t nns_names, ns_name_i, nns, ns_i, ns_seen;
-    uint64_t started, deadline, wait_ms;
+    uint64_t started, deadline, wait_ms, last_log;
     exch_t *exch;
     uv_timer_t timer;
     moat_acme_dns01_cb cb;
@@ -976,7 +976,7 @@ static void step_txt(op_t *op)
             o += (size_t)snprintf(list + o, sizeof list - o, "%s%s (%s)", i ? ", " : "",
                                   op->ns_names[i], a);
         }
-        op->started = now_ms(op->d);
+        op->started = op->last_log = now_ms(op->d);
         MOAT_INFO("dns-01: waiting up to %llu s for %s TXT to show on %zu authoritative "
                   "server(s): %s",
                   (unsigned long long)(op->wait_ms / 1000), op->fqdn, op->nns, list);
@@ -1009,6 +1009,13 @@ static void step_txt(op_t *op)
                 "%zu answer it); raise dns_wait= if the zone's secondaries are slow",
                 op->fqdn, op->zone, (unsigned long long)(op->wait_ms / 1000), op->ns_seen, op->nns);
         return;
+    }
+    if (now - op->last_log >= 10000) {
+        op->last_log = now;
+        MOAT_INFO("dns-01: still waiting for %s TXT: %zu of %zu authoritative server(s) answer "
+                  "it after %.0f s (giving up after %llu s)",
+                  op->fqdn, op->ns_seen, op->nns, (double)(now - op->started) / 1000.0,
+                  (unsigned long long)(op->wait_ms / 1000));
     }
     uv_timer_start(&op->timer, poll_fire, POLL_MS, 0);
 }

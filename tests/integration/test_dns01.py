@@ -284,6 +284,26 @@ def test_truncated_answer_is_asked_again_over_tcp(rig, tmp_path):
     assert kv_rows(m, "dns01-record:") == []
 
 
+def test_propagation_timeout_fails_and_deletes(rig, tmp_path):
+    # A second authoritative server that never answers (nothing listens on 127.0.0.2): the
+    # record never shows on all of them, the wait ends at dns_wait=, the order fails with a
+    # sentence saying so, and the record is deleted.
+    bind, pb, m = rig(wait="2s", extra_zone="@ IN NS ns2.dns01.test.\nns2 IN A 127.0.0.2\n")
+    m.start()
+    assert m.wait_log(r"waiting up to 2 s for _acme-challenge\.ai\.dns01\.test TXT to show on 2 "
+                      r"authoritative server\(s\): ", timeout=30), m.logs()
+    log = m.log_path.read_text()
+    assert re.search(r"ns1\.dns01\.test \(127\.0\.0\.1:\d+\)", log)
+    assert re.search(r"ns2\.dns01\.test \(127\.0\.0\.2:\d+\)", log)
+    assert m.wait_log(r"did not show on all authoritative servers of dns01\.test within 2 s "
+                      r"\(1 of 2 answer it\); raise dns_wait=", timeout=30), m.logs()
+    assert m.wait_log(r"attempt 1 failed, next attempt in \d+ s", timeout=5)
+    assert m.wait_log(r"dns-01: deleted _acme-challenge\.ai\.dns01\.test TXT", timeout=15)
+    assert bind.txt() == []
+    assert kv_rows(m, "dns01-record:") == []
+    assert "POST /chalZ/" not in pb.logs()  # Pebble was never asked to validate
+
+
 def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
     bind, pb, m = rig(wait="20s")
     # A resolver nobody answers: the record goes in, then the NS lookup takes its ~4.5 s of
