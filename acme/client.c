@@ -71,6 +71,11 @@ struct moat_acme_order {
     published_t pub[16];
     size_t npub;
     EVP_PKEY *cert_key;
+    /* dns-01 runs in two phases: every authorization is fetched and its record published
+     * (the publications wait for propagation side by side), then each challenge is answered
+     * in turn. dns_chal[i] is authorization i's challenge URL (NULL: already valid). */
+    char **dns_chal, **dns_name;
+    int dns_validating, dns_collected, dns_inflight;
     uint64_t poll_ms;
     int polls, bad_nonces;
     char *req_url, *req_payload; /* the request in flight, kept to resend on badNonce */
@@ -104,6 +109,12 @@ static void order_free(moat_acme_order_t *o)
     for (size_t i = 0; i < o->nauthz; i++)
         free(o->authz[i]);
     free(o->authz);
+    for (size_t i = 0; o->dns_chal && i < o->nauthz; i++) {
+        free(o->dns_chal[i]);
+        free(o->dns_name[i]);
+    }
+    free(o->dns_chal);
+    free(o->dns_name);
     free(o->authz_name);
     EVP_PKEY_free(o->cert_key);
     free(o->req_url);
@@ -317,22 +328,41 @@ static void challenge_fire(void *arg)
     post(o, S_CHALLENGE, o->chal_url, "{}");
 }
 
-/* The DNS-01 record is in place (or could not be made): tell the CA, or end the order. */
+/* One publication under way: which authorization it is for. */
+typedef struct {
+    moat_acme_order_t *o;
+    size_t idx;
+} dns_pub_t;
+
+/* Every record is published and the authorizations are all fetched: answer the challenges. */
+static void dns01_validate(moat_acme_order_t *o)
+{
+    o->dns_validating = 1;
+    o->authz_i = 0;
+    start_authz(o);
+}
+
+/* A DNS-01 record is in place (or could not be made): once all are, tell the CA. */
 static void dns01_published(void *arg, int rc, const char *error)
 {
-    moat_acme_order_t *o = arg;
+    dns_pub_t *p = arg;
+    moat_acme_order_t *o = p->o;
+    size_t idx = p->idx;
+    free(p);
     o->pending--;
+    o->dns_inflight--;
     if (o->cancelled || o->finished) {
         if (o->pending == 0)
             order_free(o);
         return;
     }
     if (rc != 0) {
-        fail(o, rc, "dns-01 for %s: %s", o->authz_name ? o->authz_name : "?",
+        fail(o, rc, "dns-01 for %s: %s", o->dns_name[idx] ? o->dns_name[idx] : "?",
              error ? error : moat_strerror(rc));
         return;
     }
-    post(o, S_CHALLENGE, o->chal_url, "{}");
+    if (o->dns_collected && o->dns_inflight == 0)
+        dns01_validate(o);
 }
 
 static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
@@ -374,20 +404,27 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
     o->authz_name = moat_xstrdup(name);
     if (o->chal == MOAT_ACME_DNS01) {
         /* One TXT value per authorization; a wildcard and its base name share the record name
-         * (the identifier of *.example.com is example.com), each with its own value. */
+         * (the identifier of *.example.com is example.com), each with its own value, both in
+         * the zone at once. */
         char *value = moat_acme_dns01_value(ka);
         free(ka);
-        free(o->chal_url);
-        o->chal_url = moat_xstrdup(url);
         if (o->io.dns01_publish == NULL || o->npub >= MOAT_ARRAY_LEN(o->pub)) {
             free(value);
-            fail(o, MOAT_EINVAL, "dns-01 for %s: no DNS provider is configured", name);
+            fail(o, MOAT_EINVAL, "dns-01 for %s: %s", name,
+                 o->io.dns01_publish ? "too many authorizations" : "no DNS provider is configured");
             return;
         }
+        o->dns_chal[o->authz_i] = moat_xstrdup(url);
+        o->dns_name[o->authz_i] = moat_xstrdup(name);
         o->pub[o->npub++] = (published_t){MOAT_ACME_DNS01, moat_xstrdup(name), value};
         MOAT_DEBUG("acme: answering dns-01 for %s", name);
+        dns_pub_t *p = moat_xmalloc(sizeof *p);
+        *p = (dns_pub_t){o, o->authz_i};
         o->pending++;
-        o->io.dns01_publish(o->io.data, name, value, dns01_published, o);
+        o->dns_inflight++;
+        o->io.dns01_publish(o->io.data, name, value, dns01_published, p);
+        o->authz_i++;
+        start_authz(o);
         return;
     }
     publish(o, o->chal, name, token, ka);
@@ -408,6 +445,33 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
 
 static void start_authz(moat_acme_order_t *o)
 {
+    if (o->chal == MOAT_ACME_DNS01 && !o->dns_validating) {
+        if (o->dns_chal == NULL) {
+            o->dns_chal = moat_xcalloc(o->nauthz ? o->nauthz : 1, sizeof *o->dns_chal);
+            o->dns_name = moat_xcalloc(o->nauthz ? o->nauthz : 1, sizeof *o->dns_name);
+        }
+        if (o->authz_i < o->nauthz) {
+            post(o, S_AUTHZ, o->authz[o->authz_i], NULL);
+            return;
+        }
+        /* Fetched them all: answer the challenges once every record is published. */
+        o->dns_collected = 1;
+        if (o->dns_inflight == 0)
+            dns01_validate(o);
+        return;
+    }
+    if (o->chal == MOAT_ACME_DNS01) {
+        while (o->authz_i < o->nauthz && o->dns_chal[o->authz_i] == NULL)
+            o->authz_i++; /* valid already */
+        if (o->authz_i < o->nauthz) {
+            o->poll_ms = POLL_FIRST_MS;
+            o->polls = 0;
+            free(o->authz_name);
+            o->authz_name = moat_xstrdup(o->dns_name[o->authz_i]);
+            post(o, S_CHALLENGE, o->dns_chal[o->authz_i], "{}");
+            return;
+        }
+    }
     if (o->authz_i < o->nauthz) {
         o->poll_ms = POLL_FIRST_MS;
         o->polls = 0;
@@ -618,7 +682,10 @@ static void on_authz_poll(moat_acme_order_t *o, const moat_httpc_response_t *r, 
 {
     const char *st = jstr(j, "status");
     if (st && strcmp(st, "valid") == 0) {
-        withdraw(o);
+        /* dns-01 records stay until the order ends: another authorization may be validating
+         * the same name's other value right now. */
+        if (o->chal != MOAT_ACME_DNS01)
+            withdraw(o);
         o->authz_i++;
         start_authz(o);
         return;

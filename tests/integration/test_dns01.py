@@ -204,6 +204,11 @@ def test_wildcard_and_base_over_rfc2136(rig, tmp_path):
     # Two TXT values were made (one per authorization) and both deleted afterwards.
     assert m.wait_log(r"dns-01: added _acme-challenge\.ai\.dns01\.test TXT", count=2)
     assert m.wait_log(r"dns-01: deleted _acme-challenge\.ai\.dns01\.test TXT", count=2, timeout=15)
+    # Both values were in the zone at once: the second added before the first deleted.
+    log = m.log_path.read_text()
+    added = [mt.start() for mt in re.finditer(r"dns-01: added _acme-challenge\.ai\.", log)]
+    deleted = [mt.start() for mt in re.finditer(r"dns-01: deleted _acme-challenge\.ai\.", log)]
+    assert added[1] < deleted[0]
     assert bind.txt() == []
     assert kv_rows(m, "dns01-record:") == []
     # HTTP -> HTTPS for a name only the wildcard covers, to that very name.
@@ -316,9 +321,11 @@ def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
     m.proc.send_signal(signal.SIGKILL)
     m.proc.wait(10)
     m.proc = None
+    # One or both values (wildcard and base are published side by side) are left in the zone,
+    # each remembered in storage (a row is written before its update is sent).
     stray = bind.txt()
-    assert len(stray) == 1, stray
-    assert len(kv_rows(m, "dns01-record:")) == 1
+    assert 1 <= len(stray) <= 2, stray
+    assert len(kv_rows(m, "dns01-record:")) >= len(stray)
     # Start again (with a working resolver): the leftover is deleted first, then the order
     # runs to the end and cleans up after itself.
     m.cfg.write_text(m.cfg.read_text().replace(f"dns_resolver=127.0.0.1:{dead}",

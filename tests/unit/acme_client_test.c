@@ -60,9 +60,7 @@ typedef struct {
     uint64_t propagation;
     /* dns-01: what was asked to be published, and how the publication ends */
     char dns_name[64], dns_value[64];
-    int dns_calls, dns_rc;
-    moat_acme_dns01_cb dns_cb;
-    void *dns_arg;
+    int dns_calls, dns_rc, dns_calls_at_chal;
     /* the order's result */
     int done;
     moat_acme_result_t res;
@@ -125,6 +123,8 @@ static int fake_request(void *data, const char *method, const char *url, const c
 {
     fake_t *f = data;
     record(f, method, url, body);
+    if (strstr(url, "/chal/") != NULL && f->dns_calls_at_chal == 0)
+        f->dns_calls_at_chal = f->dns_calls;
     if (body != NULL)
         CHECK_STR(ctype, "application/jose+json");
     const step_t *st = f->pos < f->nsteps ? &f->script[f->pos] : NULL;
@@ -173,10 +173,18 @@ static void fake_challenge(void *data, moat_acme_chal_t type, const char *name, 
     }
 }
 
+typedef struct {
+    fake_t *f;
+    moat_acme_dns01_cb cb;
+    void *arg;
+} dns_call_t;
+
 static void dns_fire(void *arg)
 {
-    fake_t *f = arg;
-    f->dns_cb(f->dns_arg, f->dns_rc, f->dns_rc ? "the DNS server refused the update" : NULL);
+    dns_call_t *c = arg;
+    int rc = c->f->dns_rc;
+    c->cb(c->arg, rc, rc ? "the DNS server refused the update" : NULL);
+    free(c);
 }
 
 static void fake_dns01(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
@@ -186,12 +194,12 @@ static void fake_dns01(void *data, const char *name, const char *value, moat_acm
     f->dns_calls++;
     snprintf(f->dns_name, sizeof f->dns_name, "%s", name);
     snprintf(f->dns_value, sizeof f->dns_value, "%s", value);
-    f->dns_cb = cb;
-    f->dns_arg = arg;
+    dns_call_t *c = malloc(sizeof *c);
+    *c = (dns_call_t){f, cb, arg};
     event_t *e = push(f); /* reported later, from the "loop" */
     e->is_after = 1;
     e->after_cb = dns_fire;
-    e->arg = f;
+    e->arg = c;
 }
 
 static uint64_t fake_propagation(void *data)
@@ -609,6 +617,51 @@ static void test_challenge_dns01(void)
     CHECK_STR(moat_acme_chal_name(MOAT_ACME_DNS01), "dns-01");
 }
 
+/* A wildcard and its base name: both authorizations are fetched and both values published
+ * (side by side, under the same record name) before the CA is told about either; both stay
+ * until the order ends. */
+static void test_dns01_wildcard_and_base(void)
+{
+    static const char *both[] = {"*.a.example", "a.example"};
+    static const step_t script[] = {
+        DIRECTORY,
+        NEW_NONCE,
+        NEW_ACCOUNT,
+        {"POST",
+         CA "/new-order",
+         201,
+         JSON,
+         "{\"status\":\"pending\",\"authorizations\":[\"" CA "/authz/1\",\"" CA
+         "/authz/2\"],\"finalize\":\"" CA "/order/1/finalize\"}",
+         {"Location", CA "/order/1", NULL}},
+        AUTHZ_DNS,
+        {"POST",
+         CA "/authz/2",
+         200,
+         JSON,
+         "{\"status\":\"pending\",\"identifier\":{\"type\":\"dns\",\"value\":\"a.example\"},"
+         "\"challenges\":[{\"type\":\"dns-01\",\"url\":\"" CA "/chal/4\",\"token\":\"tok4\"}]}",
+         {NULL}},
+        {"POST", CA "/chal/3", 200, JSON, "{}", {NULL}},
+        {"POST", CA "/authz/1", 200, JSON, "{\"status\":\"valid\"}", {NULL}},
+        {"POST", CA "/chal/4", 200, JSON, "{}", {NULL}},
+        {"POST", CA "/authz/2", 200, JSON, "{\"status\":\"invalid\"}", {NULL}},
+    };
+    fake_t f = {0};
+    EVP_PKEY *k = moat_acme_key_new();
+    moat_acme_order_opts_t o = order_opts(k);
+    o.names = both;
+    o.nnames = 2;
+    o.challenge = MOAT_ACME_DNS01;
+    run(&f, script, MOAT_ARRAY_LEN(script), &o);
+    CHECK_INT(f.dns_calls, 2);
+    CHECK_INT(f.dns_calls_at_chal, 2); /* both published before the first challenge */
+    CHECK_INT(f.withdrawn, 2);         /* both withdrawn, at the end */
+    CHECK_STR(f.res.error, "dns-01 validation of a.example failed: no reason given");
+    fake_clear(&f);
+    EVP_PKEY_free(k);
+}
+
 /* The CA refuses "replaces": the newOrder goes once more without it. */
 static void test_replaces_refused(void)
 {
@@ -815,6 +868,7 @@ int main(void)
     test_challenge_invalid();
     test_challenge_alpn();
     test_challenge_dns01();
+    test_dns01_wildcard_and_base();
     test_replaces_refused();
     test_preferred_chain();
     test_early_failures();
