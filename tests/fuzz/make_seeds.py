@@ -232,8 +232,18 @@ def acme_seeds(m):
                  [resp(200, [pemct, nonce(23)], chain)]))
     # dns-01: the record is published (through the fake DNS provider) before the CA is told;
     # "f" makes the publication fail, which ends the order before any challenge POST.
+    # Both authorizations are fetched (and their records published) before either challenge.
+    dns_both = [
+        resp(200, [JSON, nonce(10)], authz("a.example.com", "pending")),
+        resp(200, [JSON, nonce(11)], authz("b.example.com", "pending")),
+        resp(200, [JSON, nonce(12)], '{"type":"dns-01","status":"processing"}'),
+        resp(200, [JSON, nonce(13), "Retry-After: 2"], authz("a.example.com", "pending")),
+        resp(200, [JSON, nonce(14)], authz("a.example.com", "valid", "valid")),
+        resp(200, [JSON, nonce(15)], '{"type":"dns-01","status":"processing"}'),
+        resp(200, [JSON, nonce(16)], authz("b.example.com", "valid", "valid")),
+    ]
     write("acme", "dns01-two-names",
-          script("d2", setup() + [placed(3)] + both + tail +
+          script("d2", setup() + [placed(3)] + dns_both + tail +
                  [resp(200, [pemct, nonce(23)], chain)]))
     write("acme", "dns01-publish-fails",
           script("df", setup() + [placed(3)] + both[:1]))
