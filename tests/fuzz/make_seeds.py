@@ -358,6 +358,13 @@ a.example.com 127.0.0.1:2 tls=cert.pem email=a@b@example.com
 b.example.com foo connect_timeout=0 max_body=99999999999G "unterminated
 """)
     write("config", "command-line", "chat.example.com 127.0.0.1:8080 hsts=on max_body=1G\n")
+    write("config", "dns01", """*.ai.example.com,ai.example.com 127.0.0.1:8080 dns=rfc2136 \
+dns_server=ns1.example.com:53 dns_tsig=/etc/moat/tsig.key dns_resolver=127.0.0.1:5353 dns_wait=30s
+chat.home.example.com 127.0.0.1:8080 dns=cloudflare dns_token_file=/etc/moat/cf.token \
+dns_api=http://127.0.0.1:8081/client/v4
+*.example.org h:1 dns=rfc2136
+*.files.example.com h:1 tls=cert.pem,key.pem
+""")
 
 
 # --- HTTP/1.1 ----------------------------------------------------------------------------------
