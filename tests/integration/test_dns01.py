@@ -274,13 +274,15 @@ def test_truncated_answer_is_asked_again_over_tcp(rig, tmp_path):
     # and finds its value. Pebble 2.4's validator does not retry over TCP: it sees the part
     # of the answer that fit, which holds moat's value or not depending on the order BIND
     # rotates the set into. Either ending is fine here; the record must be deleted after both.
+    # dns_server= is a name here, looked up (A) at dns_resolver=.
     filler = "".join(f'_acme-challenge.tc IN TXT "filler-{i:02d}-{"x" * 40}"\n'
                      for i in range(20))
     bind, pb, m = rig(site=lambda b, up: (
-        f"tc.{ZONE} {up} dns=rfc2136 dns_server=127.0.0.1:{b.port} dns_tsig={b.key_file} "
+        f"tc.{ZONE} {up} dns=rfc2136 dns_server=ns1.{ZONE}:{b.port} dns_tsig={b.key_file} "
         f"dns_resolver=127.0.0.1:{b.port} dns_wait=20s"), extra_zone=filler)
     m.start()
     assert m.wait_log(r"was truncated; asking again over TCP"), m.logs()
+    assert m.wait_log(r"dns-01: added _acme-challenge\.tc\.dns01\.test TXT .* through 127\.0\.0\.1:")
     assert m.wait_log(r"dns-01: _acme-challenge\.tc\.dns01\.test TXT is on all 1 authoritative")
     assert m.wait_log(r"dns-01 validation of tc\.dns01\.test failed: unauthorized|"
                       r"issued a certificate for tc\.dns01\.test", timeout=20), m.logs()
