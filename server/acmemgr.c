@@ -8,6 +8,7 @@
  *   acme-backoff:<id>              "<failures> <next attempt unix>"
  *   acme-error:<id>                the last failure, as logged
  *   acme-challenge:<id>            the challenge type that last worked
+ *   dns01-record:*, dns01-state:*  DNS-01 records made and their state (server/dns01.h)
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the

@@ -10,7 +10,11 @@
  *   remove: storage row -> key file -> server address -> signed UPDATE delete -> row removed
  *
  * Names the resolver is asked (the server's, the NS hosts') go through our own A queries,
- * never getaddrinfo: nothing here blocks and nothing runs on the thread pool. */
+ * never getaddrinfo: nothing here blocks and nothing runs on the thread pool. Cloudflare's
+ * add is: token file -> zone (API) -> storage row -> create (API) -> the same NS/TXT wait;
+ * its remove lists the zone's TXT records by name and deletes those with the value.
+ * Not handled: a CNAME on _acme-challenge (delegation to another zone), IPv6-only
+ * authoritative servers (only A records are looked up). */
 #include "dns01.h"
 #include "dns01_cloudflare.h"
 #include "moat/common.h"
@@ -39,7 +43,6 @@
 #define POLL_MS      1000
 #define MAX_NS       8
 #define RECORD_TTL   60
-#define MAX_CNAME    0 /* _acme-challenge CNAME delegation: not followed (not yet) */
 #define KEY_FILE_MAX 4096
 
 typedef struct op op_t;

@@ -3,11 +3,13 @@
  * zone answers it. Server-internal: the ACME manager drives it through moat_acme_io_t.
  *
  * Providers: rfc2136 (UPDATE signed with TSIG to dns_server, over UDP with TCP when the answer
- * is truncated) and cloudflare (not yet: an order for such a site fails with a sentence that
- * says so). DNS messages are built and read by acme/dnsmsg.c.
+ * is truncated) and cloudflare (API v4 through the control plane's HTTP client,
+ * server/dns01_cloudflare.c). DNS messages are built and read by acme/dnsmsg.c.
  *
  * Every record made is remembered in storage before the update is sent, as the kv row
- *   dns01-record:<fqdn>|<value>   {"owner","provider","server","port","tsig","zone",...} (JSON)
+ *   dns01-record:<fqdn>|<value>   {"owner","provider","name","value","zone", and for rfc2136
+ *                                 "server","port","tsig", for cloudflare "token_file","api",
+ *                                 "zone_id"; "resolver" when set} (JSON)
  * and the row is removed once the record is deleted, so a record a crash or restart left
  * behind is deleted by moat_dns01_cleanup (at start and before each order) once its owner
  * process is known to be gone. The row holds the key file's
