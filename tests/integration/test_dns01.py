@@ -145,7 +145,7 @@ class BindPebble(Pebble):
 def rig(tmp_path, request):
     started = []
 
-    def make(site_opts="", key_file=None, wait="20s", site=None, extra_zone=""):
+    def make(site_opts="", key_file=None, wait="20s", site=None, extra_zone="", more_sites=()):
         bind = Bind(tmp_path)
         bind.extra_zone = extra_zone
         bind.start()
@@ -161,7 +161,7 @@ def rig(tmp_path, request):
                     f"dns_resolver=127.0.0.1:{bind.port} dns_wait={wait} {site_opts}")
         else:
             site = site(bind, up)
-        m = Moat(tmp_path, pb, [site], http_port, https_port)
+        m = Moat(tmp_path, pb, [site] + [f"{x} {up}" for x in more_sites], http_port, https_port)
         started.append(m)
         return bind, pb, m
 
@@ -188,7 +188,9 @@ def wait_until(pred, timeout):
 
 
 def test_wildcard_and_base_over_rfc2136(rig, tmp_path):
-    bind, pb, m = rig()
+    # A more specific line beside the wildcard: its own certificate (HTTP-01, Pebble resolving
+    # it through BIND's *.ai record), and its own site.
+    bind, pb, m = rig(more_sites=[f"chat.ai.{ZONE}"])
     t0 = time.monotonic()
     m.start()
     roots = pb.roots(tmp_path)
@@ -218,6 +220,10 @@ def test_wildcard_and_base_over_rfc2136(rig, tmp_path):
     r = c.getresponse()
     assert r.status == 308
     assert r.getheader("Location") == f"https://b.ai.{ZONE}:{m.https_port}/x?y=1"
+    # The specific line wins over the wildcard for its name.
+    chat = wait_served(m.https_port, f"chat.ai.{ZONE}", roots, timeout=60)
+    assert chat["subjectAltName"] == (("DNS", f"chat.ai.{ZONE}"),)
+    assert m.wait_log(rf"issued a certificate for chat\.ai\.{ZONE} .* via http-01")
     # Two labels below the wildcard: not covered, no certificate.
     with pytest.raises(Exception):
         served_cert(m.https_port, f"x.y.ai.{ZONE}", roots)
