@@ -754,8 +754,15 @@ static void on_update(op_t *op, int rc, const moat_dns_msg_t *m)
     }
     if (m->rcode != MOAT_DNS_NOERROR) {
         op->sent_update = op->kind == OP_ADD ? 0 : op->sent_update;
-        op_fail(op, MOAT_EIO, "the DNS server %s refused to %s %s TXT in zone %s: %s", where, what,
-                op->fqdn, op->zone, moat_dns_rcode_name(m->rcode));
+        const char *hint =
+            m->rcode == MOAT_DNS_REFUSED
+                ? "; the key may not change this name: check allow-update or update-policy"
+            : m->rcode == MOAT_DNS_NOTZONE || m->rcode == MOAT_DNS_NOTAUTH
+                ? "; dns_server= must be the primary of that zone"
+                : "";
+        op_fail(op, MOAT_EIO,
+                "the DNS server %s refused to %s %s TXT in zone %s with key \"%s\": %s%s", where,
+                what, op->fqdn, op->zone, op->key.name, moat_dns_rcode_name(m->rcode), hint);
         return;
     }
     if (v != 0) {

@@ -47,6 +47,12 @@ class Bind:
         os.chmod(self.key_file, 0o600)
         self.proc = None
         self.extra_zone = ""
+        # A second key the server knows but does not let update the zone.
+        self.other_key_text = subprocess.run([TSIG_KEYGEN, "moat-other"], check=True,
+                                             capture_output=True, text=True).stdout
+        self.other_key_file = self.dir / "other.key"
+        self.other_key_file.write_text(self.other_key_text)
+        os.chmod(self.other_key_file, 0o600)
 
     def start(self):
         d = self.dir
@@ -71,7 +77,7 @@ class Bind:
             "  dnssec-validation no;\n"
             "};\n"
             "controls { };\n"
-            + self.key_text +
+            + self.key_text + self.other_key_text +
             f'zone "{ZONE}" {{ type primary; file "{d}/{ZONE}.db"; '
             'allow-update { key "moat-test"; }; };\n')
         self.log = open(d / "named.log", "ab")
@@ -260,6 +266,20 @@ def test_wrong_tsig_key_is_refused_and_leaves_nothing(rig, tmp_path):
     # The secret never shows in the log.
     secret = re.search(r'secret "([^"]+)"', bad.read_text()).group(1)
     assert secret not in m.log_path.read_text()
+
+
+def test_key_not_allowed_to_update_is_refused(rig, tmp_path):
+    bind, pb, m = rig(site=lambda b, up: (
+        f"*.ai.{ZONE},ai.{ZONE} {up} dns=rfc2136 dns_server=127.0.0.1:{b.port} "
+        f"dns_tsig={b.other_key_file} dns_resolver=127.0.0.1:{b.port}"))
+    m.start()
+    # A signed REFUSED (the answer's own TSIG verified): the key is known, just not allowed.
+    assert m.wait_log(r"refused to add _acme-challenge\.ai\.dns01\.test TXT in zone dns01\.test "
+                      r"with key \S*moat-other\S*: REFUSED; the key may not change this name",
+                      timeout=30), m.logs()
+    assert m.wait_log(r"attempt 1 failed, next attempt in \d+ s", timeout=10)
+    assert bind.txt() == []
+    assert kv_rows(m, "dns01-record:") == []
 
 
 def test_key_file_readable_by_others_is_refused(rig, tmp_path):
