@@ -13,7 +13,7 @@
  * never getaddrinfo: nothing here blocks and nothing runs on the thread pool. Cloudflare's
  * add is: token file -> zone (API) -> storage row -> create (API) -> the same NS/TXT wait;
  * its remove lists the zone's TXT records by name and deletes those with the value.
- * Not handled: a CNAME on _acme-challenge (delegation to another zone), IPv6-only
+ * Both start by following a CNAME on _acme-challenge.<name>, if any. Not handled: IPv6-only
  * authoritative servers (only A records are looked up). */
 #include "dns01.h"
 #include "dns01_cloudflare.h"
@@ -92,8 +92,10 @@ enum {
 struct op {
     moat_dns01_t *d;
     op_t *next;
-    int kind, state, withdrawn, cb_done, sent_update, freeing, http_pending;
-    char *name, *fqdn, *value, *rowkey;
+    int kind, state, withdrawn, cb_done, sent_update, freeing, http_pending, cname_hops;
+    /* fqdn: _acme-challenge.<name>; rr: the record actually changed (fqdn, or where a CNAME
+     * on it points) */
+    char *name, *fqdn, *rr, *value, *rowkey;
     char *server_host, *tsig_path, *resolver_spec, *zone;
     char *token_file, *api, *token, *zone_id; /* cloudflare */
     int server_port;
@@ -416,6 +418,7 @@ static void op_closed(uv_handle_t *h)
     op_t *op = h->data;
     free(op->name);
     free(op->fqdn);
+    free(op->rr);
     free(op->value);
     free(op->rowkey);
     free(op->server_host);
@@ -610,7 +613,7 @@ static void op_fail(op_t *op, int rc, const char *fmt, ...)
     }
     MOAT_WARN("dns-01: cannot delete %s TXT \"%s\": %s; it stays remembered and is deleted at "
               "the next start",
-              op->fqdn, op->value, msg);
+              op->rr, op->value, msg);
     op_free(op);
 }
 
@@ -681,15 +684,15 @@ static void on_soa(op_t *op, int rc, const moat_dns_msg_t *m)
     op_fail(op, MOAT_ENOT_FOUND,
             "the DNS server %s is not authoritative for %s (answered %s without a SOA record); "
             "dns_server= must be the zone's primary",
-            where, op->fqdn, moat_dns_rcode_name(m->rcode));
+            where, op->rr, moat_dns_rcode_name(m->rcode));
 }
 
 static void step_soa(op_t *op)
 {
     uint8_t q[512];
-    int n = moat_dns_build_query(q, sizeof q, new_id(), op->fqdn, MOAT_DNS_SOA);
+    int n = moat_dns_build_query(q, sizeof q, new_id(), op->rr, MOAT_DNS_SOA);
     if (n < 0) {
-        op_fail(op, MOAT_EINVAL, "%s is not a valid DNS name", op->fqdn);
+        op_fail(op, MOAT_EINVAL, "%s is not a valid DNS name", op->rr);
         return;
     }
     q[2] &= (uint8_t)~1u; /* the primary answers from its own zones, not by recursion */
@@ -705,6 +708,7 @@ static char *row_json(op_t *op)
                               op->zone, "owner", op->d->owner);
         if (op->resolver_spec)
             json_object_set_new(c, "resolver", json_string(op->resolver_spec));
+        json_object_set_new(c, "target", json_string(op->rr));
         char *cs = json_dumps(c, JSON_COMPACT | JSON_SORT_KEYS);
         json_decref(c);
         return cs;
@@ -716,6 +720,7 @@ static char *row_json(op_t *op)
     snprintf(port, sizeof port, "%d", op->server_port);
     json_object_set_new(j, "port", json_string(port));
     json_object_set_new(j, "owner", json_string(op->d->owner));
+    json_object_set_new(j, "target", json_string(op->rr));
     if (op->resolver_spec)
         json_object_set_new(j, "resolver", json_string(op->resolver_spec));
     char *s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
@@ -762,7 +767,7 @@ static void on_update(op_t *op, int rc, const moat_dns_msg_t *m)
                 : "";
         op_fail(op, MOAT_EIO,
                 "the DNS server %s refused to %s %s TXT in zone %s with key \"%s\": %s%s", where,
-                what, op->fqdn, op->zone, op->key.name, moat_dns_rcode_name(m->rcode), hint);
+                what, op->rr, op->zone, op->key.name, moat_dns_rcode_name(m->rcode), hint);
         return;
     }
     if (v != 0) {
@@ -776,13 +781,13 @@ static void on_update(op_t *op, int rc, const moat_dns_msg_t *m)
         char key[600], *v = NULL;
         snprintf(key, sizeof key, MOAT_DNS01_STATE_PREFIX "%s", op->name);
         if (op->d->st->ops->kv_get(op->d->st, key, &v) != 0 || strstr(v, ": failed: ") == NULL)
-            set_state(op, "done: %s TXT was published, then deleted", op->fqdn);
+            set_state(op, "done: %s TXT was published, then deleted", op->rr);
         free(v);
-        MOAT_INFO("dns-01: deleted %s TXT \"%s\" (zone %s)", op->fqdn, op->value, op->zone);
+        MOAT_INFO("dns-01: deleted %s TXT \"%s\" (zone %s)", op->rr, op->value, op->zone);
         op_free(op);
         return;
     }
-    MOAT_INFO("dns-01: added %s TXT \"%s\" in zone %s through %s", op->fqdn, op->value, op->zone,
+    MOAT_INFO("dns-01: added %s TXT \"%s\" in zone %s through %s", op->rr, op->value, op->zone,
               where);
     if (op->withdrawn) {
         add_end(op, MOAT_ECLOSED, "withdrawn while it was being added");
@@ -809,18 +814,18 @@ static void step_update(op_t *op)
         }
     }
     uint8_t msg[1400];
-    int n = moat_dns_build_update(msg, sizeof msg, new_id(), op->zone, op->fqdn, RECORD_TTL,
+    int n = moat_dns_build_update(msg, sizeof msg, new_id(), op->zone, op->rr, RECORD_TTL,
                                   op->value, op->kind == OP_ADD);
     if (n > 0)
         n = moat_dns_tsig_sign(msg, (size_t)n, sizeof msg, &op->key, (uint64_t)time(NULL), op->mac);
     if (n < 0) {
-        snprintf(err, sizeof err, "cannot build the update for %s in zone %s", op->fqdn, op->zone);
+        snprintf(err, sizeof err, "cannot build the update for %s in zone %s", op->rr, op->zone);
         op_fail(op, MOAT_EINVAL, "%s", err);
         return;
     }
     op->sent_update = 1;
     if (op->kind == OP_ADD)
-        set_state(op, "adding %s TXT through %s", op->fqdn, op->server_host);
+        set_state(op, "adding %s TXT through %s", op->rr, op->server_host);
     exch_start(op, &op->server, msg, (size_t)n, on_update);
 }
 
@@ -831,8 +836,8 @@ static void propagation_done_without_ns(op_t *op, const char *why)
     if (op->provider == MOAT_DNS_CLOUDFLARE) {
         MOAT_WARN("dns-01: cannot find the authoritative servers of %s (%s); telling the CA "
                   "without checking that %s is visible",
-                  op->zone, why, op->fqdn);
-        set_state(op, "published %s TXT (not checked); the CA is validating it", op->fqdn);
+                  op->zone, why, op->rr);
+        set_state(op, "published %s TXT (not checked); the CA is validating it", op->rr);
         add_end(op, 0, NULL);
         return;
     }
@@ -989,15 +994,15 @@ static void step_txt(op_t *op)
         op->started = op->last_log = now_ms(op->d);
         MOAT_INFO("dns-01: waiting up to %llu s for %s TXT to show on %zu authoritative "
                   "server(s): %s",
-                  (unsigned long long)(op->wait_ms / 1000), op->fqdn, op->nns, list);
+                  (unsigned long long)(op->wait_ms / 1000), op->rr, op->nns, list);
         set_state(op, "waiting up to %llu s for %s TXT on %s",
-                  (unsigned long long)(op->wait_ms / 1000), op->fqdn, list);
+                  (unsigned long long)(op->wait_ms / 1000), op->rr, list);
     }
     if (op->ns_i < op->nns) {
         uint8_t q[512];
-        int n = moat_dns_build_query(q, sizeof q, new_id(), op->fqdn, MOAT_DNS_TXT);
+        int n = moat_dns_build_query(q, sizeof q, new_id(), op->rr, MOAT_DNS_TXT);
         if (n < 0) {
-            add_end(op, MOAT_EINVAL, "%s is not a valid DNS name", op->fqdn);
+            add_end(op, MOAT_EINVAL, "%s is not a valid DNS name", op->rr);
             return;
         }
         /* No recursion wanted: an authoritative answer. */
@@ -1007,9 +1012,9 @@ static void step_txt(op_t *op)
     }
     uint64_t now = now_ms(op->d);
     if (op->ns_seen == op->nns) {
-        MOAT_INFO("dns-01: %s TXT is on all %zu authoritative server(s) after %.1f s", op->fqdn,
+        MOAT_INFO("dns-01: %s TXT is on all %zu authoritative server(s) after %.1f s", op->rr,
                   op->nns, (double)(now - op->started) / 1000.0);
-        set_state(op, "published %s TXT; the CA is validating it", op->fqdn);
+        set_state(op, "published %s TXT; the CA is validating it", op->rr);
         add_end(op, 0, NULL);
         return;
     }
@@ -1017,14 +1022,14 @@ static void step_txt(op_t *op)
         add_end(op, MOAT_ETIMEOUT,
                 "%s TXT did not show on all authoritative servers of %s within %llu s (%zu of "
                 "%zu answer it); raise dns_wait= if the zone's secondaries are slow",
-                op->fqdn, op->zone, (unsigned long long)(op->wait_ms / 1000), op->ns_seen, op->nns);
+                op->rr, op->zone, (unsigned long long)(op->wait_ms / 1000), op->ns_seen, op->nns);
         return;
     }
     if (now - op->last_log >= 10000) {
         op->last_log = now;
         MOAT_INFO("dns-01: still waiting for %s TXT: %zu of %zu authoritative server(s) answer "
                   "it after %.0f s (giving up after %llu s)",
-                  op->fqdn, op->ns_seen, op->nns, (double)(now - op->started) / 1000.0,
+                  op->rr, op->ns_seen, op->nns, (double)(now - op->started) / 1000.0,
                   (unsigned long long)(op->wait_ms / 1000));
     }
     uv_timer_start(&op->timer, poll_fire, POLL_MS, 0);
@@ -1042,6 +1047,7 @@ static op_t *op_new(moat_dns01_t *d, int kind, const char *name, const char *val
     size_t fl = strlen(name) + 17;
     op->fqdn = moat_xmalloc(fl);
     snprintf(op->fqdn, fl, "_acme-challenge.%s", name);
+    op->rr = moat_xstrdup(op->fqdn);
     size_t kl = strlen(op->fqdn) + strlen(value) + sizeof MOAT_DNS01_RECORD_PREFIX + 2;
     op->rowkey = moat_xmalloc(kl);
     snprintf(op->rowkey, kl, MOAT_DNS01_RECORD_PREFIX "%s|%s", op->fqdn, value);
@@ -1082,6 +1088,60 @@ static void fail_later(op_t *op, const char *msg)
     uv_timer_start(&op->timer, later_fail_fire, 0, 0);
 }
 
+/* --- CNAME on _acme-challenge -------------------------------------------------------------- */
+
+static void cf_zone_found(void *arg, int rc, const char *error, const char *zone_id,
+                          const char *zone);
+
+/* The record to change is known: on with the provider. */
+static void provider_begin(op_t *op)
+{
+    if (op->provider == MOAT_DNS_CLOUDFLARE) {
+        op->http_pending = 1;
+        moat_cf_zone(op->d->http, op->api, op->token, op->rr, cf_zone_found, op);
+        return;
+    }
+    step_server(op);
+}
+
+static void step_cname(op_t *op);
+
+/* _acme-challenge.<name> may be a CNAME into a zone kept for ACME (a common way to give the
+ * updating key no power over the real zone): the record then goes where it points, as the
+ * CA follows it too. A failed lookup is no CNAME: the provider step says what is wrong. */
+static void on_cname(op_t *op, int rc, const moat_dns_msg_t *m)
+{
+    for (size_t i = 0; rc == 0 && i < m->nrr; i++) {
+        const moat_dns_rr_t *rr = &m->rr[i];
+        char target[MOAT_DNS_NAME_MAX];
+        if (rr->section == MOAT_DNS_ANSWER && rr->type == MOAT_DNS_CNAME &&
+            moat_dns_name_eq(rr->name, op->rr) &&
+            moat_dns_rr_name(m, rr, target, sizeof target) == 0) {
+            if (++op->cname_hops > 8) {
+                add_end(op, MOAT_EINVAL, "%s: too many CNAMEs in a row", op->fqdn);
+                return;
+            }
+            MOAT_INFO("dns-01: %s is a CNAME to %s; the record goes there", op->rr, target);
+            free(op->rr);
+            op->rr = moat_xstrdup(target);
+            step_cname(op);
+            return;
+        }
+    }
+    provider_begin(op);
+}
+
+static void step_cname(op_t *op)
+{
+    uint8_t q[512];
+    int n = moat_dns_build_query(q, sizeof q, new_id(), op->rr, MOAT_DNS_CNAME);
+    if (n < 0) {
+        add_end(op, MOAT_EINVAL, "%s is not a valid DNS name", op->rr);
+        return;
+    }
+    exch_start(op, &op->resolver, q, (size_t)n, on_cname);
+}
+
 /* --- Cloudflare (server/dns01_cloudflare.c does the HTTP) ---------------------------------- */
 
 static void cf_created(void *arg, int rc, const char *error, const char *zone_id, const char *zone)
@@ -1094,7 +1154,7 @@ static void cf_created(void *arg, int rc, const char *error, const char *zone_id
         add_end(op, rc, "%s", error ? error : moat_strerror(rc));
         return;
     }
-    MOAT_INFO("dns-01: added %s TXT \"%s\" in Cloudflare zone %s", op->fqdn, op->value, op->zone);
+    MOAT_INFO("dns-01: added %s TXT \"%s\" in Cloudflare zone %s", op->rr, op->value, op->zone);
     if (op->withdrawn) {
         add_end(op, MOAT_ECLOSED, "withdrawn while it was being added");
         return;
@@ -1128,9 +1188,8 @@ static void cf_zone_found(void *arg, int rc, const char *error, const char *zone
     }
     op->sent_update = 1;
     op->http_pending = 1;
-    set_state(op, "adding %s TXT through the Cloudflare API", op->fqdn);
-    moat_cf_create(op->d->http, op->api, op->token, op->zone_id, op->fqdn, op->value, cf_created,
-                   op);
+    set_state(op, "adding %s TXT through the Cloudflare API", op->rr);
+    moat_cf_create(op->d->http, op->api, op->token, op->zone_id, op->rr, op->value, cf_created, op);
 }
 
 static void cf_add_begin(op_t *op, const moat_dns01_cfg_t *cfg)
@@ -1150,8 +1209,7 @@ static void cf_add_begin(op_t *op, const moat_dns01_cfg_t *cfg)
         fail_later(op, err);
         return;
     }
-    op->http_pending = 1;
-    moat_cf_zone(op->d->http, op->api, op->token, op->fqdn, cf_zone_found, op);
+    step_cname(op);
 }
 
 static void cf_removed(void *arg, int rc, const char *error, const char *zone_id, const char *zone)
@@ -1165,12 +1223,12 @@ static void cf_removed(void *arg, int rc, const char *error, const char *zone_id
         return;
     }
     op->d->st->ops->kv_put(op->d->st, op->rowkey, NULL);
-    MOAT_INFO("dns-01: deleted %s TXT \"%s\" (Cloudflare zone %s)", op->fqdn, op->value,
+    MOAT_INFO("dns-01: deleted %s TXT \"%s\" (Cloudflare zone %s)", op->rr, op->value,
               op->zone ? op->zone : "?");
     char key[600], *v = NULL;
     snprintf(key, sizeof key, MOAT_DNS01_STATE_PREFIX "%s", op->name);
     if (op->d->st->ops->kv_get(op->d->st, key, &v) != 0 || strstr(v, ": failed: ") == NULL)
-        set_state(op, "done: %s TXT was published, then deleted", op->fqdn);
+        set_state(op, "done: %s TXT was published, then deleted", op->rr);
     free(v);
     op_free(op);
 }
@@ -1206,7 +1264,7 @@ static void cf_remove_begin(op_t *op, json_t *row)
         return;
     }
     op->http_pending = 1;
-    moat_cf_remove(op->d->http, op->api, op->token, zid, op->fqdn, op->value, cf_removed, op);
+    moat_cf_remove(op->d->http, op->api, op->token, zid, op->rr, op->value, cf_removed, op);
 }
 
 void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *name,
@@ -1218,7 +1276,7 @@ void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *na
     op->provider = cfg->provider;
     op->wait_ms = cfg->wait_ms ? cfg->wait_ms : 120000;
     set_resolver(op, cfg->resolver);
-    set_state(op, "adding %s TXT", op->fqdn);
+    set_state(op, "adding %s TXT", op->rr);
     if (cfg->provider == MOAT_DNS_NONE) {
         fail_later(op, "the site has no dns= provider for the dns-01 challenge");
         return;
@@ -1238,7 +1296,7 @@ void moat_dns01_add(moat_dns01_t *d, const moat_dns01_cfg_t *cfg, const char *na
         fail_later(op, err);
         return;
     }
-    step_server(op);
+    step_cname(op);
 }
 
 static void remove_begin(op_t *op)
@@ -1251,6 +1309,11 @@ static void remove_begin(op_t *op)
     }
     json_t *j = json_loads(row, 0, NULL);
     free(row);
+    const char *target = json_string_value(json_object_get(j, "target"));
+    if (target != NULL) {
+        free(op->rr);
+        op->rr = moat_xstrdup(target);
+    }
     const char *provider = json_string_value(json_object_get(j, "provider"));
     if (provider && strcmp(provider, "cloudflare") == 0) {
         cf_remove_begin(op, j);

@@ -337,6 +337,24 @@ def test_propagation_timeout_fails_and_deletes(rig, tmp_path):
     assert "POST /chalZ/" not in pb.logs()  # Pebble was never asked to validate
 
 
+def test_cname_on_acme_challenge_is_followed(rig, tmp_path):
+    # _acme-challenge.cn is a CNAME to a name kept for ACME: the record goes there, Pebble
+    # follows the CNAME when it validates, and the record is deleted there afterwards.
+    bind, pb, m = rig(site=lambda b, up: (
+        f"cn.{ZONE} {up} dns=rfc2136 dns_server=127.0.0.1:{b.port} dns_tsig={b.key_file} "
+        f"dns_resolver=127.0.0.1:{b.port} dns_wait=20s"),
+        extra_zone=f"_acme-challenge.cn IN CNAME cn.acme-delegated.{ZONE}.\n")
+    m.start()
+    wait_served(m.https_port, f"cn.{ZONE}", pb.roots(tmp_path), timeout=60)
+    assert m.wait_log(rf"dns-01: _acme-challenge\.cn\.{ZONE} is a CNAME to "
+                      rf"cn\.acme-delegated\.{ZONE}; the record goes there")
+    assert m.wait_log(rf"dns-01: added cn\.acme-delegated\.{ZONE} TXT")
+    assert m.wait_log(rf"dns-01: deleted cn\.acme-delegated\.{ZONE} TXT", timeout=15)
+    assert bind.dig(f"cn.acme-delegated.{ZONE}") == []
+    assert bind.dig(f"_acme-challenge.cn.{ZONE}", "CNAME") == [f"cn.acme-delegated.{ZONE}."]
+    assert kv_rows(m, "dns01-record:") == []
+
+
 def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
     bind, pb, m = rig(wait="20s")
     # A resolver nobody answers: the record goes in, then the NS lookup takes its ~4.5 s of
