@@ -355,6 +355,22 @@ def test_cname_on_acme_challenge_is_followed(rig, tmp_path):
     assert kv_rows(m, "dns01-record:") == []
 
 
+def test_ns_without_glue_is_looked_up(rig, tmp_path):
+    # A second NS outside the zone (no glue; BIND refuses to answer for it): moat looks the NS
+    # names up one by one, checks at the one it can reach, says which one it skips, and the
+    # certificate is issued.
+    bind, pb, m = rig(site=lambda b, up: (
+        f"ng.{ZONE} {up} dns=rfc2136 dns_server=127.0.0.1:{b.port} dns_tsig={b.key_file} "
+        f"dns_resolver=127.0.0.1:{b.port} dns_wait=20s"),
+        extra_zone="@ IN NS ns.outside.test.\n")
+    m.start()
+    wait_served(m.https_port, f"ng.{ZONE}", pb.roots(tmp_path), timeout=60)
+    assert m.wait_log(r"the authoritative server ns\.outside\.test of dns01\.test has no IPv4 "
+                      r"address here; not checking it"), m.logs()
+    assert m.wait_log(r"to show on 1 authoritative server\(s\): ns1\.dns01\.test \(127\.0\.0\.1:")
+    assert m.wait_log(r"dns-01: deleted _acme-challenge\.ng\.dns01\.test TXT", timeout=15)
+
+
 def test_restart_mid_order_leaves_no_stray_record(rig, tmp_path):
     bind, pb, m = rig(wait="20s")
     # A resolver nobody answers: the record goes in, then the NS lookup takes its ~4.5 s of
