@@ -505,7 +505,10 @@ static void add_end(op_t *op, int rc, const char *fmt, ...)
         va_end(ap);
     }
     if (rc != 0) {
-        set_state(op, "failed: %s", msg);
+        /* Withdrawn: the order ended for its own reason (perhaps another record's failure,
+         * whose sentence the state row already holds). */
+        if (!op->withdrawn)
+            set_state(op, "failed: %s", msg);
         if (!op->sent_update && op->rowkey)
             op->d->st->ops->kv_put(op->d->st, op->rowkey, NULL);
     }
