@@ -16,6 +16,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/sha.h>
 #include <openssl/x509.h>
 
 #include <jansson.h>
@@ -72,6 +73,11 @@ struct moat_acme_order {
     published_t pub[16];
     size_t npub;
     EVP_PKEY *cert_key;
+    /* dns-01 runs in two phases: every authorization is fetched and its record published
+     * (the publications wait for propagation side by side), then each challenge is answered
+     * in turn. dns_chal[i] is authorization i's challenge URL (NULL: already valid). */
+    char **dns_chal, **dns_name;
+    int dns_validating, dns_collected, dns_inflight;
     uint64_t poll_ms;
     int polls, bad_nonces;
     char *req_url, *req_payload; /* the request in flight, kept to resend on badNonce */
@@ -106,6 +112,12 @@ static void order_free(moat_acme_order_t *o)
     for (size_t i = 0; i < o->nauthz; i++)
         free(o->authz[i]);
     free(o->authz);
+    for (size_t i = 0; o->dns_chal && i < o->nauthz; i++) {
+        free(o->dns_chal[i]);
+        free(o->dns_name[i]);
+    }
+    free(o->dns_chal);
+    free(o->dns_name);
     free(o->authz_name);
     EVP_PKEY_free(o->cert_key);
     free(o->req_url);
@@ -124,6 +136,18 @@ void moat_acme_result_clear(moat_acme_result_t *r)
     free(r->error);
     free(r->account_url);
     memset(r, 0, sizeof *r);
+}
+
+const char *moat_acme_chal_name(moat_acme_chal_t c)
+{
+    return c == MOAT_ACME_HTTP01 ? "http-01" : c == MOAT_ACME_TLSALPN01 ? "tls-alpn-01" : "dns-01";
+}
+
+char *moat_acme_dns01_value(const char *key_auth)
+{
+    uint8_t d[SHA256_DIGEST_LENGTH];
+    SHA256((const uint8_t *)key_auth, strlen(key_auth), d);
+    return moat_b64url(d, sizeof d);
 }
 
 static void withdraw(moat_acme_order_t *o)
@@ -307,6 +331,43 @@ static void challenge_fire(void *arg)
     post(o, S_CHALLENGE, o->chal_url, "{}");
 }
 
+/* One publication under way: which authorization it is for. */
+typedef struct {
+    moat_acme_order_t *o;
+    size_t idx;
+} dns_pub_t;
+
+/* Every record is published and the authorizations are all fetched: answer the challenges. */
+static void dns01_validate(moat_acme_order_t *o)
+{
+    o->dns_validating = 1;
+    o->authz_i = 0;
+    start_authz(o);
+}
+
+/* A DNS-01 record is in place (or could not be made): once all are, tell the CA. */
+static void dns01_published(void *arg, int rc, const char *error)
+{
+    dns_pub_t *p = arg;
+    moat_acme_order_t *o = p->o;
+    size_t idx = p->idx;
+    free(p);
+    o->pending--;
+    o->dns_inflight--;
+    if (o->cancelled || o->finished) {
+        if (o->pending == 0)
+            order_free(o);
+        return;
+    }
+    if (rc != 0) {
+        fail(o, rc, "dns-01 for %s: %s", o->dns_name[idx] ? o->dns_name[idx] : "?",
+             error ? error : moat_strerror(rc));
+        return;
+    }
+    if (o->dns_collected && o->dns_inflight == 0)
+        dns01_validate(o);
+}
+
 static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_t *j)
 {
     (void)r;
@@ -322,7 +383,7 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
              status ? status : "malformed");
         return;
     }
-    const char *want = o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01";
+    const char *want = moat_acme_chal_name(o->chal);
     json_t *chals = json_object_get(j, "challenges"), *c, *pick = NULL;
     size_t i;
     json_array_foreach(chals, i, c)
@@ -344,6 +405,31 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
     }
     free(o->authz_name);
     o->authz_name = moat_xstrdup(name);
+    if (o->chal == MOAT_ACME_DNS01) {
+        /* One TXT value per authorization; a wildcard and its base name share the record name
+         * (the identifier of *.example.com is example.com), each with its own value, both in
+         * the zone at once. */
+        char *value = moat_acme_dns01_value(ka);
+        free(ka);
+        if (o->io.dns01_publish == NULL || o->npub >= MOAT_ARRAY_LEN(o->pub)) {
+            free(value);
+            fail(o, MOAT_EINVAL, "dns-01 for %s: %s", name,
+                 o->io.dns01_publish ? "too many authorizations" : "no DNS provider is configured");
+            return;
+        }
+        o->dns_chal[o->authz_i] = moat_xstrdup(url);
+        o->dns_name[o->authz_i] = moat_xstrdup(name);
+        o->pub[o->npub++] = (published_t){MOAT_ACME_DNS01, moat_xstrdup(name), value};
+        MOAT_DEBUG("acme: answering dns-01 for %s", name);
+        dns_pub_t *p = moat_xmalloc(sizeof *p);
+        *p = (dns_pub_t){o, o->authz_i};
+        o->pending++;
+        o->dns_inflight++;
+        o->io.dns01_publish(o->io.data, name, value, dns01_published, p);
+        o->authz_i++;
+        start_authz(o);
+        return;
+    }
     publish(o, o->chal, name, token, ka);
     free(ka);
     MOAT_DEBUG("acme: answering %s for %s", want, name);
@@ -362,6 +448,33 @@ static void on_authz(moat_acme_order_t *o, const moat_httpc_response_t *r, json_
 
 static void start_authz(moat_acme_order_t *o)
 {
+    if (o->chal == MOAT_ACME_DNS01 && !o->dns_validating) {
+        if (o->dns_chal == NULL) {
+            o->dns_chal = moat_xcalloc(o->nauthz ? o->nauthz : 1, sizeof *o->dns_chal);
+            o->dns_name = moat_xcalloc(o->nauthz ? o->nauthz : 1, sizeof *o->dns_name);
+        }
+        if (o->authz_i < o->nauthz) {
+            post(o, S_AUTHZ, o->authz[o->authz_i], NULL);
+            return;
+        }
+        /* Fetched them all: answer the challenges once every record is published. */
+        o->dns_collected = 1;
+        if (o->dns_inflight == 0)
+            dns01_validate(o);
+        return;
+    }
+    if (o->chal == MOAT_ACME_DNS01) {
+        while (o->authz_i < o->nauthz && o->dns_chal[o->authz_i] == NULL)
+            o->authz_i++; /* valid already */
+        if (o->authz_i < o->nauthz) {
+            o->poll_ms = POLL_FIRST_MS;
+            o->polls = 0;
+            free(o->authz_name);
+            o->authz_name = moat_xstrdup(o->dns_name[o->authz_i]);
+            post(o, S_CHALLENGE, o->dns_chal[o->authz_i], "{}");
+            return;
+        }
+    }
     if (o->authz_i < o->nauthz) {
         o->poll_ms = POLL_FIRST_MS;
         o->polls = 0;
@@ -603,7 +716,10 @@ static void on_authz_poll(moat_acme_order_t *o, const moat_httpc_response_t *r, 
 {
     const char *st = jstr(j, "status");
     if (st && strcmp(st, "valid") == 0) {
-        withdraw(o);
+        /* dns-01 records stay until the order ends: another authorization may be validating
+         * the same name's other value right now. */
+        if (o->chal != MOAT_ACME_DNS01)
+            withdraw(o);
         o->authz_i++;
         start_authz(o);
         return;
@@ -623,8 +739,7 @@ static void on_authz_poll(moat_acme_order_t *o, const moat_httpc_response_t *r, 
             describe_problem(e, msg, sizeof msg, NULL, NULL);
     }
     o->res.challenge_failed = 1;
-    fail(o, MOAT_EIO, "%s validation of %s failed: %s",
-         o->chal == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01",
+    fail(o, MOAT_EIO, "%s validation of %s failed: %s", moat_acme_chal_name(o->chal),
          o->authz_name ? o->authz_name : "?", msg);
 }
 

@@ -11,12 +11,14 @@
  *   acme-order:<id>                "<CA directory> <order URL>" of the order under way, so
  *                                  that a process killed mid-order is followed by one that
  *                                  continues it rather than placing a second order
+ *   dns01-record:*, dns01-state:*  DNS-01 records made and their state (server/dns01.h)
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
  * renewal order then names the certificate it replaces. */
 #include "acmemgr.h"
 #include "acmeshare.h"
+#include "dns01.h"
 #include "moat/certs.h"
 #include "moat/config.h"
 #include "moat/httpclient.h"
@@ -58,6 +60,7 @@ struct moat_acmemgr {
     struct after *afters;
     moat_acmeshare_t *share; /* locks, peers and tokens shared with other processes */
     uv_timer_t *share_timer;
+    moat_dns01_t *dns; /* DNS-01 records (server/dns01.c) */
 };
 
 struct job {
@@ -67,6 +70,10 @@ struct job {
     char **names;
     size_t nnames;
     char *email, *preferred, *eab_kid, *eab_hmac;
+    /* dns=: DNS-01 with this provider (then always DNS-01, never a fallback). */
+    int dns;
+    char *dns_server, *dns_tsig, *dns_token_file, *dns_resolver, *dns_api;
+    uint64_t dns_wait_ms;
     char **cas;
     size_t ncas, ca_i;
     uv_timer_t timer;
@@ -137,7 +144,52 @@ static void io_challenge(void *data, moat_acme_chal_t type, const char *name, co
                          const char *key_auth)
 {
     moat_acmemgr_t *m = data;
+    if (type == MOAT_ACME_DNS01) {
+        /* Published through io_dns01_publish; only the withdrawal comes this way. */
+        if (key_auth == NULL)
+            moat_dns01_remove(m->dns, name, token);
+        return;
+    }
     moat_acmeshare_publish(m->share, type, name, token, key_auth);
+}
+
+static int owner_gone(void *data, const char *owner)
+{
+    moat_acmemgr_t *m = data;
+    return moat_acmeshare_owner_gone(m->share, owner);
+}
+
+/* The job whose order is answering for name (an identifier: example.com also stands for
+ * *.example.com). */
+static job_t *job_for_name(moat_acmemgr_t *m, const char *name)
+{
+    for (job_t *j = m->jobs; j; j = j->next) {
+        if (j->order == NULL || j->dns == MOAT_DNS_NONE)
+            continue;
+        for (size_t k = 0; k < j->nnames; k++) {
+            const char *n = j->names[k];
+            if (strcasecmp(n, name) == 0 || (n[0] == '*' && strcasecmp(n + 2, name) == 0))
+                return j;
+        }
+    }
+    return NULL;
+}
+
+static void io_dns01_publish(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                             void *arg)
+{
+    moat_acmemgr_t *m = data;
+    job_t *j = job_for_name(m, name);
+    moat_dns01_cfg_t c = {.provider = MOAT_DNS_NONE};
+    if (j != NULL)
+        c = (moat_dns01_cfg_t){.provider = j->dns,
+                               .server = j->dns_server,
+                               .tsig = j->dns_tsig,
+                               .token_file = j->dns_token_file,
+                               .resolver = j->dns_resolver,
+                               .api = j->dns_api,
+                               .wait_ms = j->dns_wait_ms};
+    moat_dns01_add(m->dns, &c, name, value, cb, arg);
 }
 
 static uint64_t io_propagation_ms(void *data)
@@ -221,7 +273,7 @@ static void job_at(job_t *j, int64_t when)
 
 static const char *chal_name(moat_acme_chal_t c)
 {
-    return c == MOAT_ACME_HTTP01 ? "http-01" : "tls-alpn-01";
+    return moat_acme_chal_name(c);
 }
 
 static EVP_PKEY *account_key(moat_acmemgr_t *m, const char *ca, const char *email)
@@ -256,6 +308,7 @@ static moat_acme_io_t job_io(moat_acmemgr_t *m)
                             .request = io_request,
                             .after = io_after,
                             .challenge = io_challenge,
+                            .dns01_publish = io_dns01_publish,
                             .propagation_ms = io_propagation_ms};
 }
 
@@ -322,6 +375,8 @@ static char *unfinished_order(job_t *j, const char *ca)
 static void job_start_order(job_t *j)
 {
     moat_acmemgr_t *m = j->m;
+    if (j->dns != MOAT_DNS_NONE)
+        moat_dns01_cleanup(m->dns, owner_gone, m);
     const char *ca = j->cas[j->ca_i % j->ncas];
     EVP_PKEY *k = account_key(m, ca, j->email);
     if (k == NULL) {
@@ -435,6 +490,8 @@ static void job_check(job_t *j)
         j->chal = strcmp(pref, "tls-alpn-01") == 0 ? MOAT_ACME_TLSALPN01 : MOAT_ACME_HTTP01;
         free(pref);
     }
+    if (j->dns != MOAT_DNS_NONE)
+        j->chal = MOAT_ACME_DNS01;
     job_start_order(j);
 }
 
@@ -567,7 +624,7 @@ static void on_order_done(void *data, moat_acme_result_t *res)
         job_check(j);
         return;
     }
-    if (res->rc != 0 && res->challenge_failed && !j->fallback_tried) {
+    if (res->rc != 0 && res->challenge_failed && !j->fallback_tried && j->chal != MOAT_ACME_DNS01) {
         /* The other challenge may work where this one cannot (port 80 blocked, a TLS
          * terminator in front): try it at once rather than after a backoff. */
         j->fallback_tried = 1;
@@ -615,6 +672,12 @@ static void job_clear_settings(job_t *j)
         free(j->cas[i]);
     free(j->cas);
     j->email = j->preferred = j->eab_kid = j->eab_hmac = NULL;
+    free(j->dns_server);
+    free(j->dns_tsig);
+    free(j->dns_token_file);
+    free(j->dns_resolver);
+    free(j->dns_api);
+    j->dns_server = j->dns_tsig = j->dns_token_file = j->dns_resolver = j->dns_api = NULL;
     j->cas = NULL;
     j->ncas = 0;
 }
@@ -641,6 +704,17 @@ static void job_take_settings(job_t *j, const moat_site_t *s)
     j->preferred = dup_or_null(s->preferred_chain);
     j->eab_kid = dup_or_null(s->eab_kid);
     j->eab_hmac = dup_or_null(s->eab_hmac);
+    j->dns = s->dns;
+    j->dns_server = dup_or_null(s->dns_server);
+    j->dns_tsig = dup_or_null(s->dns_tsig);
+    j->dns_token_file = dup_or_null(s->dns_token_file);
+    j->dns_resolver = dup_or_null(s->dns_resolver);
+    j->dns_api = dup_or_null(s->dns_api);
+    j->dns_wait_ms = s->dns_wait_ms;
+    if (j->dns != MOAT_DNS_NONE)
+        j->chal = MOAT_ACME_DNS01;
+    else if (j->chal == MOAT_ACME_DNS01)
+        j->chal = MOAT_ACME_HTTP01;
     j->ncas = s->ncas ? s->ncas : 1;
     j->cas = moat_xcalloc(j->ncas, sizeof *j->cas);
     for (size_t k = 0; k < j->ncas; k++)
@@ -818,6 +892,10 @@ moat_acmemgr_t *moat_acmemgr_new(uv_loop_t *loop, moat_storage_t *st, const moat
     uv_timer_init(loop, m->share_timer);
     m->share_timer->data = m->share;
     uv_timer_start(m->share_timer, on_share_timer, MOAT_ACMESHARE_POLL_MS, MOAT_ACMESHARE_POLL_MS);
+    m->dns = moat_dns01_new(loop, st, moat_acmeshare_owner(m->share));
+    /* DNS-01 records a stopped process left (killed mid-order): delete them now. Records of
+     * live processes sharing the store are theirs; job_start_order looks again. */
+    moat_dns01_cleanup(m->dns, owner_gone, m);
     return m;
 }
 
@@ -839,6 +917,7 @@ void moat_acmemgr_free(moat_acmemgr_t *m)
         uv_close((uv_handle_t *)&a->t, after_closed);
         a->cb(a->arg);
     }
+    moat_dns01_free(m->dns);
     if (m->http)
         moat_httpc_free(m->http);
     uv_close((uv_handle_t *)m->share_timer, share_timer_closed);

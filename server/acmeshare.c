@@ -177,6 +177,26 @@ static int owner_gone(const moat_acmeshare_t *m, const char *owner)
     return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
 }
 
+const char *moat_acmeshare_owner(const moat_acmeshare_t *m)
+{
+    return m->owner;
+}
+
+int moat_acmeshare_owner_gone(const moat_acmeshare_t *m, const char *owner)
+{
+    if (strcmp(owner, m->owner) == 0)
+        return 0;
+    if (owner_gone(m, owner))
+        return 1;
+    char key[256], *v = NULL;
+    snprintf(key, sizeof key, "acme-instance:%s", owner);
+    if (m->st->ops->kv_get(m->st, key, &v) != 0)
+        return 1; /* no beat row: not a live process of this store */
+    int live = strtoll(v, NULL, 10) > (long long)time(NULL);
+    free(v);
+    return !live;
+}
+
 int moat_acmeshare_lock_take(moat_acmeshare_t *m, const char *id)
 {
     moat_storage_t *st = m->st;

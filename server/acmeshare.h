@@ -32,6 +32,11 @@ void moat_acmeshare_free(moat_acmeshare_t *s);
  * storage error. A lock left by a process of this host that is gone (killed mid-order) is
  * taken over at once instead of when it runs out. */
 int moat_acmeshare_lock_take(moat_acmeshare_t *s, const char *id);
+/* This process's owner name, and whether the process that wrote another owner name is gone
+ * (on this host: its pid no longer exists; anywhere: its beat row ran out or is missing). Used
+ * to clean up what a stopped process left (DNS-01 records, server/dns01.h). */
+const char *moat_acmeshare_owner(const moat_acmeshare_t *s);
+int moat_acmeshare_owner_gone(const moat_acmeshare_t *s, const char *owner);
 /* Release it, if this process holds it. */
 void moat_acmeshare_lock_release(moat_acmeshare_t *s, const char *id);
 

@@ -144,12 +144,24 @@ int moat_address_parse_hostport(const char *p, size_t n, int is_site, moat_hostp
         out->host = moat_xstrdup(canon);
         return 0;
     }
-    if (is_site && host[0] == '*') {
-        *why = MOAT_WILDCARD_WHY;
-        return -1;
-    }
     if (hlen > 1 && host[hlen - 1] == '.')
         hlen--; /* "example.com." names the same host */
+    if (is_site && host[0] == '*') {
+        /* "*.example.com": one leftmost label, any name (RFC 6125 §6.4.3). Whether the site
+         * can get a certificate for it (dns=) is the line's check, in config.c. */
+        if (hlen < 4 || host[1] != '.' || memchr(host + 2, '.', hlen - 2) == NULL ||
+            moat_address_check_name(host + 2, hlen - 2, 0, why) < 0) {
+            *why = MOAT_WILDCARD_WHY;
+            return -1;
+        }
+        if (port != NULL && parse_port(port, plen, &out->port) < 0) {
+            *why = "the port must be a number from 1 to 65535";
+            return -1;
+        }
+        out->kind = MOAT_HOST_NAME;
+        out->host = moat__lower_dup(host, hlen);
+        return 0;
+    }
     size_t digits = 0;
     for (size_t i = 0; i < hlen; i++)
         digits += moat__is_digit((unsigned char)host[i]) || host[i] == '.';

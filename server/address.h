@@ -12,8 +12,7 @@
 #include <string.h>
 
 #define MOAT_WILDCARD_WHY                                                                          \
-    "wildcard addresses need the DNS-01 challenge, which moat does not support yet; list each "    \
-    "name instead"
+    "a wildcard is '*.' followed by a name with at least two parts, like '*.example.com'"
 
 typedef struct {
     char *host; /* lower-case, IPv6 without brackets */

@@ -230,6 +230,27 @@ static void print_pending(moat_storage_t *st, const char *config_path)
     moat_config_free(cfg);
 }
 
+/* DNS-01: what each name's record is doing (or why it failed), and records made and not yet
+ * deleted (server/dns01.h keeps both in the kv table). */
+static void print_dns01(moat_storage_t *st)
+{
+    moat_kv_t *rows = NULL;
+    size_t n = 0;
+    if (st->ops->kv_list(st, "dns01-state:", &rows, &n) == 0) {
+        for (size_t i = 0; i < n; i++)
+            printf("dns-01: %s: %s\n", rows[i].key + 12, rows[i].value ? rows[i].value : "");
+        moat_kv_free(rows, n);
+    }
+    if (st->ops->kv_list(st, "dns01-record:", &rows, &n) == 0) {
+        for (size_t i = 0; i < n; i++) {
+            const char *k = rows[i].key + 13, *bar = strchr(k, '|');
+            printf("dns-01: record in the zone, to be deleted: %.*s TXT \"%s\"\n",
+                   bar ? (int)(bar - k) : (int)strlen(k), k, bar ? bar + 1 : "");
+        }
+        moat_kv_free(rows, n);
+    }
+}
+
 int moat_cmd_certs(const char *data_dir, const char *config_path)
 {
     moat_storage_t *st;
@@ -264,6 +285,7 @@ int moat_cmd_certs(const char *data_dir, const char *config_path)
         }
     }
     print_pending(st, config_path);
+    print_dns01(st);
     for (size_t i = 0; i < n; i++)
         moat_cert_record_clear(&recs[i]);
     free(recs);

@@ -254,8 +254,18 @@ const moat_cert_t *moat_certs_lookup(const moat_certs_t *c, const char *sni, con
 {
     if (c == NULL)
         return NULL;
-    if (sni != NULL && sni[0] != '\0')
-        return find(c, sni);
+    if (sni != NULL && sni[0] != '\0') {
+        /* The exact name, else a wildcard for its parent: "*.example.com" serves
+         * a.example.com, never example.com nor a.b.example.com. */
+        const moat_cert_t *exact = find(c, sni);
+        const char *dot = strchr(sni, '.');
+        if (exact != NULL || dot == NULL || dot == sni || strchr(dot + 1, '.') == NULL ||
+            strlen(dot) > NAME_MAX_LEN - 1)
+            return exact;
+        char wild[NAME_MAX_LEN + 1];
+        snprintf(wild, sizeof wild, "*%s", dot);
+        return find(c, wild);
+    }
     if (local_ip != NULL) {
         const moat_cert_t *cert = find(c, local_ip);
         if (cert != NULL)

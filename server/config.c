@@ -220,6 +220,8 @@ static seen_t *seen_check(pctx_t *c, const char *key, int line, int col)
 /* ---- the option table ------------------------------------------------------------------ */
 
 static const enum_val_t on_off[] = {{"on", 1}, {"off", 0}, {NULL, 0}};
+static const enum_val_t dns_vals[] = {
+    {"rfc2136", MOAT_DNS_RFC2136}, {"cloudflare", MOAT_DNS_CLOUDFLARE}, {NULL, 0}};
 static const enum_val_t lb_vals[] = {{"round_robin", MOAT_LB_ROUND_ROBIN},
                                      {"least_conn", MOAT_LB_LEAST_CONN},
                                      {"cookie", MOAT_LB_COOKIE},
@@ -273,6 +275,19 @@ static const opt_row_t options[] = {
            "a chain name like \"ISRG Root X1\" (in quotes when it has spaces)"),
     SIMPLE("eab_kid", &moat__cfg_kind_string, eab_kid, "a key identifier from your CA"),
     SIMPLE("eab_hmac", &moat__cfg_kind_secret, eab_hmac, "the HMAC key from your CA"),
+    {"dns", &moat__cfg_kind_enum, offsetof(moat_site_t, dns), 0, MOAT_DNS_NONE, 0, 0, dns_vals,
+     "rfc2136 or cloudflare"},
+    SIMPLE("dns_server", &moat__cfg_kind_string, dns_server,
+           "the primary DNS server that takes updates, like ns1.example.com:53"),
+    SIMPLE("dns_tsig", &moat__cfg_kind_string, dns_tsig,
+           "a TSIG key file made by tsig-keygen, like /etc/moat/tsig.key"),
+    SIMPLE("dns_token_file", &moat__cfg_kind_string, dns_token_file,
+           "a file holding a Cloudflare API token, like /etc/moat/cf.token"),
+    SIMPLE("dns_resolver", &moat__cfg_kind_string, dns_resolver,
+           "an IP address and port, like 127.0.0.1:5353"),
+    SIMPLE("dns_api", &moat__cfg_kind_string, dns_api,
+           "an API base URL, like https://api.cloudflare.com/client/v4"),
+    DURATION("dns_wait", dns_wait_ms, 2 * MINUTE, 1 * SEC, HOUR),
 };
 
 #define NOPTIONS MOAT_ARRAY_LEN(options)
@@ -307,6 +322,11 @@ static void site_clear(moat_site_t *s)
     free(s->preferred_chain);
     free(s->eab_kid);
     moat_secret_free(s->eab_hmac);
+    free(s->dns_server);
+    free(s->dns_tsig);
+    free(s->dns_token_file);
+    free(s->dns_resolver);
+    free(s->dns_api);
     memset(s, 0, sizeof *s);
 }
 
@@ -450,6 +470,81 @@ static void parse_option(pctx_t *c, moat_site_t *s, tok_t t, int *seen_col)
     options[i].kind->parse(c, &options[i], s, val);
 }
 
+/* An option another one needs: "dns=rfc2136 needs dns_server= ...". */
+static void need(pctx_t *c, const int *seen_col, const char *have, const char *want,
+                 const char *example)
+{
+    if (seen_col[find_option(want)] == 0)
+        moat__cfg_err(c, c->line, seen_col[find_option(have)], "%s needs %s=%s too", have, want,
+                      example);
+}
+
+/* DNS-01: the provider's options belong together, and a wildcard address needs DNS-01 (a CA
+ * validates wildcards only through DNS) unless its certificate comes from files. */
+static void check_dns(pctx_t *c, moat_site_t *s, const int *seen_col)
+{
+    static const char *const provider_opts[] = {"dns_server",   "dns_tsig", "dns_token_file",
+                                                "dns_resolver", "dns_api",  "dns_wait"};
+    if (s->dns == MOAT_DNS_RFC2136) {
+        need(c, seen_col, "dns", "dns_server", "HOST:PORT (the primary that takes updates)");
+        need(c, seen_col, "dns", "dns_tsig", "FILE (a key made with 'tsig-keygen NAME > FILE')");
+    } else if (s->dns == MOAT_DNS_CLOUDFLARE) {
+        need(c, seen_col, "dns", "dns_token_file",
+             "FILE (an API token with Zone:Read and DNS:Edit)");
+    } else {
+        for (size_t i = 0; i < MOAT_ARRAY_LEN(provider_opts); i++) {
+            int col = seen_col[find_option(provider_opts[i])];
+            if (col != 0)
+                moat__cfg_err(c, c->line, col, "%s only applies with dns=rfc2136 or dns=cloudflare",
+                              provider_opts[i]);
+        }
+    }
+    if (s->dns_server != NULL) {
+        moat_hostport_t hp;
+        const char *why;
+        if (moat_address_parse_hostport(s->dns_server, strlen(s->dns_server), 0, &hp, &why) < 0)
+            moat__cfg_err(c, c->line, seen_col[find_option("dns_server")] + 11,
+                          "expected a DNS server like 'ns1.example.com:53'%s%s", why ? ": " : "",
+                          why ? why : "");
+        free(hp.host);
+    }
+    if (s->dns_resolver != NULL) {
+        moat_hostport_t hp;
+        const char *why;
+        if (moat_address_parse_hostport(s->dns_resolver, strlen(s->dns_resolver), 0, &hp, &why) <
+                0 ||
+            hp.kind == MOAT_HOST_NAME || hp.kind == MOAT_HOST_LOCALHOST)
+            moat__cfg_err(c, c->line, seen_col[find_option("dns_resolver")] + 13,
+                          "expected an IP address and port like '127.0.0.1:5353'");
+        free(hp.host);
+    }
+    if (s->dns_api != NULL) {
+        /* The API token travels with every request: TLS, except to this machine (tests). */
+        const char *a = s->dns_api;
+        int ok = strncmp(a, "https://", 8) == 0 || strncmp(a, "http://127.", 11) == 0 ||
+                 strncmp(a, "http://localhost:", 17) == 0 ||
+                 strncmp(a, "http://localhost/", 17) == 0 || strncmp(a, "http://[::1]", 12) == 0;
+        if (!ok)
+            moat__cfg_err(c, c->line, seen_col[find_option("dns_api")] + 8,
+                          "expected an https:// API URL (plain http:// only to a loopback "
+                          "address), like https://api.cloudflare.com/client/v4");
+    }
+    if (s->dns != MOAT_DNS_NONE && s->tls != MOAT_TLS_AUTO && s->tls != MOAT_TLS_ACME)
+        moat__cfg_err(c, c->line, seen_col[find_option("dns")],
+                      "dns= is for ACME certificates; remove it or tls=");
+    for (size_t i = 0; i < s->naddrs; i++) {
+        const moat_site_addr_t *a = &s->addrs[i];
+        if (a->host[0] != '*' || s->dns != MOAT_DNS_NONE || s->tls == MOAT_TLS_FILES)
+            continue;
+        moat__cfg_err(c, c->line, a->col,
+                      "wildcard address '%s' needs the DNS-01 challenge: add "
+                      "'dns=rfc2136 dns_server=HOST:PORT dns_tsig=KEYFILE' or "
+                      "'dns=cloudflare dns_token_file=FILE' to the line (or list each name "
+                      "instead)",
+                      a->host);
+    }
+}
+
 static void parse_line(pctx_t *c, const char *p, size_t n)
 {
     const char *nul = memchr(p, '\0', n);
@@ -497,6 +592,8 @@ static void parse_line(pctx_t *c, const char *p, size_t n)
     if (s.eab_hmac != NULL && seen_col[kid] == 0)
         moat__cfg_err(c, c->line, seen_col[hmac],
                       "eab_hmac needs eab_kid too: the CA gives you both");
+
+    check_dns(c, &s, seen_col);
 
     if (c->nerrs != before) {
         site_clear(&s);
@@ -693,7 +790,7 @@ static void print_certificate(const moat_site_t *s, FILE *f)
     fputs("  certificate  ", f);
     switch (s->tls) {
     case MOAT_TLS_INTERNAL: fputs("internal CA\n", f); return;
-    case MOAT_TLS_ACME: fputs("ACME\n", f); return;
+    case MOAT_TLS_ACME: fputs(s->dns ? "ACME (dns-01)\n" : "ACME\n", f); return;
     case MOAT_TLS_FILES: fprintf(f, "files %s and %s\n", s->tls_cert, s->tls_key); return;
     case MOAT_TLS_AUTO: break;
     }
@@ -705,8 +802,10 @@ static void print_certificate(const moat_site_t *s, FILE *f)
             if (a->plain_http || moat_host_is_internal(a->host) != internal)
                 continue;
             if (!any[internal])
-                fprintf(f, "%s%s for ",
-                        any[0] ? "; " : "automatic: ", internal ? "internal CA" : "ACME");
+                fprintf(f, "%s%s for ", any[0] ? "; " : "automatic: ",
+                        internal ? "internal CA"
+                        : s->dns ? "ACME (dns-01)"
+                                 : "ACME");
             else
                 fputs(", ", f);
             fputs(a->host, f);

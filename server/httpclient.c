@@ -322,7 +322,32 @@ int moat_httpc_request(moat_httpc_t *h, const char *method, const char *url,
                        const char *content_type, const void *body, size_t len, moat_httpc_cb cb,
                        void *data)
 {
+    return moat_httpc_request_ex(h, method, url, NULL, content_type, body, len, cb, data);
+}
+
+/* Header lines: each ends in CRLF, with no other CR or LF (no way to start a new header or
+ * end the head early). */
+static int headers_ok(const char *x)
+{
+    size_t n = strlen(x);
+    if (n < 2 || x[n - 2] != '\r' || x[n - 1] != '\n' || x[0] == '\r' || x[0] == '\n')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (x[i] == '\r' && (i + 1 >= n || x[i + 1] != '\n'))
+            return 0;
+        if (x[i] == '\n' && (x[i - 1] != '\r' || (i + 1 < n && x[i + 1] == '\r')))
+            return 0; /* a bare LF, or an empty line that would end the head */
+    }
+    return 1;
+}
+
+int moat_httpc_request_ex(moat_httpc_t *h, const char *method, const char *url,
+                          const char *extra_headers, const char *content_type, const void *body,
+                          size_t len, moat_httpc_cb cb, void *data)
+{
     int tls;
+    if (extra_headers != NULL && !headers_ok(extra_headers))
+        return MOAT_EINVAL;
     const char *p;
     if (strncmp(url, "https://", 8) == 0) {
         tls = 1;
@@ -369,6 +394,8 @@ int moat_httpc_request(moat_httpc_t *h, const char *method, const char *url,
                               "\r\nAccept: */*\r\nConnection: close\r\n",
                               method, path ? path : "/", v6 ? "[" : "", host, v6 ? "]" : "",
                               defport ? "" : ":", defport ? "" : r->port_str);
+    if (rc == 0 && extra_headers)
+        rc = moat_buf_append(&r->out, extra_headers, strlen(extra_headers));
     if (rc == 0 && content_type)
         rc = moat_buf_appendf(&r->out, "Content-Type: %s\r\nContent-Length: %zu\r\n", content_type,
                               len);

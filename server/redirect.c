@@ -30,7 +30,8 @@ static void answer_acme(moat_front_t *f, moat_slice_t target)
 
 /* 308 to the HTTPS address of the site: its canonical name, its port when not 443, and the
  * request's path and query. */
-static void answer_redirect(moat_front_t *f, const moat_site_addr_t *a, moat_slice_t target)
+static void answer_redirect(moat_front_t *f, const moat_site_addr_t *a, moat_slice_t authority,
+                            moat_slice_t target)
 {
     int https_port = moat_runtime_addr_port(f->rt, a);
     int v6 = a->kind == MOAT_HOST_IPV6;
@@ -38,11 +39,26 @@ static void answer_redirect(moat_front_t *f, const moat_site_addr_t *a, moat_sli
     char port[16] = "";
     if (https_port != 443)
         snprintf(port, sizeof port, ":%d", https_port);
+    /* A wildcard address redirects to the name asked for (moat_runtime_host_matches checked
+     * it is one plain label under the wildcard's domain). */
+    char host[300];
+    if (a->host[0] == '*') {
+        const char *colon = memchr(authority.base, ':', authority.len);
+        size_t hl = colon ? (size_t)(colon - authority.base) : authority.len;
+        if (hl > 0 && authority.base[hl - 1] == '.')
+            hl--;
+        snprintf(host, sizeof host, "%.*s", (int)MOAT_MIN(hl, sizeof host - 1), authority.base);
+        for (char *p = host; *p; p++)
+            if (*p >= 'A' && *p <= 'Z')
+                *p = (char)(*p + 32);
+    } else {
+        snprintf(host, sizeof host, "%s", a->host);
+    }
     char location[MOAT_HTTP1_MAX_TARGET + 512];
-    int n = snprintf(location, sizeof location, "https://%s%s%s%s%.*s", v6 ? "[" : "", a->host,
+    int n = snprintf(location, sizeof location, "https://%s%s%s%s%.*s", v6 ? "[" : "", host,
                      v6 ? "]" : "", port, (int)target.len, target.base);
     if (n < 0 || (size_t)n >= sizeof location)
-        n = snprintf(location, sizeof location, "https://%s%s%s%s/", v6 ? "[" : "", a->host,
+        n = snprintf(location, sizeof location, "https://%s%s%s%s/", v6 ? "[" : "", host,
                      v6 ? "]" : "", port);
     moat_header_t h = {MOAT_SLICE_LIT("location"), moat_slice(location, (size_t)n)};
     moat_front_answer(f, 308, &h, 1, (moat_slice_t){0});
@@ -59,6 +75,6 @@ int moat_redirect_answer(moat_front_t *f, const moat_front_req_t *req)
     const moat_site_addr_t *a = moat_runtime_find_tls_addr(f->rt, req->authority);
     if (a == NULL)
         return 0;
-    answer_redirect(f, a, t);
+    answer_redirect(f, a, req->authority, t);
     return 1;
 }

@@ -315,22 +315,43 @@ static moat_slice_t bare_host(moat_slice_t h)
     return h;
 }
 
+int moat_runtime_host_matches(moat_slice_t h, const char *pattern)
+{
+    if (pattern[0] != '*')
+        return moat_slice_ieq(h, pattern);
+    /* "*.example.com" covers exactly one more label, made of name characters only: the host
+     * may end up in a redirect's Location, so nothing that could change the URL's meaning. */
+    size_t plen = strlen(pattern + 1); /* ".example.com" */
+    if (h.len <= plen || !moat_slice_ieq(moat_slice(h.base + h.len - plen, plen), pattern + 1))
+        return 0;
+    for (size_t i = 0; i < h.len - plen; i++) {
+        char ch = h.base[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '-' || ch == '_'))
+            return 0;
+    }
+    return 1;
+}
+
+/* Exact names first, then wildcards: a line for a.example.com wins over *.example.com. */
 const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host, int port,
                                              int tls)
 {
     if (rt == NULL)
         return NULL;
     moat_slice_t h = bare_host(host);
-    for (size_t i = 0; i < rt->nsites; i++) {
-        const moat_site_t *s = rt->sites[i].site;
-        for (size_t j = 0; j < s->naddrs; j++) {
-            const moat_site_addr_t *a = &s->addrs[j];
-            if (a->plain_http == tls || moat_runtime_addr_port(rt, a) != port)
-                continue;
-            if (moat_slice_ieq(h, a->host))
-                return &rt->sites[i];
+    for (int wild = 0; wild < 2; wild++)
+        for (size_t i = 0; i < rt->nsites; i++) {
+            const moat_site_t *s = rt->sites[i].site;
+            for (size_t j = 0; j < s->naddrs; j++) {
+                const moat_site_addr_t *a = &s->addrs[j];
+                if (a->plain_http == tls || moat_runtime_addr_port(rt, a) != port ||
+                    (a->host[0] == '*') != wild)
+                    continue;
+                if (moat_runtime_host_matches(h, a->host))
+                    return &rt->sites[i];
+            }
         }
-    }
     return NULL;
 }
 
@@ -339,11 +360,13 @@ const moat_site_addr_t *moat_runtime_find_tls_addr(const moat_runtime_t *rt, moa
     if (rt == NULL)
         return NULL;
     moat_slice_t h = bare_host(host);
-    for (size_t i = 0; i < rt->nsites; i++) {
-        const moat_site_t *s = rt->sites[i].site;
-        for (size_t j = 0; j < s->naddrs; j++)
-            if (!s->addrs[j].plain_http && moat_slice_ieq(h, s->addrs[j].host))
-                return &s->addrs[j];
-    }
+    for (int wild = 0; wild < 2; wild++)
+        for (size_t i = 0; i < rt->nsites; i++) {
+            const moat_site_t *s = rt->sites[i].site;
+            for (size_t j = 0; j < s->naddrs; j++)
+                if (!s->addrs[j].plain_http && (s->addrs[j].host[0] == '*') == wild &&
+                    moat_runtime_host_matches(h, s->addrs[j].host))
+                    return &s->addrs[j];
+        }
     return NULL;
 }

@@ -130,7 +130,20 @@ double moat_acme_ari_jitter(const char *cert_id);
 
 /* --- the client (acme/client.c) ------------------------------------------------------------ */
 
-typedef enum { MOAT_ACME_HTTP01 = 0, MOAT_ACME_TLSALPN01 = 1 } moat_acme_chal_t;
+typedef enum {
+    MOAT_ACME_HTTP01 = 0,
+    MOAT_ACME_TLSALPN01 = 1,
+    MOAT_ACME_DNS01 = 2, /* needs io.dns01_publish; never a fallback for the other two */
+} moat_acme_chal_t;
+
+/* "http-01", "tls-alpn-01", "dns-01". Static. */
+const char *moat_acme_chal_name(moat_acme_chal_t c);
+/* The DNS-01 TXT value for a key authorization: base64url(SHA-256(key_auth)) (RFC 8555 §8.4).
+ * free(). */
+char *moat_acme_dns01_value(const char *key_auth);
+/* How a DNS-01 publication ended: rc 0 when the record is in place and the zone's
+ * authoritative servers answer it; else a negative code and a sentence in error. */
+typedef void (*moat_acme_dns01_cb)(void *arg, int rc, const char *error);
 
 /* The environment an order runs in. All callbacks run on the control loop. */
 typedef struct {
@@ -146,6 +159,12 @@ typedef struct {
     /* Optional: milliseconds to wait after publishing an answer before telling the CA, so
      * that other instances sharing the storage have picked it up. NULL means none. */
     uint64_t (*propagation_ms)(void *data);
+    /* DNS-01 only: create the TXT record _acme-challenge.<name> = value and wait until it is
+     * visible; cb runs exactly once, never inside this call. The record is withdrawn through
+     * `challenge` (type MOAT_ACME_DNS01, token = value, key_auth NULL), also when the publication
+     * is still under way or failed (whatever part of it was made is then removed). */
+    void (*dns01_publish)(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                          void *arg);
 } moat_acme_io_t;
 
 typedef struct {

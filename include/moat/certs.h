@@ -12,7 +12,9 @@
  * (moat_tls_thread_use).
  *
  * Which certificate a ClientHello gets (the choice is deliberate):
- *   - SNI present: the certificate whose names contain it exactly (ASCII case-insensitive).
+ *   - SNI present: the certificate whose names contain it exactly (ASCII case-insensitive),
+ *     else one with the wildcard for its parent ("*.example.com" for a.example.com; one label
+ *     only, never example.com itself), so a more specific site line wins over a wildcard one.
  *     An SNI name no site serves is refused: the handshake fails with an unrecognized_name
  *     alert rather than presenting some other site's certificate, which would only produce a
  *     name-mismatch warning and reveal which names this server hosts.

@@ -55,6 +55,9 @@ typedef struct {
 /* AUTO: the caller decides later (ACME for public names, internal CA for internal ones). */
 typedef enum { MOAT_TLS_AUTO, MOAT_TLS_INTERNAL, MOAT_TLS_ACME, MOAT_TLS_FILES } moat_tls_mode_t;
 
+/* dns=: who publishes ACME DNS-01 records for the site (none: HTTP-01 / TLS-ALPN-01). */
+typedef enum { MOAT_DNS_NONE = 0, MOAT_DNS_RFC2136, MOAT_DNS_CLOUDFLARE } moat_dns_provider_t;
+
 typedef enum { MOAT_LB_ROUND_ROBIN, MOAT_LB_LEAST_CONN, MOAT_LB_COOKIE } moat_lb_t;
 
 /* An address range; host bits beyond prefix are zero. addr holds 4 bytes for AF_INET. */
@@ -95,6 +98,17 @@ typedef struct moat_site {
     char **cas; /* ACME directory URLs, in order of preference */
     size_t ncas;
     char *preferred_chain, *eab_kid, *eab_hmac;
+    /* DNS-01 (dns=rfc2136|cloudflare). Secrets are never here, only the files that hold them:
+     * dns_tsig (a tsig-keygen key file) and dns_token_file (a Cloudflare API token), each
+     * checked to be mode 0600 or stricter when an order uses it. dns_server is HOST[:PORT] of
+     * the primary that takes RFC 2136 updates. dns_resolver (IP:PORT) replaces the system
+     * resolver for finding the zone's authoritative servers, and those servers are then asked
+     * at its port too (split-horizon setups and tests); dns_api replaces Cloudflare's API base
+     * URL (tests). dns_wait bounds the wait for the record to show on every authoritative
+     * server. */
+    int dns; /* moat_dns_provider_t */
+    char *dns_server, *dns_tsig, *dns_token_file, *dns_resolver, *dns_api;
+    uint64_t dns_wait_ms;
     int line;
 } moat_site_t;
 

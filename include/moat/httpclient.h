@@ -56,6 +56,11 @@ moat_httpc_t *moat_httpc_new(uv_loop_t *loop, const char *extra_root_pem, uint64
 int moat_httpc_request(moat_httpc_t *h, const char *method, const char *url,
                        const char *content_type, const void *body, size_t len, moat_httpc_cb cb,
                        void *data);
+/* The same with extra request header lines ("Name: value\r\n" each, or NULL), such as an
+ * Authorization header; MOAT_EINVAL when they hold a bare CR or LF or do not end in CRLF. */
+int moat_httpc_request_ex(moat_httpc_t *h, const char *method, const char *url,
+                          const char *extra_headers, const char *content_type, const void *body,
+                          size_t len, moat_httpc_cb cb, void *data);
 /* Abort every request in flight (each callback runs now with err MOAT_ECLOSED) and free the
  * client once their handles have closed. */
 void moat_httpc_free(moat_httpc_t *h);

@@ -75,8 +75,12 @@ moat_runtime_t *moat_runtime_readdress(moat_runtime_t *rt);
 moat_runtime_t *moat_runtime_ref(moat_runtime_t *rt);
 void moat_runtime_unref(moat_runtime_t *rt);
 
+/* 1 when the bare host h is pattern (ASCII case-insensitive) or, for a pattern "*.example.com",
+ * one label of letters, digits, '-' or '_' followed by ".example.com". */
+int moat_runtime_host_matches(moat_slice_t h, const char *pattern);
 /* The site that serves `host` (a Host header or :authority value, port included or not) on a
- * listener of this port and kind. NULL when none does. */
+ * listener of this port and kind: an exact address first, then a wildcard one. NULL when none
+ * does. */
 const moat_site_rt_t *moat_runtime_find_site(const moat_runtime_t *rt, moat_slice_t host, int port,
                                              int tls);
 /* The HTTPS address, on any port, whose host is that of `host` (port ignored): where the

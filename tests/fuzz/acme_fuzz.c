@@ -12,6 +12,7 @@
  *
  *   first line      option letters: a tls-alpn-01, p preferred chain "Fuzz Root", r replaces,
  *                   e external account binding, w propagation wait, m email, 2 two names,
+ *                   d dns-01 (f: its publication fails),
  *                   i an ARI fetch instead of an order
  *   then responses  separated by a line "%%", each: a status line ("200", or "ERR" for a
  *                   transport error), header lines "Name: value", an empty line, the body
@@ -45,6 +46,9 @@ typedef struct {
     int published, withdrawn;
     int done, cancelled, ari;
     int wait;
+    int dns_fail;
+    moat_acme_dns01_cb dns_cb; /* the dns-01 publication under way */
+    void *dns_arg;
     char *buf; /* the current response, NUL-separated pieces */
 } fz_t;
 
@@ -96,6 +100,26 @@ static void fz_challenge(void *data, moat_acme_chal_t type, const char *name, co
         f->published++;
     else
         f->withdrawn++;
+}
+
+static void fz_dns_fire(void *arg)
+{
+    fz_t *f = arg;
+    f->dns_cb(f->dns_arg, f->dns_fail ? MOAT_EIO : 0, f->dns_fail ? "publication failed" : NULL);
+}
+
+/* DNS-01: counted like a published answer (the client withdraws it through fz_challenge);
+ * the end of the publication is reported from the queue, like a timer. */
+static void fz_dns01(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                     void *arg)
+{
+    fz_t *f = data;
+    if (name == NULL || value == NULL || strlen(value) != 43)
+        abort();
+    f->published++;
+    f->dns_cb = cb;
+    f->dns_arg = arg;
+    push(f, (event_t){1, fz_dns_fire, NULL, f});
 }
 
 static uint64_t fz_propagation(void *data)
@@ -238,7 +262,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     f.wait = strchr(opts, 'w') != NULL;
     f.ari = strchr(opts, 'i') != NULL;
 
-    moat_acme_io_t io = {&f, fz_request, fz_after, fz_challenge, fz_propagation};
+    f.dns_fail = strchr(opts, 'f') != NULL;
+    moat_acme_io_t io = {&f, fz_request, fz_after, fz_challenge, fz_propagation, fz_dns01};
     const char *names[] = {"a.example.com", "b.example.com"};
     moat_acme_order_opts_t o = {
         .directory_url = "https://ca.test/dir",
@@ -249,7 +274,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .eab_kid = strchr(opts, 'e') ? "kid-1" : NULL,
         .eab_hmac = strchr(opts, 'e') ? "c2VjcmV0LWtleS1mb3ItZWFi" : NULL,
         .preferred_chain = strchr(opts, 'p') ? "Fuzz Root" : NULL,
-        .challenge = strchr(opts, 'a') ? MOAT_ACME_TLSALPN01 : MOAT_ACME_HTTP01,
+        .challenge = strchr(opts, 'd')   ? MOAT_ACME_DNS01
+                     : strchr(opts, 'a') ? MOAT_ACME_TLSALPN01
+                                         : MOAT_ACME_HTTP01,
         .replaces = strchr(opts, 'r') ? "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE" : NULL,
     };
     moat_acme_order_t *order = NULL;

@@ -230,6 +230,23 @@ def acme_seeds(m):
     write("acme", "tlsalpn01-two-names",
           script("a2w", setup() + [placed(3)] + both + tail +
                  [resp(200, [pemct, nonce(23)], chain)]))
+    # dns-01: the record is published (through the fake DNS provider) before the CA is told;
+    # "f" makes the publication fail, which ends the order before any challenge POST.
+    # Both authorizations are fetched (and their records published) before either challenge.
+    dns_both = [
+        resp(200, [JSON, nonce(10)], authz("a.example.com", "pending")),
+        resp(200, [JSON, nonce(11)], authz("b.example.com", "pending")),
+        resp(200, [JSON, nonce(12)], '{"type":"dns-01","status":"processing"}'),
+        resp(200, [JSON, nonce(13), "Retry-After: 2"], authz("a.example.com", "pending")),
+        resp(200, [JSON, nonce(14)], authz("a.example.com", "valid", "valid")),
+        resp(200, [JSON, nonce(15)], '{"type":"dns-01","status":"processing"}'),
+        resp(200, [JSON, nonce(16)], authz("b.example.com", "valid", "valid")),
+    ]
+    write("acme", "dns01-two-names",
+          script("d2", setup() + [placed(3)] + dns_both + tail +
+                 [resp(200, [pemct, nonce(23)], chain)]))
+    write("acme", "dns01-publish-fails",
+          script("df", setup() + [placed(3)] + both[:1]))
     eab_dir = DIRECTORY.replace('"externalAccountRequired": false',
                                 '"externalAccountRequired": true')
     write("acme", "eab-required",
@@ -341,6 +358,13 @@ a.example.com 127.0.0.1:2 tls=cert.pem email=a@b@example.com
 b.example.com foo connect_timeout=0 max_body=99999999999G "unterminated
 """)
     write("config", "command-line", "chat.example.com 127.0.0.1:8080 hsts=on max_body=1G\n")
+    write("config", "dns01", """*.ai.example.com,ai.example.com 127.0.0.1:8080 dns=rfc2136 \
+dns_server=ns1.example.com:53 dns_tsig=/etc/moat/tsig.key dns_resolver=127.0.0.1:5353 dns_wait=30s
+chat.home.example.com 127.0.0.1:8080 dns=cloudflare dns_token_file=/etc/moat/cf.token \
+dns_api=http://127.0.0.1:8081/client/v4
+*.example.org h:1 dns=rfc2136
+*.files.example.com h:1 tls=cert.pem,key.pem
+""")
 
 
 # --- control socket requests ------------------------------------------------------------------
@@ -475,6 +499,53 @@ def h2_seeds():
         write("h2", k, h2_input(frames, odd))
 
 
+# --- DNS (dns_fuzz: first byte 0 = a DNS message, 1 = a TSIG key file) ------------------------
+
+
+def dns_name(n):
+    out = b""
+    for lab in n.rstrip(".").split("."):
+        out += bytes([len(lab)]) + lab.encode()
+    return out + b"\0"
+
+
+def dns_rr(owner, rtype, rdata, ttl=60, cls=1):
+    return owner + struct.pack(">HHIH", rtype, cls, ttl, len(rdata)) + rdata
+
+
+def dns_seeds():
+    fresh("dns")
+    q = dns_name("_acme-challenge.example.test") + struct.pack(">HH", 16, 1)
+    ptr = b"\xc0\x0c"
+    txt = dns_rr(ptr, 16, b"\x2bgfj9Xq...Rg85nM-value-of-43-characters-xx" + b"\x03abc")
+    write("dns", "txt-answer", b"\0" + struct.pack(">HHHHHH", 1, 0x8580, 1, 2, 0, 0) + q + txt +
+          dns_rr(ptr, 16, b"\x05other"))
+    # NXDOMAIN with the zone's SOA in the authority section (how the zone is found).
+    soa = dns_rr(b"\xc0\x1c", 6, b"\x03ns1\xc0\x1c" + b"\x0ahostmaster\xc0\x1c" +
+                 struct.pack(">IIIII", 1, 3600, 600, 86400, 60))
+    write("dns", "soa-authority", b"\0" + struct.pack(">HHHHHH", 2, 0x8583, 1, 0, 1, 0) + q + soa)
+    nsq = dns_name("example.test") + struct.pack(">HH", 2, 1)
+    write("dns", "ns-answer", b"\0" + struct.pack(">HHHHHH", 3, 0x8580, 1, 2, 0, 1) + nsq +
+          dns_rr(ptr, 2, b"\x03ns1\xc0\x0c") + dns_rr(ptr, 2, b"\x03ns2\xc0\x0c") +
+          dns_rr(b"\x03ns1\xc0\x0c", 1, bytes([127, 0, 0, 1])))
+    # An UPDATE answer carrying a TSIG record (BADSIG, no MAC) and one with a 32-byte MAC.
+    upd = dns_name("example.test") + struct.pack(">HH", 6, 1)
+    alg = dns_name("hmac-sha256")
+    for name, err, mac in (("update-badsig", 16, b""), ("update-signed", 0, b"\x11" * 32)):
+        tsig = alg + struct.pack(">HIHH", 0, 1700000000, 300, len(mac)) + mac + \
+            struct.pack(">HHH", 4, err, 0)
+        write("dns", name, b"\0" + struct.pack(">HHHHHH", 4, 0xA800 | (9 if err else 0), 1, 0, 0, 1) +
+              upd + dns_rr(dns_name("moat-test"), 250, tsig, ttl=0, cls=255))
+    write("dns", "pointer-loop", b"\0" + struct.pack(">HHHHHH", 5, 0x8180, 1, 0, 0, 0) +
+          b"\xc0\x0c\x00\x01\x00\x01")
+    write("dns", "truncated", b"\0" + struct.pack(">HHHHHH", 6, 0x8380, 1, 0, 0, 0) + q)
+    write("dns", "key-file", b"\1key \"moat-test\" {\n\talgorithm hmac-sha256;\n"
+          b"\tsecret \"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\";\n};\n")
+    write("dns", "key-comments", b"\1# x\n/* y */ key k. { secret \"c2Vj\"; // z\n"
+          b" algorithm HMAC-SHA256; };")
+    write("dns", "key-sha512", b"\1key \"x\" { algorithm hmac-sha512; secret \"c2Vj\"; };")
+
+
 def main():
     m = pem_material("--pem" in sys.argv)
     pem_seeds(m)
@@ -483,6 +554,7 @@ def main():
     ctlproto_seeds()
     http1_seeds()
     h2_seeds()
+    dns_seeds()
 
 
 if __name__ == "__main__":

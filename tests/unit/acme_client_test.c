@@ -58,6 +58,9 @@ typedef struct {
     char key_auth[256], token[64], chal_name[64];
     moat_acme_chal_t chal_type;
     uint64_t propagation;
+    /* dns-01: what was asked to be published, and how the publication ends */
+    char dns_name[64], dns_value[64];
+    int dns_calls, dns_rc, dns_calls_at_chal;
     /* the order's result */
     int done;
     moat_acme_result_t res;
@@ -120,6 +123,8 @@ static int fake_request(void *data, const char *method, const char *url, const c
 {
     fake_t *f = data;
     record(f, method, url, body);
+    if (strstr(url, "/chal/") != NULL && f->dns_calls_at_chal == 0)
+        f->dns_calls_at_chal = f->dns_calls;
     if (body != NULL)
         CHECK_STR(ctype, "application/jose+json");
     const step_t *st = f->pos < f->nsteps ? &f->script[f->pos] : NULL;
@@ -166,6 +171,35 @@ static void fake_challenge(void *data, moat_acme_chal_t type, const char *name, 
     } else {
         f->withdrawn++;
     }
+}
+
+typedef struct {
+    fake_t *f;
+    moat_acme_dns01_cb cb;
+    void *arg;
+} dns_call_t;
+
+static void dns_fire(void *arg)
+{
+    dns_call_t *c = arg;
+    int rc = c->f->dns_rc;
+    c->cb(c->arg, rc, rc ? "the DNS server refused the update" : NULL);
+    free(c);
+}
+
+static void fake_dns01(void *data, const char *name, const char *value, moat_acme_dns01_cb cb,
+                       void *arg)
+{
+    fake_t *f = data;
+    f->dns_calls++;
+    snprintf(f->dns_name, sizeof f->dns_name, "%s", name);
+    snprintf(f->dns_value, sizeof f->dns_value, "%s", value);
+    dns_call_t *c = malloc(sizeof *c);
+    *c = (dns_call_t){f, cb, arg};
+    event_t *e = push(f); /* reported later, from the "loop" */
+    e->is_after = 1;
+    e->after_cb = dns_fire;
+    e->arg = c;
 }
 
 static uint64_t fake_propagation(void *data)
@@ -230,6 +264,7 @@ static moat_acme_io_t fake_io(fake_t *f)
                             .request = fake_request,
                             .after = fake_after,
                             .challenge = fake_challenge,
+                            .dns01_publish = fake_dns01,
                             .propagation_ms = fake_propagation};
 }
 
@@ -510,6 +545,123 @@ static void test_challenge_alpn(void)
     EVP_PKEY_free(k);
 }
 
+/* dns-01 for a wildcard: the authorization names the base domain; the TXT value is
+ * base64url(SHA-256(key authorization)); the CA is told only once the record is published,
+ * and the record is withdrawn at the end. A publication that fails ends the order with its
+ * sentence and never tells the CA. */
+#define AUTHZ_DNS                                                                                  \
+    {                                                                                              \
+        "POST", CA "/authz/1", 200, JSON,                                                          \
+            "{\"status\":\"pending\",\"wildcard\":true,\"identifier\":{\"type\":\"dns\","          \
+            "\"value\":\"a.example\"},\"challenges\":[{\"type\":\"http-01\",\"url\":\"" CA         \
+            "/chal/1\",\"token\":\"tok1\"},{\"type\":\"dns-01\",\"url\":\"" CA                     \
+            "/chal/3\",\"token\":\"tok3\"}]}",                                                     \
+        {                                                                                          \
+            NULL                                                                                   \
+        }                                                                                          \
+    }
+static void test_challenge_dns01(void)
+{
+    static const char *wild[] = {"*.a.example"};
+    static const step_t script[] = {
+        DIRECTORY,
+        NEW_NONCE,
+        NEW_ACCOUNT,
+        NEW_ORDER,
+        AUTHZ_DNS,
+        {"POST", CA "/chal/3", 200, JSON, "{}", {NULL}},
+        {"POST",
+         CA "/authz/1",
+         200,
+         JSON,
+         "{\"status\":\"invalid\",\"challenges\":[{\"type\":\"dns-01\",\"error\":{\"type\":"
+         "\"urn:ietf:params:acme:error:unauthorized\",\"detail\":\"no TXT\"}}]}",
+         {NULL}},
+    };
+    fake_t f = {0};
+    EVP_PKEY *k = moat_acme_key_new();
+    moat_acme_order_opts_t o = order_opts(k);
+    o.names = wild;
+    o.challenge = MOAT_ACME_DNS01;
+    run(&f, script, MOAT_ARRAY_LEN(script), &o);
+    CHECK_INT(f.dns_calls, 1);
+    CHECK_STR(f.dns_name, "a.example");
+    char *ka = moat_acme_key_authorization("tok3", k);
+    char *want = moat_acme_dns01_value(ka);
+    CHECK_STR(f.dns_value, want);
+    CHECK_INT(strlen(want), 43);
+    /* Withdrawn through `challenge` with the value as token; never published through it. */
+    CHECK_INT(f.published, 0);
+    CHECK_INT(f.withdrawn, 1);
+    CHECK_INT(f.chal_type, MOAT_ACME_DNS01);
+    CHECK_STR(f.token, want);
+    CHECK_INT(f.res.challenge, MOAT_ACME_DNS01);
+    CHECK_INT(f.res.challenge_failed, 1);
+    CHECK_STR(f.res.error, "dns-01 validation of a.example failed: unauthorized: no TXT");
+    /* The sent JWS names the wildcard in the order. */
+    CHECK(f.sent[3].payload && strstr(f.sent[3].payload, "\"*.a.example\"") != NULL);
+    fake_clear(&f);
+    free(ka);
+    free(want);
+
+    static const step_t failing[] = {DIRECTORY, NEW_NONCE, NEW_ACCOUNT, NEW_ORDER, AUTHZ_DNS};
+    fake_t g = {0};
+    g.dns_rc = MOAT_EPERM;
+    run(&g, failing, MOAT_ARRAY_LEN(failing), &o);
+    CHECK_INT(g.res.rc, MOAT_EPERM);
+    CHECK_INT(g.res.challenge_failed, 0);
+    CHECK_STR(g.res.error, "dns-01 for a.example: the DNS server refused the update");
+    CHECK_INT(g.withdrawn, 1);
+    fake_clear(&g);
+    EVP_PKEY_free(k);
+    CHECK_STR(moat_acme_chal_name(MOAT_ACME_DNS01), "dns-01");
+}
+
+/* A wildcard and its base name: both authorizations are fetched and both values published
+ * (side by side, under the same record name) before the CA is told about either; both stay
+ * until the order ends. */
+static void test_dns01_wildcard_and_base(void)
+{
+    static const char *both[] = {"*.a.example", "a.example"};
+    static const step_t script[] = {
+        DIRECTORY,
+        NEW_NONCE,
+        NEW_ACCOUNT,
+        {"POST",
+         CA "/new-order",
+         201,
+         JSON,
+         "{\"status\":\"pending\",\"authorizations\":[\"" CA "/authz/1\",\"" CA
+         "/authz/2\"],\"finalize\":\"" CA "/order/1/finalize\"}",
+         {"Location", CA "/order/1", NULL}},
+        AUTHZ_DNS,
+        {"POST",
+         CA "/authz/2",
+         200,
+         JSON,
+         "{\"status\":\"pending\",\"identifier\":{\"type\":\"dns\",\"value\":\"a.example\"},"
+         "\"challenges\":[{\"type\":\"dns-01\",\"url\":\"" CA "/chal/4\",\"token\":\"tok4\"}]}",
+         {NULL}},
+        {"POST", CA "/chal/3", 200, JSON, "{}", {NULL}},
+        {"POST", CA "/authz/1", 200, JSON, "{\"status\":\"valid\"}", {NULL}},
+        {"POST", CA "/chal/4", 200, JSON, "{}", {NULL}},
+        {"POST", CA "/authz/2", 200, JSON, "{\"status\":\"invalid\"}", {NULL}},
+    };
+    fake_t f = {0};
+    EVP_PKEY *k = moat_acme_key_new();
+    moat_acme_order_opts_t o = order_opts(k);
+    o.names = both;
+    o.nnames = 2;
+    o.challenge = MOAT_ACME_DNS01;
+    run(&f, script, MOAT_ARRAY_LEN(script), &o);
+    CHECK_INT(f.dns_calls, 2);
+    CHECK_INT(f.dns_calls_at_chal, 2); /* both published before the first challenge */
+    CHECK_INT(f.withdrawn, 2);         /* both withdrawn, at the end */
+    CHECK_STR(f.res.error, "dns-01 validation of a.example failed: no reason given");
+    fake_clear(&f);
+    EVP_PKEY_free(k);
+}
+
 /* The CA refuses "replaces": the newOrder goes once more without it. */
 static void test_replaces_refused(void)
 {
@@ -715,6 +867,8 @@ int main(void)
     test_order_problem();
     test_challenge_invalid();
     test_challenge_alpn();
+    test_challenge_dns01();
+    test_dns01_wildcard_and_base();
     test_replaces_refused();
     test_preferred_chain();
     test_early_failures();

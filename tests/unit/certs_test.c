@@ -192,6 +192,36 @@ static void test_snapshot_lookup(void)
     free(k2);
 }
 
+/* A wildcard certificate serves one label under its domain; an exact name wins over it. */
+static void test_snapshot_wildcard(void)
+{
+    char *c1, *k1, *c2, *k2, err[256] = "";
+    issue("ai.example.com", &c1, &k1);
+    issue("chat.ai.example.com", &c2, &k2);
+    moat_certs_builder_t *b = moat_certs_builder_new();
+    const char *n1[] = {"*.ai.example.com", "ai.example.com"};
+    const char *n2[] = {"chat.ai.example.com"};
+    CHECK_INT(moat_certs_builder_add(b, "wild", n1, 2, c1, k1, err, sizeof err), 0);
+    CHECK_INT(moat_certs_builder_add(b, "chat", n2, 1, c2, k2, err, sizeof err), 0);
+    moat_certs_t *c = moat_certs_builder_finish(b);
+    const moat_cert_t *r = moat_certs_lookup(c, "a.ai.example.com", NULL);
+    CHECK(r != NULL && strcmp(moat_cert_id(r), "wild") == 0);
+    r = moat_certs_lookup(c, "A.AI.Example.com.", NULL);
+    CHECK(r != NULL && strcmp(moat_cert_id(r), "wild") == 0);
+    r = moat_certs_lookup(c, "ai.example.com", NULL);
+    CHECK(r != NULL && strcmp(moat_cert_id(r), "wild") == 0);
+    r = moat_certs_lookup(c, "chat.ai.example.com", NULL);
+    CHECK(r != NULL && strcmp(moat_cert_id(r), "chat") == 0);
+    CHECK(moat_certs_lookup(c, "a.b.ai.example.com", NULL) == NULL);
+    CHECK(moat_certs_lookup(c, "example.com", NULL) == NULL);
+    CHECK(moat_certs_lookup(c, ".ai.example.com", NULL) == NULL);
+    moat_certs_release(c);
+    free(c1);
+    free(k1);
+    free(c2);
+    free(k2);
+}
+
 /* --- certificate manager ------------------------------------------------------------------ */
 
 static moat_site_addr_t addr(const char *host, moat_host_kind_t kind, int plain)
@@ -760,6 +790,7 @@ int main(void)
         return 1;
     }
     test_snapshot_lookup();
+    test_snapshot_wildcard();
     test_certmgr_internal();
     test_certmgr_files();
     test_tls();

@@ -262,9 +262,9 @@ static void test_brief_examples(void)
     CHECK_ERR("a.example.com 127.0.0.1:1\n\nb.example.com 127.0.0.1:8080 max_bdy=10M\n",
               "Moatfile:3:30: unknown option 'max_bdy'; did you mean 'max_body'?");
     CHECK_ERR("*.example.com 127.0.0.1:8080\n",
-              "Moatfile:1:1: expected an address like 'chat.example.com' or 'localhost:8443', "
-              "got '*.example.com': wildcard addresses need the DNS-01 challenge, which moat "
-              "does not support yet; list each name instead");
+              "Moatfile:1:1: wildcard address '*.example.com' needs the DNS-01 challenge: add "
+              "'dns=rfc2136 dns_server=HOST:PORT dns_tsig=KEYFILE' or 'dns=cloudflare "
+              "dns_token_file=FILE' to the line (or list each name instead)");
     CHECK_ERR("a.example.com 127.0.0.1:1\nchat.example.com foo\n",
               "Moatfile:2:18: expected an upstream like '127.0.0.1:8080', 'http://app:8080' or "
               "'unix:/run/app.sock', got 'foo'");
@@ -322,9 +322,15 @@ static void test_address_errors(void)
     CHECK_ERR(":8443 h:1", ADDR_ERR(1, ":8443") ": the host name is missing");
     CHECK_ERR("https:// h:1", ADDR_ERR(1, "https://") ": the host name is missing");
     CHECK_ERR("a.example.com,https://*.example.com h:1",
-              ADDR_ERR(15, "https://*.example.com") ": wildcard addresses need the DNS-01 "
-                                                    "challenge, which moat does not support yet; "
-                                                    "list each name instead");
+              "Moatfile:1:15: wildcard address '*.example.com' needs the DNS-01 challenge: add "
+              "'dns=rfc2136 dns_server=HOST:PORT dns_tsig=KEYFILE' or 'dns=cloudflare "
+              "dns_token_file=FILE' to the line (or list each name instead)");
+    CHECK_ERR("*.com h:1 dns=rfc2136 dns_server=ns1.example.com dns_tsig=/k",
+              ADDR_ERR(1, "*.com") ": a wildcard is '*.' followed by a name with at least two "
+                                   "parts, like '*.example.com'");
+    CHECK_ERR("*.*.example.com h:1 dns=rfc2136 dns_server=ns1.example.com dns_tsig=/k",
+              ADDR_ERR(1, "*.*.example.com") ": a wildcard is '*.' followed by a name with at "
+                                             "least two parts, like '*.example.com'");
     char line[400];
     memset(line, 'a', 64);
     strcpy(line + 64, ".com h:1");
@@ -578,13 +584,13 @@ static void test_all_errors_collected(void)
     CHECK_ERR("*.a.com foo max_bdy=1 hsts=maybe\n"
               "ok.example.com 127.0.0.1:1\n"
               "ok.example.com 127.0.0.1:2 lb=least_conn lb=cookie\n",
-              "Moatfile:1:1: expected an address like 'chat.example.com' or 'localhost:8443', got "
-              "'*.a.com': wildcard addresses need the DNS-01 challenge, which moat does not "
-              "support yet; list each name instead\n"
               "Moatfile:1:9: expected an upstream like '127.0.0.1:8080', 'http://app:8080' or "
               "'unix:/run/app.sock', got 'foo'\n"
               "Moatfile:1:13: unknown option 'max_bdy'; did you mean 'max_body'?\n"
               "Moatfile:1:28: bad value for hsts: expected on or off, got 'maybe'\n"
+              "Moatfile:1:1: wildcard address '*.a.com' needs the DNS-01 challenge: add "
+              "'dns=rfc2136 dns_server=HOST:PORT dns_tsig=KEYFILE' or 'dns=cloudflare "
+              "dns_token_file=FILE' to the line (or list each name instead)\n"
               "Moatfile:3:1: duplicate address 'ok.example.com:443' (first defined at "
               "Moatfile:2:1)\n"
               "Moatfile:3:42: duplicate option 'lb' (first set at column 28)");
@@ -798,6 +804,51 @@ static void test_cidr_match(void)
     moat_config_free(c);
 }
 
+static void test_dns01(void)
+{
+    moat_config_t *c = parse_ok("*.ai.example.com,ai.example.com 127.0.0.1:8080 dns=rfc2136 "
+                                "dns_server=ns1.example.com:53 dns_tsig=/etc/moat/tsig.key\n"
+                                "chat.home.example.com 127.0.0.1:8080 dns=cloudflare "
+                                "dns_token_file=/etc/moat/cf.token dns_wait=30s\n");
+    if (c != NULL) {
+        CHECK_STR(c->sites[0].addrs[0].host, "*.ai.example.com");
+        CHECK_INT(c->sites[0].dns, MOAT_DNS_RFC2136);
+        CHECK_STR(c->sites[0].dns_server, "ns1.example.com:53");
+        CHECK_STR(c->sites[0].dns_tsig, "/etc/moat/tsig.key");
+        CHECK_INT(c->sites[0].dns_wait_ms, 120000);
+        CHECK_INT(c->sites[1].dns, MOAT_DNS_CLOUDFLARE);
+        CHECK_INT(c->sites[1].dns_wait_ms, 30000);
+        CHECK_INT(moat_host_is_internal("*.ai.example.com"), 0);
+        moat_config_free(c);
+    }
+    CHECK_ERR("a.example.com h:1 dns=rfc2136",
+              "Moatfile:1:19: dns needs dns_server=HOST:PORT (the primary that takes updates) too\n"
+              "Moatfile:1:19: dns needs dns_tsig=FILE (a key made with 'tsig-keygen NAME > FILE') "
+              "too");
+    CHECK_ERR("a.example.com h:1 dns=cloudflare",
+              "Moatfile:1:19: dns needs dns_token_file=FILE (an API token with Zone:Read and "
+              "DNS:Edit) too");
+    CHECK_ERR("a.example.com h:1 dns_tsig=/k",
+              "Moatfile:1:19: dns_tsig only applies with dns=rfc2136 or dns=cloudflare");
+    CHECK_ERR("a.example.com h:1 dns=rfc2136 dns_server=a:b:c dns_tsig=/k",
+              "Moatfile:1:42: expected a DNS server like 'ns1.example.com:53': put IPv6 addresses "
+              "in brackets, like '[::1]'");
+    CHECK_ERR("a.example.com h:1 dns=rfc2136 dns_server=ns1 dns_tsig=/k dns_resolver=dns.local:53",
+              "Moatfile:1:71: expected an IP address and port like '127.0.0.1:5353'");
+    CHECK_ERR("a.example.com h:1 dns=route53", "Moatfile:1:23: bad value for dns: expected "
+                                               "rfc2136 or cloudflare, got 'route53'");
+    CHECK_ERR(
+        "a.example.com h:1 dns=cloudflare dns_token_file=/t dns_api=http://api.example.com/v4",
+        "Moatfile:1:60: expected an https:// API URL (plain http:// only to a loopback "
+        "address), like https://api.cloudflare.com/client/v4");
+    c = parse_ok("a.example.com h:1 dns=cloudflare dns_token_file=/t "
+                 "dns_api=http://127.0.0.1:8080/client/v4\n");
+    moat_config_free(c);
+    /* A wildcard with its own certificate files needs no DNS-01. */
+    c = parse_ok("*.example.com h:1 tls=/c.pem,/k.pem\n");
+    moat_config_free(c);
+}
+
 int main(void)
 {
     test_minimal_site_and_defaults();
@@ -817,5 +868,6 @@ int main(void)
     test_print();
     test_host_is_internal();
     test_cidr_match();
+    test_dns01();
     return test_summary("config");
 }

@@ -216,6 +216,14 @@ static void test_failures(void)
     CHECK_INT(g.calls, 1);
     CHECK(g.err < 0);
 
+    /* Extra header lines that could start another header or end the head are refused. */
+    static const char *const bad_headers[] = {"X: a",         "X: a\nY: b\r\n", "X: a\r\n\r\n",
+                                              "\r\nX: a\r\n", "X: a\rY: b\r\n", "\n"};
+    for (size_t i = 0; i < sizeof bad_headers / sizeof *bad_headers; i++)
+        CHECK_INT(
+            moat_httpc_request_ex(h, "GET", url, bad_headers[i], NULL, NULL, 0, on_response, &g),
+            MOAT_EINVAL);
+
     /* Freeing the client with a request in flight: its callback runs once, with ECLOSED. */
     script_start(&s, NULL);
     snprintf(url, sizeof url, "http://127.0.0.1:%d/", s.port);

@@ -122,6 +122,41 @@ static void test_build(void)
         CHECK_STR(b.err, "cancelled");
 }
 
+/* Wildcard addresses: one plain label under the domain; an exact line wins; the redirect
+ * target (find_tls_addr) follows the same rule. */
+static void test_wildcard_lookup(void)
+{
+    CHECK(moat_runtime_host_matches(MOAT_SLICE_LIT("a.example.com"), "*.example.com"));
+    CHECK(moat_runtime_host_matches(MOAT_SLICE_LIT("A-1_b.Example.COM"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT("example.com"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT(".example.com"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT("a.b.example.com"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT("a/b.example.com"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT("a@b.example.com"), "*.example.com"));
+    CHECK(!moat_runtime_host_matches(MOAT_SLICE_LIT("aexample.com"), "*.example.com"));
+    built_t b;
+    build("*.ai.example.com,ai.example.com 127.0.0.1:1 dns=rfc2136 dns_server=127.0.0.1:53 "
+          "dns_tsig=/k\nchat.ai.example.com 127.0.0.1:2\n",
+          &b);
+    CHECK(b.rt != NULL);
+    if (b.rt == NULL)
+        return;
+    const moat_site_rt_t *s =
+        moat_runtime_find_site(b.rt, MOAT_SLICE_LIT("a.ai.example.com"), 443, 1);
+    CHECK(s == &b.rt->sites[0]);
+    s = moat_runtime_find_site(b.rt, MOAT_SLICE_LIT("ai.example.com:443"), 443, 1);
+    CHECK(s == &b.rt->sites[0]);
+    s = moat_runtime_find_site(b.rt, MOAT_SLICE_LIT("chat.ai.example.com"), 443, 1);
+    CHECK(s == &b.rt->sites[1]);
+    CHECK(moat_runtime_find_site(b.rt, MOAT_SLICE_LIT("x.y.ai.example.com"), 443, 1) == NULL);
+    const moat_site_addr_t *a =
+        moat_runtime_find_tls_addr(b.rt, MOAT_SLICE_LIT("b.ai.example.com"));
+    CHECK(a != NULL && strcmp(a->host, "*.ai.example.com") == 0);
+    a = moat_runtime_find_tls_addr(b.rt, MOAT_SLICE_LIT("chat.ai.example.com:80"));
+    CHECK(a != NULL && strcmp(a->host, "chat.ai.example.com") == 0);
+    moat_runtime_unref(b.rt);
+}
+
 /* A re-addressed copy (the resolver moved a name): same config and TLS context, its own
  * upstream arrays; freed in either order, the config exactly once (ASan). */
 static void test_readdress(void)
@@ -413,6 +448,7 @@ int main(void)
     }
     uv_loop_init(&loop);
     test_build();
+    test_wildcard_lookup();
     test_readdress();
     test_workers();
     test_snapmgr_empty();
