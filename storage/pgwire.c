@@ -704,8 +704,7 @@ int moat_pgw_scram_verify(moat_pgw_scram_t *s, moat_slice_t server_final, char *
     }
     unsigned char want[32], got[64];
     size_t got_len = 0;
-    const char *comma =
-        server_final.base ? memchr(server_final.base, ',', server_final.len) : NULL;
+    const char *comma = server_final.base ? memchr(server_final.base, ',', server_final.len) : NULL;
     size_t vlen = comma ? (size_t)(comma - server_final.base) : server_final.len;
     if (vlen < 2 || vlen > 90 || memcmp(server_final.base, "v=", 2) != 0 ||
         !EVP_DecodeBase64(got, &got_len, sizeof got, (const uint8_t *)server_final.base + 2,

@@ -57,32 +57,32 @@ typedef struct {
 /* One decoded backend message. Every slice points into the bytes given to moat_pgw_next and
  * is valid while they are. */
 typedef struct {
-    char type;          /* the message type byte: 'R', 'E', 'Z', 'D', ... */
-    moat_slice_t body;  /* everything after the length */
+    char type;         /* the message type byte: 'R', 'E', 'Z', 'D', ... */
+    moat_slice_t body; /* everything after the length */
     union {
         struct {
-            int32_t code;       /* moat_pgw_auth_t, or another the server asked for */
-            moat_slice_t data;  /* SASL: the mechanism list; continue/final: the server's data */
+            int32_t code;      /* moat_pgw_auth_t, or another the server asked for */
+            moat_slice_t data; /* SASL: the mechanism list; continue/final: the server's data */
         } auth;
         moat_pgw_error_t error; /* 'E' and 'N' */
         struct {
             moat_slice_t name, value;
-        } param;                /* 'S' ParameterStatus */
+        } param; /* 'S' ParameterStatus */
         struct {
             int32_t pid, key;
-        } key;                  /* 'K' BackendKeyData */
-        char ready;             /* 'Z': 'I' idle, 'T' in a transaction, 'E' failed one */
+        } key;      /* 'K' BackendKeyData */
+        char ready; /* 'Z': 'I' idle, 'T' in a transaction, 'E' failed one */
         struct {
-            uint16_t ncols;     /* 'D' DataRow: read the columns with moat_pgw_row_col */
+            uint16_t ncols; /* 'D' DataRow: read the columns with moat_pgw_row_col */
         } row;
         struct {
-            uint16_t nfields;   /* 'T' RowDescription */
+            uint16_t nfields; /* 'T' RowDescription */
         } desc;
-        moat_slice_t tag;       /* 'C' CommandComplete */
+        moat_slice_t tag; /* 'C' CommandComplete */
         struct {
             int32_t pid;
             moat_slice_t channel, payload;
-        } notify;               /* 'A' NotificationResponse */
+        } notify; /* 'A' NotificationResponse */
     } u;
 } moat_pgw_msg_t;
 
@@ -101,10 +101,10 @@ int moat_pgw_sasl_offers(moat_slice_t list, const char *mech);
 /* ---- SCRAM-SHA-256 (client side) ---- */
 
 typedef struct {
-    char nonce[64];           /* the client nonce, base64 */
-    char *client_first_bare;  /* "n=,r=<nonce>" */
-    char *gs2;                /* "n,," or "p=tls-server-end-point,," */
-    char *cbind;              /* the channel-binding data (certificate hash), or NULL */
+    char nonce[64];          /* the client nonce, base64 */
+    char *client_first_bare; /* "n=,r=<nonce>" */
+    char *gs2;               /* "n,," or "p=tls-server-end-point,," */
+    char *cbind;             /* the channel-binding data (certificate hash), or NULL */
     size_t cbind_len;
     unsigned char server_key[32];
     char *auth_message;

@@ -86,6 +86,22 @@ struct moat_storage {
  * NULL) holds a sentence naming the path and what to do. */
 int moat_storage_open_sqlite(const char *data_dir, moat_storage_t **out, char *err, size_t errlen);
 
+/* Open the PostgreSQL store named by a postgres:// URL (include/moat/pgconn.h says what the
+ * URL may hold and where the password comes from): connect, verify the server, log in with
+ * SCRAM, and migrate the schema `moat` forward under an advisory lock. A schema written by a
+ * newer moat is refused (MOAT_ESCHEMA). Calls on the store are bounded by a deadline; while
+ * the server is away they fail at once (MOAT_ESTORAGE) and a reconnect is tried after a
+ * backoff. storage/postgres.c. */
+int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err, size_t errlen);
+
+/* Open the store `spec` names: NULL or "" for DATA_DIR/moat.db, "sqlite:DIR" for DIR/moat.db
+ * ("sqlite:DIR/moat.db" too), or a postgres:// URL. */
+int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **out, char *err,
+                      size_t errlen);
+/* Whether spec names a PostgreSQL store (a store shared between machines: no pid file or
+ * "--data" advice applies to it). */
+int moat_storage_is_postgres(const char *spec);
+
 void moat_cert_record_clear(moat_cert_record_t *r);
 void moat_event_clear(moat_event_t *e);
 /* Free an array returned by list_certs / list_events: clears each element, then the array. */

@@ -148,14 +148,14 @@ static void test_scram(void)
     const char *want = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
                        "p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     CHECK(buf_is(&out, want, strlen(want)));
-    CHECK_INT(moat_pgw_scram_verify(
-                  &s, moat_slice_str("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="), err,
-                  sizeof err),
-              0);
-    CHECK_INT(moat_pgw_scram_verify(
-                  &s, moat_slice_str("v=7rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="), err,
-                  sizeof err),
-              MOAT_EPERM);
+    CHECK_INT(
+        moat_pgw_scram_verify(&s, moat_slice_str("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="),
+                              err, sizeof err),
+        0);
+    CHECK_INT(
+        moat_pgw_scram_verify(&s, moat_slice_str("v=7rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="),
+                              err, sizeof err),
+        MOAT_EPERM);
     CHECK(strstr(err, "did not prove") != NULL);
     CHECK_INT(moat_pgw_scram_verify(&s, moat_slice_str("e=invalid-proof"), err, sizeof err),
               MOAT_EPERM);
@@ -166,7 +166,9 @@ static void test_scram(void)
     const char *bad[] = {"r=other,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
                          "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0",
                          "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=99999999",
-                         "r=abcX,s=!!!,i=4096", "r=abcX,i=4096", ""};
+                         "r=abcX,s=!!!,i=4096",
+                         "r=abcX,i=4096",
+                         ""};
     for (size_t i = 0; i < MOAT_ARRAY_LEN(bad); i++) {
         moat_buf_reset(&out);
         CHECK_INT(moat_pgw_scram_first(&s, "abc", NULL, 0, &out), 0);

@@ -1,0 +1,622 @@
+/* The PostgreSQL storage backend: the moat_storage_ops_t vtable over one storage/pgconn.c
+ * connection, for several moat instances sharing one store.
+ *
+ * Synchronous on purpose, like the SQLite backend: the vtable is called on the control thread
+ * and every call is bounded by the connection's deadline (3 s by default). While the database
+ * is known to be unreachable, calls fail at once with MOAT_ESTORAGE and a sentence instead of
+ * each waiting for a connect timeout; a new connection is tried by the first call after a
+ * backoff (1 s doubling to 30 s). So the control loop is held at most one deadline per outage
+ * step, and the workers, which never touch storage, keep serving from memory. A fully
+ * asynchronous client on the control loop is the later step (README, "PostgreSQL storage").
+ *
+ * Everything lives in the schema `moat`; its version is the one row of moat.schema_version.
+ * Migrations run in one transaction under a transaction-scoped advisory lock, so instances
+ * starting together migrate once; a newer version than this build knows is refused. */
+#include "moat/log.h"
+#include "moat/pgconn.h"
+#include "moat/storage.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#define EVENTS_KEEP    10000
+#define BACKOFF_MIN_MS 1000
+#define BACKOFF_MAX_MS 30000
+/* pg_advisory_xact_lock key of schema changes: "moat" in ASCII, then 1. */
+#define MIGRATION_LOCK "7885360881346527233"
+
+typedef struct {
+    moat_storage_t base;
+    moat_pg_params_t params;
+    moat_pgconn_t *conn;
+    int depth;        /* open transaction levels, as in sqlite.c */
+    int lost_in_tx;   /* the connection broke inside a transaction: fail until rolled back */
+    int down;         /* unreachable: said once, until it comes back */
+    int64_t retry_at; /* ms, monotonic: no new connection before this */
+    int backoff_ms;
+    uint64_t reconnects; /* new connections after the first: callers compare to resync */
+} pg_storage_t;
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static pg_storage_t *from_base(moat_storage_t *base)
+{
+    return MOAT_CONTAINER_OF(base, pg_storage_t, base);
+}
+
+static void set_err(pg_storage_t *s, const char *fmt, const char *arg)
+{
+    moat_errf(s->base.last_error, sizeof s->base.last_error, fmt, arg);
+}
+
+/* ---- schema ---- */
+
+/* Step N moves the schema from version N - 1 to N; append-only, like migrations.c. The
+ * extended protocol runs one statement per message, so each step is a list. */
+static const char *const step1[] = {
+    "CREATE TABLE moat.certs ("
+    "  id text COLLATE \"C\" PRIMARY KEY,"
+    "  names text, issuer text, source text,"
+    "  not_before bigint, not_after bigint,"
+    "  cert_pem text, key_pem text, updated_at bigint)",
+    "CREATE INDEX certs_not_after ON moat.certs (not_after)",
+    "CREATE TABLE moat.events ("
+    "  id bigserial PRIMARY KEY, \"time\" bigint, kind text, names text, detail text)",
+    /* Keys are bytes, ordered bytewise like SQLite's, and any byte string is a key. */
+    "CREATE TABLE moat.kv (key bytea PRIMARY KEY, value text, updated_at bigint)",
+    NULL,
+};
+
+static const char *const *const pg_steps[] = {step1};
+
+_Static_assert(MOAT_ARRAY_LEN(pg_steps) == MOAT_STORAGE_SCHEMA_VERSION,
+               "one PostgreSQL migration step per schema version");
+
+static int run(pg_storage_t *s, const char *sql, size_t n, const char *const *vals,
+               const size_t *lens, const int *binary, moat_pg_result_t *res);
+
+static int newer_schema(pg_storage_t *s, long version)
+{
+    moat_errf(s->base.last_error, sizeof s->base.last_error,
+              "the schema moat in database %s on %s was written by a newer moat (schema %ld, "
+              "this moat knows %d); upgrade moat, or point --storage at another database",
+              s->params.dbname, s->params.host, version, MOAT_STORAGE_SCHEMA_VERSION);
+    return MOAT_ESCHEMA;
+}
+
+static int read_version(pg_storage_t *s, long *version)
+{
+    moat_pg_result_t r;
+    int rc = run(s, "SELECT version FROM moat.schema_version", 0, NULL, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    *version = r.nrows > 0 && moat_pg_cell(&r, 0, 0) ? strtol(moat_pg_cell(&r, 0, 0), NULL, 10) : 0;
+    moat_pg_result_clear(&r);
+    return 0;
+}
+
+static int migrate(pg_storage_t *s)
+{
+    long version = 0;
+    /* Usually the schema is current: find that out without the lock. A missing table is an
+     * error here and simply means "not created yet". */
+    if (read_version(s, &version) == 0) {
+        if (version == MOAT_STORAGE_SCHEMA_VERSION)
+            return 0;
+        if (version > MOAT_STORAGE_SCHEMA_VERSION)
+            return newer_schema(s, version);
+    }
+    static const char *const boot[] = {
+        "BEGIN",
+        "SELECT pg_advisory_xact_lock(" MIGRATION_LOCK ")",
+        "CREATE SCHEMA IF NOT EXISTS moat",
+        "CREATE TABLE IF NOT EXISTS moat.schema_version (version integer NOT NULL)",
+    };
+    int rc = 0;
+    for (size_t i = 0; i < MOAT_ARRAY_LEN(boot) && rc == 0; i++)
+        rc = run(s, boot[i], 0, NULL, NULL, NULL, NULL);
+    if (rc == 0)
+        rc = read_version(s, &version);
+    if (rc == 0 && version > MOAT_STORAGE_SCHEMA_VERSION)
+        rc = newer_schema(s, version);
+    long from = version;
+    for (long v = version + 1; rc == 0 && v <= MOAT_STORAGE_SCHEMA_VERSION; v++)
+        for (const char *const *st = pg_steps[v - 1]; rc == 0 && *st != NULL; st++)
+            rc = run(s, *st, 0, NULL, NULL, NULL, NULL);
+    if (rc == 0 && from < MOAT_STORAGE_SCHEMA_VERSION) {
+        char vbuf[16];
+        snprintf(vbuf, sizeof vbuf, "%d", MOAT_STORAGE_SCHEMA_VERSION);
+        const char *vals[] = {vbuf};
+        rc = run(s, "DELETE FROM moat.schema_version", 0, NULL, NULL, NULL, NULL);
+        if (rc == 0)
+            rc = run(s, "INSERT INTO moat.schema_version (version) VALUES ($1::integer)", 1, vals,
+                     NULL, NULL, NULL);
+    }
+    if (rc == 0)
+        rc = run(s, "COMMIT", 0, NULL, NULL, NULL, NULL);
+    if (rc != 0) {
+        char saved[sizeof s->base.last_error];
+        memcpy(saved, s->base.last_error, sizeof saved);
+        if (s->conn != NULL && !moat_pgconn_broken(s->conn))
+            moat_pgconn_exec(s->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL);
+        memcpy(s->base.last_error, saved, sizeof saved);
+        return rc;
+    }
+    if (from < MOAT_STORAGE_SCHEMA_VERSION)
+        MOAT_INFO("storage: schema moat in database %s on %s upgraded from version %ld to %d",
+                  s->params.dbname, s->params.host, from, MOAT_STORAGE_SCHEMA_VERSION);
+    return 0;
+}
+
+/* ---- connection state ---- */
+
+static void went_down(pg_storage_t *s)
+{
+    int64_t now = mono_ms();
+    s->backoff_ms =
+        s->backoff_ms == 0 ? BACKOFF_MIN_MS : MOAT_MIN(s->backoff_ms * 2, BACKOFF_MAX_MS);
+    s->retry_at = now + s->backoff_ms;
+    if (!s->down)
+        MOAT_WARN("storage: %s; moat keeps serving what it has in memory and tries again "
+                  "(every %d s at most)",
+                  s->base.last_error, BACKOFF_MAX_MS / 1000);
+    s->down = 1;
+}
+
+/* A usable connection, or MOAT_ESTORAGE at once while the database is known to be away. */
+static int ensure(pg_storage_t *s)
+{
+    if (s->conn != NULL && !moat_pgconn_broken(s->conn))
+        return 0;
+    if (s->conn != NULL) {
+        moat_errf(s->base.last_error, sizeof s->base.last_error, "%s", moat_pgconn_error(s->conn));
+        moat_pgconn_free(s->conn);
+        s->conn = NULL;
+        if (s->depth > 0)
+            s->lost_in_tx = 1;
+        went_down(s);
+    }
+    if (s->lost_in_tx) {
+        moat_errf(s->base.last_error, sizeof s->base.last_error,
+                  "the connection to PostgreSQL at %s:%d broke inside a transaction, which is "
+                  "lost; roll it back and try again",
+                  s->params.host, s->params.port);
+        return MOAT_ESTORAGE;
+    }
+    int64_t now = mono_ms();
+    if (s->down && now < s->retry_at) {
+        moat_errf(s->base.last_error, sizeof s->base.last_error,
+                  "PostgreSQL at %s:%d is unreachable; next try in %d ms", s->params.host,
+                  s->params.port, (int)(s->retry_at - now));
+        return MOAT_ESTORAGE;
+    }
+    char err[1024];
+    int rc = moat_pgconn_open(&s->params, &s->conn, err, sizeof err);
+    if (rc != 0) {
+        moat_errf(s->base.last_error, sizeof s->base.last_error, "%s", err);
+        went_down(s);
+        return MOAT_ESTORAGE;
+    }
+    if (s->down) {
+        MOAT_INFO("storage: PostgreSQL at %s:%d is reachable again", s->params.host,
+                  s->params.port);
+        s->reconnects++;
+    }
+    s->down = 0;
+    s->backoff_ms = 0;
+    return 0;
+}
+
+static int run(pg_storage_t *s, const char *sql, size_t n, const char *const *vals,
+               const size_t *lens, const int *binary, moat_pg_result_t *res)
+{
+    if (res != NULL)
+        memset(res, 0, sizeof *res);
+    int rc = ensure(s);
+    if (rc != 0)
+        return rc;
+    rc = moat_pgconn_exec(s->conn, sql, n, vals, lens, binary, res);
+    if (rc == 0)
+        return 0;
+    moat_errf(s->base.last_error, sizeof s->base.last_error, "%s", moat_pgconn_error(s->conn));
+    if (moat_pgconn_broken(s->conn)) {
+        moat_pgconn_free(s->conn);
+        s->conn = NULL;
+        if (s->depth > 0)
+            s->lost_in_tx = 1;
+        went_down(s);
+    }
+    return MOAT_ESTORAGE;
+}
+
+/* ---- transactions ---- */
+
+static int op_begin(moat_storage_t *base)
+{
+    pg_storage_t *s = from_base(base);
+    if (s->lost_in_tx)
+        return ensure(s);
+    int rc = run(s, s->depth == 0 ? "BEGIN" : "SAVEPOINT moat_nested", 0, NULL, NULL, NULL, NULL);
+    if (rc == 0)
+        s->depth++;
+    return rc;
+}
+
+static int op_commit(moat_storage_t *base)
+{
+    pg_storage_t *s = from_base(base);
+    if (s->depth == 0) {
+        set_err(s, "commit without a transaction%s", "");
+        return MOAT_EINVAL;
+    }
+    if (s->lost_in_tx)
+        return ensure(s);
+    if (s->conn != NULL && moat_pgconn_tx_status(s->conn) == 'E') {
+        set_err(s, "the transaction was rolled back after an earlier error%s", "");
+        return MOAT_ESTORAGE;
+    }
+    int rc = run(s, s->depth == 1 ? "COMMIT" : "RELEASE moat_nested", 0, NULL, NULL, NULL, NULL);
+    if (rc == 0)
+        s->depth--;
+    return rc;
+}
+
+static int op_rollback(moat_storage_t *base)
+{
+    pg_storage_t *s = from_base(base);
+    if (s->depth == 0) {
+        set_err(s, "rollback without a transaction%s", "");
+        return MOAT_EINVAL;
+    }
+    s->depth--;
+    if (s->lost_in_tx) {
+        /* Nothing to undo on the server: the transaction died with the connection. */
+        if (s->depth == 0)
+            s->lost_in_tx = 0;
+        return 0;
+    }
+    if (s->conn == NULL)
+        return 0;
+    return run(s, s->depth == 0 ? "ROLLBACK" : "ROLLBACK TO moat_nested", 0, NULL, NULL, NULL,
+               NULL) == 0 &&
+                   (s->depth == 0 || run(s, "RELEASE moat_nested", 0, NULL, NULL, NULL, NULL) == 0)
+               ? 0
+               : MOAT_ESTORAGE;
+}
+
+/* ---- records ---- */
+
+#define CERT_COLUMNS                                                                               \
+    "id, names, issuer, source, not_before, not_after, cert_pem, key_pem, updated_at"
+
+static char *dup_cell(const moat_pg_result_t *r, size_t row, size_t col)
+{
+    const char *v = moat_pg_cell(r, row, col);
+    return v ? moat_xstrdup(v) : NULL;
+}
+
+static int64_t int_cell(const moat_pg_result_t *r, size_t row, size_t col)
+{
+    const char *v = moat_pg_cell(r, row, col);
+    return v ? strtoll(v, NULL, 10) : 0;
+}
+
+static void read_cert(const moat_pg_result_t *r, size_t row, moat_cert_record_t *c)
+{
+    c->id = dup_cell(r, row, 0);
+    c->names = dup_cell(r, row, 1);
+    c->issuer = dup_cell(r, row, 2);
+    c->source = dup_cell(r, row, 3);
+    c->not_before = int_cell(r, row, 4);
+    c->not_after = int_cell(r, row, 5);
+    c->cert_pem = dup_cell(r, row, 6);
+    c->key_pem = dup_cell(r, row, 7);
+    c->updated_at = int_cell(r, row, 8);
+}
+
+static int op_put_cert(moat_storage_t *base, const moat_cert_record_t *rec)
+{
+    pg_storage_t *s = from_base(base);
+    if (rec == NULL || rec->id == NULL) {
+        set_err(s, "put_cert: a record needs an id%s", "");
+        return MOAT_EINVAL;
+    }
+    char nb[24], na[24], up[24];
+    snprintf(nb, sizeof nb, "%" PRId64, rec->not_before);
+    snprintf(na, sizeof na, "%" PRId64, rec->not_after);
+    snprintf(up, sizeof up, "%" PRId64,
+             rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL));
+    const char *vals[] = {rec->id, rec->names,    rec->issuer,  rec->source, nb,
+                          na,      rec->cert_pem, rec->key_pem, up};
+    return run(s,
+               "INSERT INTO moat.certs (" CERT_COLUMNS ") VALUES ($1, $2, $3, $4, $5::bigint,"
+               " $6::bigint, $7, $8, $9::bigint) ON CONFLICT (id) DO UPDATE SET"
+               " names = excluded.names, issuer = excluded.issuer, source = excluded.source,"
+               " not_before = excluded.not_before, not_after = excluded.not_after,"
+               " cert_pem = excluded.cert_pem, key_pem = excluded.key_pem,"
+               " updated_at = excluded.updated_at",
+               9, vals, NULL, NULL, NULL);
+}
+
+static int op_get_cert(moat_storage_t *base, const char *id, moat_cert_record_t *out)
+{
+    pg_storage_t *s = from_base(base);
+    if (out == NULL || id == NULL) {
+        set_err(s, "get_cert: missing argument%s", "");
+        return MOAT_EINVAL;
+    }
+    memset(out, 0, sizeof *out);
+    moat_pg_result_t r;
+    const char *vals[] = {id};
+    int rc =
+        run(s, "SELECT " CERT_COLUMNS " FROM moat.certs WHERE id = $1", 1, vals, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    if (r.nrows == 0) {
+        set_err(s, "no certificate stored as \"%s\"", id);
+        rc = MOAT_ENOT_FOUND;
+    } else {
+        read_cert(&r, 0, out);
+    }
+    moat_pg_result_clear(&r);
+    return rc;
+}
+
+static int op_list_certs(moat_storage_t *base, moat_cert_record_t **out, size_t *n)
+{
+    pg_storage_t *s = from_base(base);
+    if (out == NULL || n == NULL)
+        return MOAT_EINVAL;
+    *out = NULL;
+    *n = 0;
+    moat_pg_result_t r;
+    int rc = run(s, "SELECT " CERT_COLUMNS " FROM moat.certs ORDER BY id", 0, NULL, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    if (r.nrows > 0) {
+        *out = moat_xcalloc(r.nrows, sizeof **out);
+        for (size_t i = 0; i < r.nrows; i++)
+            read_cert(&r, i, &(*out)[i]);
+        *n = r.nrows;
+    }
+    moat_pg_result_clear(&r);
+    return 0;
+}
+
+static int op_add_event(moat_storage_t *base, const char *kind, const char *names,
+                        const char *detail)
+{
+    pg_storage_t *s = from_base(base);
+    char now[24], keep[24];
+    snprintf(now, sizeof now, "%" PRId64, (int64_t)time(NULL));
+    snprintf(keep, sizeof keep, "%d", EVENTS_KEEP);
+    const char *vals[] = {now, kind, names, detail, keep};
+    /* One statement: the insert and the pruning it makes necessary happen together. */
+    return run(s,
+               "WITH ins AS (INSERT INTO moat.events (\"time\", kind, names, detail)"
+               " VALUES ($1::bigint, $2, $3, $4) RETURNING id)"
+               " DELETE FROM moat.events WHERE id <= (SELECT id FROM ins) - $5::bigint",
+               5, vals, NULL, NULL, NULL);
+}
+
+static int op_list_events(moat_storage_t *base, size_t limit, moat_event_t **out, size_t *n)
+{
+    pg_storage_t *s = from_base(base);
+    if (out == NULL || n == NULL)
+        return MOAT_EINVAL;
+    *out = NULL;
+    *n = 0;
+    if (limit == 0)
+        return 0;
+    char lim[24];
+    snprintf(lim, sizeof lim, "%" PRId64, limit > (size_t)INT64_MAX ? INT64_MAX : (int64_t)limit);
+    const char *vals[] = {lim};
+    moat_pg_result_t r;
+    int rc = run(s,
+                 "SELECT \"time\", kind, names, detail FROM moat.events ORDER BY id DESC"
+                 " LIMIT $1::bigint",
+                 1, vals, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    if (r.nrows > 0) {
+        moat_event_t *ev = moat_xcalloc(r.nrows, sizeof *ev);
+        for (size_t i = 0; i < r.nrows; i++) {
+            ev[i].time = int_cell(&r, i, 0);
+            ev[i].kind = dup_cell(&r, i, 1);
+            ev[i].names = dup_cell(&r, i, 2);
+            ev[i].detail = dup_cell(&r, i, 3);
+        }
+        *out = ev;
+        *n = r.nrows;
+    }
+    moat_pg_result_clear(&r);
+    return 0;
+}
+
+static int op_kv_put(moat_storage_t *base, const char *key, const char *value)
+{
+    pg_storage_t *s = from_base(base);
+    if (key == NULL) {
+        set_err(s, "kv_put: missing key%s", "");
+        return MOAT_EINVAL;
+    }
+    char now[24];
+    snprintf(now, sizeof now, "%" PRId64, (int64_t)time(NULL));
+    const char *vals[] = {key, value, now};
+    size_t lens[] = {strlen(key), value ? strlen(value) : 0, strlen(now)};
+    const int binary[] = {1, 0, 0};
+    if (value == NULL)
+        return run(s, "DELETE FROM moat.kv WHERE key = $1", 1, vals, lens, binary, NULL);
+    return run(s,
+               "INSERT INTO moat.kv (key, value, updated_at) VALUES ($1, $2, $3::bigint)"
+               " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+               " updated_at = excluded.updated_at",
+               3, vals, lens, binary, NULL);
+}
+
+static int op_kv_get(moat_storage_t *base, const char *key, char **value_out)
+{
+    pg_storage_t *s = from_base(base);
+    if (key == NULL || value_out == NULL)
+        return MOAT_EINVAL;
+    *value_out = NULL;
+    const char *vals[] = {key};
+    size_t lens[] = {strlen(key)};
+    const int binary[] = {1};
+    moat_pg_result_t r;
+    int rc = run(s, "SELECT value FROM moat.kv WHERE key = $1", 1, vals, lens, binary, &r);
+    if (rc != 0)
+        return rc;
+    if (r.nrows == 0 || moat_pg_cell(&r, 0, 0) == NULL) {
+        set_err(s, "no value stored for \"%s\"", key);
+        rc = MOAT_ENOT_FOUND;
+    } else {
+        *value_out = dup_cell(&r, 0, 0);
+    }
+    moat_pg_result_clear(&r);
+    return rc;
+}
+
+static int hexv(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* A bytea in text output format ("\x" and hex digits) as a NUL-terminated string. */
+static char *from_bytea(const char *v)
+{
+    if (v == NULL || v[0] != '\\' || v[1] != 'x')
+        return moat_xstrdup(v ? v : "");
+    size_t n = strlen(v + 2) / 2;
+    char *out = moat_xmalloc(n + 1);
+    for (size_t i = 0; i < n; i++) {
+        int hi = hexv(v[2 + 2 * i]), lo = hexv(v[3 + 2 * i]);
+        out[i] = (char)((hi < 0 ? 0 : hi) << 4 | (lo < 0 ? 0 : lo));
+    }
+    out[n] = '\0';
+    return out;
+}
+
+static int op_kv_list(moat_storage_t *base, const char *prefix, moat_kv_t **out, size_t *n)
+{
+    pg_storage_t *s = from_base(base);
+    if (prefix == NULL || out == NULL || n == NULL)
+        return MOAT_EINVAL;
+    *out = NULL;
+    *n = 0;
+    /* The same range as sqlite.c: [prefix, prefix with its last non-0xff byte incremented). */
+    size_t pl = strlen(prefix);
+    char *upper = moat_xstrndup(prefix, pl);
+    while (pl > 0 && (unsigned char)upper[pl - 1] == 0xff)
+        upper[--pl] = '\0';
+    if (pl > 0)
+        upper[pl - 1] = (char)((unsigned char)upper[pl - 1] + 1);
+    const char *vals[] = {prefix, pl > 0 ? upper : NULL};
+    size_t lens[] = {strlen(prefix), pl};
+    const int binary[] = {1, 1};
+    moat_pg_result_t r;
+    int rc = run(s,
+                 "SELECT key, value, updated_at FROM moat.kv WHERE key >= $1"
+                 " AND ($2::bytea IS NULL OR key < $2::bytea) ORDER BY key",
+                 2, vals, lens, binary, &r);
+    free(upper);
+    if (rc != 0)
+        return rc;
+    if (r.nrows > 0) {
+        moat_kv_t *rows = moat_xcalloc(r.nrows, sizeof *rows);
+        for (size_t i = 0; i < r.nrows; i++) {
+            rows[i].key = from_bytea(moat_pg_cell(&r, i, 0));
+            rows[i].value = dup_cell(&r, i, 1);
+            rows[i].updated_at = int_cell(&r, i, 2);
+        }
+        *out = rows;
+        *n = r.nrows;
+    }
+    moat_pg_result_clear(&r);
+    return 0;
+}
+
+static int op_check(moat_storage_t *base)
+{
+    pg_storage_t *s = from_base(base);
+    long version = 0;
+    int rc = read_version(s, &version);
+    if (rc != 0)
+        return MOAT_ESTORAGE;
+    if (version != MOAT_STORAGE_SCHEMA_VERSION) {
+        moat_errf(s->base.last_error, sizeof s->base.last_error,
+                  "the schema moat in database %s on %s is at version %ld, this moat expects %d; "
+                  "was it changed by hand or by another moat version?",
+                  s->params.dbname, s->params.host, version, MOAT_STORAGE_SCHEMA_VERSION);
+        return MOAT_ESTORAGE;
+    }
+    return 0;
+}
+
+static void op_close(moat_storage_t *base)
+{
+    if (base == NULL)
+        return;
+    pg_storage_t *s = from_base(base);
+    /* An open transaction dies with the connection: PostgreSQL rolls it back. */
+    if (s->depth > 0 && !s->lost_in_tx)
+        MOAT_WARN("storage: closing with an unfinished transaction; its changes are discarded");
+    moat_pgconn_free(s->conn);
+    moat_pg_params_clear(&s->params);
+    free(s);
+}
+
+static const moat_storage_ops_t pg_ops = {
+    .put_cert = op_put_cert,
+    .get_cert = op_get_cert,
+    .list_certs = op_list_certs,
+    .add_event = op_add_event,
+    .list_events = op_list_events,
+    .kv_put = op_kv_put,
+    .kv_get = op_kv_get,
+    .kv_list = op_kv_list,
+    .begin = op_begin,
+    .commit = op_commit,
+    .rollback = op_rollback,
+    .close = op_close,
+    .check = op_check,
+};
+
+int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err, size_t errlen)
+{
+    char scratch[512];
+    if (err == NULL || errlen == 0) {
+        err = scratch;
+        errlen = sizeof scratch;
+    }
+    err[0] = '\0';
+    if (out == NULL || url == NULL)
+        return MOAT_EINVAL;
+    *out = NULL;
+    pg_storage_t *s = moat_xcalloc(1, sizeof *s);
+    s->base.ops = &pg_ops;
+    int rc = moat_pg_params_parse(url, &s->params, err, errlen);
+    if (rc != 0) {
+        free(s);
+        return rc;
+    }
+    rc = moat_pgconn_open(&s->params, &s->conn, err, errlen);
+    if (rc == 0) {
+        rc = migrate(s);
+        if (rc != 0)
+            moat_errf(err, errlen, "%s", s->base.last_error);
+    }
+    if (rc != 0) {
+        op_close(&s->base);
+        return rc;
+    }
+    *out = &s->base;
+    return 0;
+}
