@@ -20,11 +20,18 @@
 #define TRUST_FILE    "moat-root.crt"
 #define TRUST_UPDATER "update-ca-certificates"
 
+static const char *storage_spec; /* --storage / MOAT_STORAGE; NULL: DATA/moat.db */
+
+void moat_cmd_set_storage(const char *spec)
+{
+    storage_spec = spec;
+}
+
 static int open_ca(const char *data_dir, moat_storage_t **st, moat_ca_t **ca)
 {
-    char err[512] = "";
+    char err[1024] = "";
     *ca = NULL;
-    if (moat_storage_open_sqlite(data_dir, st, err, sizeof err) != 0) {
+    if (moat_storage_open(storage_spec, data_dir, st, err, sizeof err) != 0) {
         fprintf(stderr, "moat: %s\n", err);
         return 1;
     }
@@ -244,8 +251,8 @@ static void print_pending(moat_storage_t *st, const char *config_path)
 int moat_cmd_certs(const char *data_dir, const char *config_path)
 {
     moat_storage_t *st;
-    char err[512] = "";
-    if (moat_storage_open_sqlite(data_dir, &st, err, sizeof err) != 0) {
+    char err[1024] = "";
+    if (moat_storage_open(storage_spec, data_dir, &st, err, sizeof err) != 0) {
         fprintf(stderr, "moat: %s\n", err);
         return 1;
     }

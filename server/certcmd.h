@@ -4,6 +4,9 @@
 #ifndef MOAT_CERTCMD_H
 #define MOAT_CERTCMD_H
 
+/* The store the commands below open: NULL (DATA/moat.db), "sqlite:DIR" or a postgres:// URL
+ * (include/moat/storage.h, moat_storage_open). Borrowed; set once before the command. */
+void moat_cmd_set_storage(const char *spec);
 /* Print the internal root CA certificate (PEM), creating the CA on first use. */
 int moat_cmd_ca_root(const char *data_dir);
 /* add != 0: install the root into the system trust store

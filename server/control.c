@@ -202,13 +202,28 @@ static void reload_done(int status, const char *err, void *data)
 
 /* Damage found while running does not stop serving: the current snapshot is in memory.
  * Certificates cannot be saved or renewed into a damaged file, so the operator must hear it
- * once, clearly, in the log and from `moat health`. */
+ * once, clearly, in the log and from `moat health`. A shared PostgreSQL store that does not
+ * answer is an outage, not damage: said once per change (storage/postgres.c logs the outage
+ * itself and reconnects with backoff), and looked at again at the next check. */
 static void check_store(control_t *c)
 {
-    if (c->store_damaged || c->storage->ops->check(c->storage) == 0)
+    int shared = moat_storage_is_postgres(c->opts->storage);
+    if (c->store_damaged && !shared)
         return;
-    c->store_damaged = 1;
+    if (c->storage->ops->check(c->storage) == 0) {
+        if (c->store_damaged)
+            MOAT_INFO("storage: the shared store answers again");
+        c->store_damaged = 0;
+        return;
+    }
     const char *why = moat_storage_last_error(c->storage);
+    if (shared) {
+        if (!c->store_damaged)
+            MOAT_WARN("storage: %s; serving what is in memory until it answers again", why);
+        c->store_damaged = 1;
+        return;
+    }
+    c->store_damaged = 1;
     MOAT_ERROR("storage: %s; moat keeps serving what it has in memory, but cannot save or renew "
                "certificates until the file is restored and moat restarted",
                why);
@@ -342,7 +357,7 @@ int moat_control_run(const moat_run_opts_t *o)
         moat_config_free(cfg);
         return MOAT_EXIT_START;
     }
-    if (moat_storage_open_sqlite(o->data_dir, &c.storage, err, sizeof err) != 0) {
+    if (moat_storage_open(o->storage, o->data_dir, &c.storage, err, sizeof err) != 0) {
         MOAT_ERROR("%s", err);
         moat_config_free(cfg);
         return MOAT_EXIT_START;

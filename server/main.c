@@ -31,13 +31,18 @@ static const char usage_text[] =
     "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
     "  moat trust [--data DIR]            add the internal root to the system trust store\n"
     "  moat untrust [--data DIR]          remove it again\n"
-    "  moat certs [--data DIR] [--config FILE]  list certificates, renewals, pending names\n"
+    "  moat certs [--data DIR] [--storage STORE] [--config FILE]  list certificates,\n"
+    "                                     renewals, pending names\n"
     "  moat renew [NAME] [--force]        ask the running moat to renew ACME certificates now\n"
     "  moat version | moat help\n"
     "\n"
     "Options of run:\n"
     "  --config FILE        site file (default ./Moatfile, then /etc/moat/Moatfile)\n"
     "  --data DIR           data folder (default $MOAT_DATA or " DEFAULT_DATA_DIR ")\n"
+    "  --storage STORE      where certificates live (default $MOAT_STORAGE, else\n"
+    "                       DATA/moat.db): sqlite:DIR, or a store several moats share:\n"
+    "                       postgres://USER@HOST:5432/DB?sslmode=verify-full&sslrootcert=FILE\n"
+    "                       (password from the URL, $MOAT_STORAGE_PASSWORD or $PGPASSFILE)\n"
     "  --http-port N        plain HTTP port (default 80)\n"
     "  --https-port N       HTTPS port (default 443)\n"
     "  --listen ADDR        listen on this address only (default: all)\n"
@@ -61,6 +66,7 @@ static const char usage_text[] =
 typedef struct {
     const char *config;
     const char *data;
+    const char *storage;
     const char *listen;
     const char *access_log;
     const char *email, *acme_ca, *acme_ca_root;
@@ -117,6 +123,8 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             c->config = v;
         } else if (strcmp(a, "--data") == 0) {
             c->data = v;
+        } else if (strcmp(a, "--storage") == 0) {
+            c->storage = v;
         } else if (strcmp(a, "--listen") == 0) {
             c->listen = v;
         } else if (strcmp(a, "--access-log") == 0) {
@@ -164,6 +172,15 @@ static const char *data_dir(const cli_t *c)
     return env && *env ? env : DEFAULT_DATA_DIR;
 }
 
+/* --storage, else MOAT_STORAGE, else NULL (the SQLite file in the data folder). */
+static const char *storage_spec(const cli_t *c)
+{
+    if (c->storage)
+        return c->storage;
+    const char *env = getenv("MOAT_STORAGE");
+    return env && *env ? env : NULL;
+}
+
 static int file_exists(const char *p)
 {
     struct stat st;
@@ -185,6 +202,7 @@ static int cmd_run(cli_t *c)
     static char *default_site[] = {DEFAULT_SITE, DEFAULT_UPSTREAM};
     moat_run_opts_t o = {
         .data_dir = data_dir(c),
+        .storage = storage_spec(c),
         .bind_addr = c->listen,
         .access_log = c->access_log,
         .http_port = c->http_port ? c->http_port : 80,
@@ -366,6 +384,7 @@ int main(int argc, char **argv)
         fputs(usage_text, stdout);
         return 0;
     }
+    moat_cmd_set_storage(storage_spec(&c));
     if (strcmp(cmd, "run") == 0)
         return cmd_run(&c);
     if (strcmp(cmd, "validate") == 0)

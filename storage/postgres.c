@@ -243,7 +243,11 @@ static int op_begin(moat_storage_t *base)
     pg_storage_t *s = from_base(base);
     if (s->lost_in_tx)
         return ensure(s);
-    int rc = run(s, s->depth == 0 ? "BEGIN" : "SAVEPOINT moat_nested", 0, NULL, NULL, NULL, NULL);
+    /* SERIALIZABLE: what SQLite's BEGIN IMMEDIATE gives, so read-then-write groups (the issuing
+     * lock in server/acmeshare.c) cannot both succeed in two instances; the loser's statement
+     * or commit fails (SQLSTATE 40001) and its caller tries again. */
+    int rc = run(s, s->depth == 0 ? "BEGIN ISOLATION LEVEL SERIALIZABLE" : "SAVEPOINT moat_nested",
+                 0, NULL, NULL, NULL, NULL);
     if (rc == 0)
         s->depth++;
     return rc;
