@@ -138,6 +138,10 @@ static void io_challenge(void *data, moat_acme_chal_t type, const char *name, co
 static uint64_t io_propagation_ms(void *data)
 {
     moat_acmemgr_t *m = data;
+    /* Count the peers now, not at the last poll: instances started together on one shared
+     * store may have registered since, and an order that does not wait for them is validated
+     * against a peer that has not yet seen the token. */
+    moat_acmeshare_refresh(m->share);
     return moat_acmeshare_peers(m->share) > 0 ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
 }
 

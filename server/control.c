@@ -20,6 +20,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -333,6 +334,23 @@ static int write_pid_file(control_t *c)
     return 0;
 }
 
+/* mkdir -p, the last folder 0700. */
+static int make_dir(const char *dir)
+{
+    char p[4096];
+    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p)
+        return -1;
+    for (char *c = p + 1; *c != '\0'; c++) {
+        if (*c != '/')
+            continue;
+        *c = '\0';
+        if (mkdir(p, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *c = '/';
+    }
+    return mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
+}
+
 int moat_control_run(const moat_run_opts_t *o)
 {
     control_t c = {.opts = o};
@@ -357,6 +375,11 @@ int moat_control_run(const moat_run_opts_t *o)
         moat_config_free(cfg);
         return MOAT_EXIT_START;
     }
+    /* With a shared store the data folder holds only this instance's pid and status files;
+     * SQLite's open creates it otherwise. */
+    if (moat_storage_is_postgres(o->storage) && make_dir(o->data_dir) != 0)
+        MOAT_WARN("cannot create the data folder %s: %s (moat health and moat stop need it)",
+                  o->data_dir, strerror(errno));
     if (moat_storage_open(o->storage, o->data_dir, &c.storage, err, sizeof err) != 0) {
         MOAT_ERROR("%s", err);
         moat_config_free(cfg);

@@ -26,6 +26,8 @@
 #define BACKOFF_MAX_MS 30000
 /* pg_advisory_xact_lock key of schema changes: "moat" in ASCII, then 1. */
 #define MIGRATION_LOCK "7885360881346527233"
+/* The key every writing transaction takes (begin at depth 0): "moat" then 2. */
+#define WRITE_LOCK "7885360881346527234"
 
 typedef struct {
     moat_storage_t base;
@@ -170,6 +172,27 @@ static void went_down(pg_storage_t *s)
     s->down = 1;
 }
 
+/* Connect and set the session up: a lock wait fails (SQLSTATE 55P03) before the call's
+ * deadline would break the connection. */
+static int open_conn(pg_storage_t *s, char *err, size_t errlen)
+{
+    int rc = moat_pgconn_open(&s->params, &s->conn, err, errlen);
+    if (rc != 0)
+        return rc;
+    char ms[24];
+    int t = s->params.timeout_ms > 0 ? s->params.timeout_ms : 3000;
+    snprintf(ms, sizeof ms, "%d", t * 2 / 3);
+    const char *vals[] = {ms};
+    rc = moat_pgconn_exec(s->conn, "SELECT set_config('lock_timeout', $1, false)", 1, vals, NULL,
+                          NULL, NULL);
+    if (rc != 0) {
+        moat_errf(err, errlen, "%s", moat_pgconn_error(s->conn));
+        moat_pgconn_free(s->conn);
+        s->conn = NULL;
+    }
+    return rc;
+}
+
 /* A usable connection, or MOAT_ESTORAGE at once while the database is known to be away. */
 static int ensure(pg_storage_t *s)
 {
@@ -198,7 +221,7 @@ static int ensure(pg_storage_t *s)
         return MOAT_ESTORAGE;
     }
     char err[1024];
-    int rc = moat_pgconn_open(&s->params, &s->conn, err, sizeof err);
+    int rc = open_conn(s, err, sizeof err);
     if (rc != 0) {
         moat_errf(s->base.last_error, sizeof s->base.last_error, "%s", err);
         went_down(s);
@@ -243,11 +266,24 @@ static int op_begin(moat_storage_t *base)
     pg_storage_t *s = from_base(base);
     if (s->lost_in_tx)
         return ensure(s);
-    /* SERIALIZABLE: what SQLite's BEGIN IMMEDIATE gives, so read-then-write groups (the issuing
-     * lock in server/acmeshare.c) cannot both succeed in two instances; the loser's statement
-     * or commit fails (SQLSTATE 40001) and its caller tries again. */
-    int rc = run(s, s->depth == 0 ? "BEGIN ISOLATION LEVEL SERIALIZABLE" : "SAVEPOINT moat_nested",
-                 0, NULL, NULL, NULL, NULL);
+    if (s->depth > 0)
+        return run(s, "SAVEPOINT moat_nested", 0, NULL, NULL, NULL, NULL) == 0 ? (s->depth++, 0)
+                                                                               : MOAT_ESTORAGE;
+    /* One writing transaction at a time across every instance, like SQLite's BEGIN IMMEDIATE:
+     * a transaction-scoped advisory lock taken first. Read-then-write groups (the issuing lock
+     * in server/acmeshare.c, creating the internal CA) then behave exactly as on SQLite, and
+     * under READ COMMITTED each statement after the lock sees what the previous holder
+     * committed. Transactions are short; the session's lock_timeout bounds the wait. */
+    int rc = run(s, "BEGIN", 0, NULL, NULL, NULL, NULL);
+    if (rc == 0) {
+        rc = run(s, "SELECT pg_advisory_xact_lock(" WRITE_LOCK ")", 0, NULL, NULL, NULL, NULL);
+        if (rc != 0 && s->conn != NULL) {
+            char saved[sizeof s->base.last_error];
+            memcpy(saved, s->base.last_error, sizeof saved);
+            moat_pgconn_exec(s->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL);
+            memcpy(s->base.last_error, saved, sizeof saved);
+        }
+    }
     if (rc == 0)
         s->depth++;
     return rc;
@@ -611,7 +647,7 @@ int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err,
         free(s);
         return rc;
     }
-    rc = moat_pgconn_open(&s->params, &s->conn, err, errlen);
+    rc = open_conn(s, err, errlen);
     if (rc == 0) {
         rc = migrate(s);
         if (rc != 0)
