@@ -76,7 +76,16 @@ static const char *const step1[] = {
     NULL,
 };
 
-static const char *const *const pg_steps[] = {step1};
+/* Issuing leases with fencing tokens (storage.h, lease_take); tokens from a sequence. */
+static const char *const step2[] = {
+    "CREATE TABLE moat.leases ("
+    "  name text COLLATE \"C\" PRIMARY KEY, owner text NOT NULL,"
+    "  token bigint NOT NULL, expires_at timestamptz NOT NULL)",
+    "CREATE SEQUENCE moat.lease_token",
+    NULL,
+};
+
+static const char *const *const pg_steps[] = {step1, step2};
 
 _Static_assert(MOAT_ARRAY_LEN(pg_steps) == MOAT_STORAGE_SCHEMA_VERSION,
                "one PostgreSQL migration step per schema version");
@@ -600,6 +609,139 @@ static int op_check(moat_storage_t *base)
     return 0;
 }
 
+/* ---- leases ---- */
+
+static int op_lease_take(moat_storage_t *base, const char *name, const char *owner, int ttl_s,
+                         const char *steal, int64_t *token, char **holder)
+{
+    pg_storage_t *s = from_base(base);
+    if (holder != NULL)
+        *holder = NULL;
+    if (name == NULL || owner == NULL || token == NULL || ttl_s <= 0)
+        return MOAT_EINVAL;
+    *token = 0;
+    char ttl[16];
+    snprintf(ttl, sizeof ttl, "%d", ttl_s);
+    const char *vals[] = {name, owner, ttl, steal};
+    moat_pg_result_t r;
+    /* One statement on the server's clock: free, run out, ours, or a dead holder's. */
+    int rc = run(s,
+                 "INSERT INTO moat.leases AS l (name, owner, token, expires_at)"
+                 " VALUES ($1, $2, nextval('moat.lease_token'),"
+                 " now() + make_interval(secs => $3::integer))"
+                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                 " token = excluded.token, expires_at = excluded.expires_at"
+                 " WHERE l.expires_at <= now() OR l.owner = excluded.owner OR l.owner = $4"
+                 " RETURNING token",
+                 4, vals, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    if (r.nrows == 1) {
+        *token = int_cell(&r, 0, 0);
+        moat_pg_result_clear(&r);
+        return 1;
+    }
+    moat_pg_result_clear(&r);
+    if (holder != NULL &&
+        run(s, "SELECT owner FROM moat.leases WHERE name = $1", 1, vals, NULL, NULL, &r) == 0) {
+        *holder = r.nrows == 1 ? dup_cell(&r, 0, 0) : NULL;
+        moat_pg_result_clear(&r);
+    }
+    return 0;
+}
+
+static int op_lease_renew(moat_storage_t *base, const char *name, int64_t token, int ttl_s)
+{
+    pg_storage_t *s = from_base(base);
+    if (name == NULL || ttl_s <= 0)
+        return MOAT_EINVAL;
+    char tok[24], ttl[16];
+    snprintf(tok, sizeof tok, "%" PRId64, token);
+    snprintf(ttl, sizeof ttl, "%d", ttl_s);
+    const char *vals[] = {name, tok, ttl};
+    moat_pg_result_t r;
+    int rc = run(s,
+                 "UPDATE moat.leases SET expires_at = now() + make_interval(secs => $3::integer)"
+                 " WHERE name = $1 AND token = $2::bigint RETURNING 1",
+                 3, vals, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    rc = r.nrows == 1 ? 0 : MOAT_ENOT_FOUND;
+    moat_pg_result_clear(&r);
+    if (rc != 0)
+        set_err(s, "the lease \"%s\" was taken by another holder", name);
+    return rc;
+}
+
+static int op_lease_release(moat_storage_t *base, const char *name, int64_t token)
+{
+    pg_storage_t *s = from_base(base);
+    if (name == NULL)
+        return MOAT_EINVAL;
+    char tok[24];
+    snprintf(tok, sizeof tok, "%" PRId64, token);
+    const char *vals[] = {name, tok};
+    return run(s,
+               "UPDATE moat.leases SET expires_at = '-infinity'"
+               " WHERE name = $1 AND token = $2::bigint",
+               2, vals, NULL, NULL, NULL);
+}
+
+static int op_put_cert_fenced(moat_storage_t *base, const moat_cert_record_t *rec,
+                              const char *lease, int64_t token)
+{
+    pg_storage_t *s = from_base(base);
+    if (rec == NULL || rec->id == NULL || lease == NULL) {
+        set_err(s, "put_cert_fenced: a record needs an id and a lease%s", "");
+        return MOAT_EINVAL;
+    }
+    char nb[24], na[24], up[24], tok[24];
+    snprintf(nb, sizeof nb, "%" PRId64, rec->not_before);
+    snprintf(na, sizeof na, "%" PRId64, rec->not_after);
+    snprintf(up, sizeof up, "%" PRId64,
+             rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL));
+    snprintf(tok, sizeof tok, "%" PRId64, token);
+    const char *vals[] = {rec->id,       rec->names,   rec->issuer, rec->source, nb, na,
+                          rec->cert_pem, rec->key_pem, up,          lease,       tok};
+    moat_pg_result_t r;
+    /* The lease row is locked for the statement (FOR UPDATE): a holder taking it over at the
+     * same moment waits for us, or, if it went first, our re-check sees its new token. */
+    int rc = run(s,
+                 "WITH lk AS (SELECT 1 FROM moat.leases WHERE name = $10 AND token = $11::bigint"
+                 " FOR UPDATE)"
+                 " INSERT INTO moat.certs AS c (" CERT_COLUMNS ")"
+                 " SELECT $1, $2, $3, $4, $5::bigint, $6::bigint, $7, $8, $9::bigint FROM lk"
+                 " ON CONFLICT (id) DO UPDATE SET names = excluded.names,"
+                 " issuer = excluded.issuer, source = excluded.source,"
+                 " not_before = excluded.not_before, not_after = excluded.not_after,"
+                 " cert_pem = excluded.cert_pem, key_pem = excluded.key_pem,"
+                 " updated_at = excluded.updated_at WHERE c.not_after <= excluded.not_after"
+                 " RETURNING 1",
+                 11, vals, NULL, NULL, &r);
+    if (rc != 0)
+        return rc;
+    size_t written = r.nrows;
+    moat_pg_result_clear(&r);
+    if (written == 1)
+        return 0;
+    const char *chk[] = {lease, tok};
+    rc = run(s, "SELECT 1 FROM moat.leases WHERE name = $1 AND token = $2::bigint", 2, chk, NULL,
+             NULL, &r);
+    if (rc != 0)
+        return rc;
+    int held = r.nrows == 1;
+    moat_pg_result_clear(&r);
+    if (held) {
+        set_err(s, "a newer certificate than this one is stored as \"%s\"", rec->id);
+        return MOAT_EEXISTS;
+    }
+    set_err(s,
+            "the lease \"%s\" was lost before the certificate was stored; the holder that took "
+            "it over writes instead",
+            lease);
+    return MOAT_EPERM;
+}
+
 static void op_close(moat_storage_t *base)
 {
     if (base == NULL)
@@ -627,6 +769,10 @@ static const moat_storage_ops_t pg_ops = {
     .rollback = op_rollback,
     .close = op_close,
     .check = op_check,
+    .lease_take = op_lease_take,
+    .lease_renew = op_lease_renew,
+    .lease_release = op_lease_release,
+    .put_cert_fenced = op_put_cert_fenced,
 };
 
 int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err, size_t errlen)

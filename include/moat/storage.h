@@ -72,6 +72,27 @@ typedef struct moat_storage_ops {
      * last_error naming the file and what to do.
      * Reads the whole store: for the start, a reload and an hourly look, not a hot path. */
     int (*check)(moat_storage_t *s);
+
+    /* Leases with fencing tokens: one per `name` (an issuing lock per certificate), timed on
+     * the store's own clock (SQLite's unixepoch(), PostgreSQL's now()), so the clocks of the
+     * machines sharing it do not matter. Tokens only grow.
+     * lease_take, one statement: 1 with *token when taken (free, run out, already `owner`'s —
+     * a new token then — or held by `steal`, a holder known to be dead; steal may be NULL);
+     * 0 when another holder's lease still runs (*holder, when not NULL, gets its owner: free
+     * it); < 0 a storage error. */
+    int (*lease_take)(moat_storage_t *s, const char *name, const char *owner, int ttl_s,
+                      const char *steal, int64_t *token, char **holder);
+    /* Extend the lease to ttl_s from now while `token` still holds it: 0, or MOAT_ENOT_FOUND
+     * when another took it since. */
+    int (*lease_renew)(moat_storage_t *s, const char *name, int64_t token, int ttl_s);
+    /* End it now, if `token` still holds it (otherwise nothing changes): 0 either way. */
+    int (*lease_release)(moat_storage_t *s, const char *name, int64_t token);
+    /* put_cert, only while `token` holds lease `lease` and only over a record that is not
+     * newer (not_after) than rec: MOAT_EPERM when the lease was lost (another instance took
+     * it: its write stands), MOAT_EEXISTS when a newer certificate is stored; nothing is
+     * written in either case. */
+    int (*put_cert_fenced)(moat_storage_t *s, const moat_cert_record_t *rec, const char *lease,
+                           int64_t token);
 } moat_storage_ops_t;
 
 struct moat_storage {
@@ -110,7 +131,7 @@ void moat_events_free(moat_event_t *events, size_t n);
 void moat_kv_free(moat_kv_t *rows, size_t n);
 
 /* The schema version this build reads and writes (PRAGMA user_version of moat.db). */
-#define MOAT_STORAGE_SCHEMA_VERSION 1
+#define MOAT_STORAGE_SCHEMA_VERSION 2
 
 /* Internal to storage/: the SQL that moves the schema from version - 1 to `version`
  * (1..MOAT_STORAGE_SCHEMA_VERSION), or NULL outside that range. storage/migrations.c. */

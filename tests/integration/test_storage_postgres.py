@@ -202,7 +202,7 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
     migrations = sum(m.count(r"schema moat in database moat .* upgraded") for m in insts)
     assert (placed, issued, migrations) == (1, 1, 1), (placed, issued, migrations)
     assert db.sql("SELECT count(*) FROM moat.certs WHERE id LIKE 'acme:%'") == "1"
-    assert db.sql("SELECT version FROM moat.schema_version") == "1"
+    assert db.sql("SELECT version FROM moat.schema_version") == "2"
 
     # `moat certs` reads the shared store.
     env = dict(os.environ, MOAT_STORAGE_PASSWORD="moat-test-pw")

@@ -459,7 +459,7 @@ static void test_newer_schema(void)
     s->ops->close(s);
     char *db = path_join(dir, "moat.db");
     raw_exec(db, "PRAGMA user_version = 7");
-    expect_refused(dir, MOAT_ESCHEMA, "schema 7, this moat knows 1");
+    expect_refused(dir, MOAT_ESCHEMA, "schema 7, this moat knows 2");
     expect_refused(dir, MOAT_ESCHEMA, "upgrade moat or point --data at another folder");
     CHECK_INT(raw_int(db, "PRAGMA user_version"), 7);
     free(db);
@@ -486,9 +486,10 @@ static void test_newer_schema_in_wal(void)
     sqlite3_close(raw);
     size_t len = 0;
     char *hdr = slurp(db, &len);
-    CHECK(hdr != NULL && len >= 100 && hdr[63] == 1); /* header still at version 1 */
+    CHECK(hdr != NULL && len >= 100 &&
+          hdr[63] == MOAT_STORAGE_SCHEMA_VERSION); /* the header has the current version */
     free(hdr);
-    expect_refused(dir, MOAT_ESCHEMA, "schema 9, this moat knows 1");
+    expect_refused(dir, MOAT_ESCHEMA, "schema 9, this moat knows 2");
     free(db);
 out:
     free(dir);
@@ -654,6 +655,34 @@ static void test_migrate_from_v0(void)
     CHECK(moat__storage_migration_sql(0) == NULL);
     CHECK(moat__storage_migration_sql(1) != NULL);
     CHECK(moat__storage_migration_sql(MOAT_STORAGE_SCHEMA_VERSION + 1) == NULL);
+}
+
+/* A version 1 store (before leases) moves to version 2 and keeps its records. */
+static void test_migrate_from_v1(void)
+{
+    char *dir = case_dir("v1");
+    moat_storage_t *s = open_ok(dir);
+    if (s == NULL)
+        goto out;
+    moat_cert_record_t rec = sample("site:v1.example", "v1.example");
+    CHECK_INT(s->ops->put_cert(s, &rec), 0);
+    s->ops->close(s);
+    char *db = path_join(dir, "moat.db");
+    raw_exec(db, "DROP TABLE leases; PRAGMA user_version = 1");
+    CHECK_INT(raw_int(db, "PRAGMA user_version"), 1);
+    s = open_ok(dir);
+    if (s != NULL) {
+        CHECK_INT(raw_int(db, "PRAGMA user_version"), 2);
+        moat_cert_record_t got = {0};
+        CHECK_INT(s->ops->get_cert(s, "site:v1.example", &got), 0);
+        moat_cert_record_clear(&got);
+        int64_t t = 0;
+        CHECK_INT(s->ops->lease_take(s, "x", "o", 10, NULL, &t, NULL), 1);
+        s->ops->close(s);
+    }
+    free(db);
+out:
+    free(dir);
 }
 
 static void test_no_write_access(void)
@@ -940,9 +969,25 @@ static void test_pg_schema(void)
         CHECK_INT(pg_sql("UPDATE moat.schema_version SET version = 7"), 0);
         CHECK_INT(b->ops->check(b), MOAT_ESTORAGE);
         CHECK(strstr(moat_storage_last_error(b), "version 7") != NULL);
-        expect_pg_refused(pg_url, MOAT_ESCHEMA, "schema 7, this moat knows 1");
+        expect_pg_refused(pg_url, MOAT_ESCHEMA, "schema 7, this moat knows 2");
         expect_pg_refused(pg_url, MOAT_ESCHEMA, "upgrade moat");
-        CHECK_INT(pg_sql("UPDATE moat.schema_version SET version = 1"), 0);
+        CHECK_INT(pg_sql("UPDATE moat.schema_version SET version = 2"), 0);
+        /* From version 1 (before leases): moved forward, records kept. */
+        moat_cert_record_t rec = sample("site:v1.example", "v1.example");
+        CHECK_INT(a->ops->put_cert(a, &rec), 0);
+        CHECK_INT(pg_sql("DROP TABLE moat.leases; DROP SEQUENCE moat.lease_token;"
+                         " UPDATE moat.schema_version SET version = 1"),
+                  0);
+        moat_storage_t *c = open_ok(dir);
+        if (c != NULL) {
+            CHECK_INT(c->ops->check(c), 0);
+            moat_cert_record_t got = {0};
+            CHECK_INT(c->ops->get_cert(c, "site:v1.example", &got), 0);
+            moat_cert_record_clear(&got);
+            int64_t t = 0;
+            CHECK_INT(c->ops->lease_take(c, "x", "o", 10, NULL, &t, NULL), 1);
+            c->ops->close(c);
+        }
     }
     if (a)
         a->ops->close(a);
@@ -1042,6 +1087,74 @@ static int free_port(void)
     return 0;
 }
 
+/* Leases with fencing tokens on the store's clock, and the fenced certificate write. */
+static void test_leases(void)
+{
+    char *dir = case_dir("leases");
+    moat_storage_t *s = open_ok(dir);
+    if (s == NULL)
+        goto out;
+    int64_t a = 0, b = 0, c = 0;
+    char *holder = NULL;
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "A", 1, NULL, &a, &holder), 1);
+    CHECK(a > 0 && holder == NULL);
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "B", 30, NULL, &b, &holder), 0);
+    CHECK_STR(holder, "A");
+    free(holder);
+    CHECK_INT(s->ops->lease_renew(s, "acme:x", a, 1), 0);
+    /* Another name is another lease. */
+    CHECK_INT(s->ops->lease_take(s, "acme:y", "B", 30, NULL, &c, NULL), 1);
+    CHECK(c > a);
+
+    /* A's lease runs out (the store's clock, whole seconds for SQLite): B takes it over with a
+     * larger token, and A's renewal and late write are refused. */
+    struct timespec ts = {2, 200 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "B", 30, NULL, &b, NULL), 1);
+    CHECK(b > c);
+    CHECK_INT(s->ops->lease_renew(s, "acme:x", a, 30), MOAT_ENOT_FOUND);
+    moat_cert_record_t rec = sample("acme:x", "x.example");
+    rec.not_after = 2000000000;
+    CHECK_INT(s->ops->put_cert_fenced(s, &rec, "acme:x", a), MOAT_EPERM);
+    CHECK(strstr(moat_storage_last_error(s), "lost") != NULL);
+    moat_cert_record_t got = {0};
+    CHECK_INT(s->ops->get_cert(s, "acme:x", &got), MOAT_ENOT_FOUND);
+    CHECK_INT(s->ops->put_cert_fenced(s, &rec, "acme:x", b), 0);
+    /* Never an older certificate over a newer one; the same one again is fine. */
+    moat_cert_record_t older = sample("acme:x", "x.example");
+    older.not_after = 1900000000;
+    CHECK_INT(s->ops->put_cert_fenced(s, &older, "acme:x", b), MOAT_EEXISTS);
+    CHECK_INT(s->ops->put_cert_fenced(s, &rec, "acme:x", b), 0);
+    CHECK_INT(s->ops->get_cert(s, "acme:x", &got), 0);
+    CHECK_INT(got.not_after, 2000000000);
+    moat_cert_record_clear(&got);
+    /* Inside a transaction that is rolled back, a fenced write leaves nothing. */
+    moat_cert_record_t newer = sample("acme:x", "x.example");
+    newer.not_after = 2100000000;
+    CHECK_INT(s->ops->begin(s), 0);
+    CHECK_INT(s->ops->put_cert_fenced(s, &newer, "acme:x", b), 0);
+    CHECK_INT(s->ops->rollback(s), 0);
+    CHECK_INT(s->ops->get_cert(s, "acme:x", &got), 0);
+    CHECK_INT(got.not_after, 2000000000);
+    moat_cert_record_clear(&got);
+
+    /* Released: free at once. A retake by the same owner gets a new token. */
+    CHECK_INT(s->ops->lease_release(s, "acme:x", a), 0); /* not A's any more: no effect */
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "C", 30, NULL, &c, NULL), 0);
+    CHECK_INT(s->ops->lease_release(s, "acme:x", b), 0);
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "C", 30, NULL, &c, NULL), 1);
+    int64_t c2 = 0;
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "C", 30, NULL, &c2, NULL), 1);
+    CHECK(c2 > c);
+    /* Taken from a holder known to be dead. */
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "D", 30, "C", &b, NULL), 1);
+    CHECK(b > c2);
+    CHECK_INT(s->ops->lease_take(s, "acme:x", "E", 0, NULL, &b, NULL), MOAT_EINVAL);
+    s->ops->close(s);
+out:
+    free(dir);
+}
+
 static void shared_cases(void)
 {
     test_certs();
@@ -1049,6 +1162,7 @@ static void shared_cases(void)
     test_kv();
     test_kv_list();
     test_transactions();
+    test_leases();
 }
 
 static void postgres_cases(void)
@@ -1100,6 +1214,7 @@ int main(void)
     test_damage_in_the_middle();
     test_foreign_database();
     test_migrate_from_v0();
+    test_migrate_from_v1();
     test_no_write_access();
     postgres_cases();
     nftw(root, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
