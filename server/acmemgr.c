@@ -33,7 +33,6 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define LOCK_HEARTBEAT_MS 30000
 #define LOCK_RETRY_MS     2000
 #define HTTP_TIMEOUT_MS   30000
 #define ARI_RETRY_DEFAULT 3600
@@ -203,7 +202,7 @@ static void on_job_timer(uv_timer_t *t)
     if (j->order != NULL) {
         /* Heartbeat while the order runs: keep the lock from looking stale. */
         moat_acmeshare_lock_take(j->m->share, j->id);
-        uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+        uv_timer_start(&j->timer, on_job_timer, moat_acmeshare_heartbeat_ms(j->m->share), 0);
         return;
     }
     job_check(j);
@@ -321,7 +320,7 @@ static void job_start_order(job_t *j)
     j->t_start = uv_now(m->loop);
     j->order = moat_acme_order_start(&io, &o, on_order_done, j);
     EVP_PKEY_free(k);
-    uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+    uv_timer_start(&j->timer, on_job_timer, moat_acmeshare_heartbeat_ms(m->share), 0);
 }
 
 static void job_check(job_t *j)
@@ -479,9 +478,11 @@ static int store_cert(job_t *j, moat_acme_result_t *res)
     };
     char key[600], detail[512];
     snprintf(detail, sizeof detail, "%s via %s", issuer, chal_name(res->challenge));
+    /* Fenced: written only while this process's issuing lock still holds, and never over a
+     * newer certificate (MOAT_EPERM / MOAT_EEXISTS: another process's write stands). */
     int rc = st->ops->begin(st);
     if (rc == 0)
-        rc = st->ops->put_cert(st, &rec);
+        rc = st->ops->put_cert_fenced(st, &rec, j->id, moat_acmeshare_lock_token(m->share, j->id));
     if (rc == 0)
         rc = st->ops->add_event(st, j->renewal ? "renewed" : "issued", j->id + 5, detail);
     kv_key(key, sizeof key, "acme-backoff", j->id);
@@ -496,9 +497,13 @@ static int store_cert(job_t *j, moat_acme_result_t *res)
     if (rc == 0)
         rc = st->ops->commit(st);
     if (rc != 0) {
+        char why[sizeof st->last_error];
+        snprintf(why, sizeof why, "%s", moat_storage_last_error(st));
         st->ops->rollback(st);
-        MOAT_ERROR("acme: %s: cannot store the certificate: %s", j->id + 5,
-                   moat_storage_last_error(st));
+        if (rc == MOAT_EPERM || rc == MOAT_EEXISTS)
+            MOAT_WARN("acme: %s: the certificate just issued is not stored: %s", j->id + 5, why);
+        else
+            MOAT_ERROR("acme: %s: cannot store the certificate: %s", j->id + 5, why);
         return rc;
     }
     char until[64];
@@ -516,7 +521,10 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     job_t *j = data;
     moat_acmemgr_t *m = j->m;
     j->order = NULL;
-    if (res->rc == 0 && store_cert(j, res) == 0) {
+    int stored = res->rc == 0 ? store_cert(j, res) : -1;
+    if (res->rc == 0 && (stored == 0 || stored == MOAT_EPERM || stored == MOAT_EEXISTS)) {
+        /* Stored, or another process's certificate stands (fenced out): either way serve
+         * what the store holds now. Not a failure of the CA: no backoff. */
         moat_acmeshare_lock_release(m->share, j->id);
         if (m->republish)
             m->republish(m->republish_data);
