@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -91,9 +92,9 @@ class Instance:
         self.proc = None
         self.log_path = self.dir / "moat.log"
 
-    def start(self):
+    def start(self, **extra_env):
         self.log = open(self.log_path, "ab")
-        env = dict(os.environ, MOAT_STORAGE_PASSWORD="moat-test-pw")
+        env = dict(os.environ, MOAT_STORAGE_PASSWORD="moat-test-pw", **extra_env)
         self.proc = subprocess.Popen(
             [MOAT_BIN, "run", "--config", str(self.cfg), "--data", str(self.dir / "data"),
              "--storage", self.store, "--http-port", str(self.http_port), "--https-port",
@@ -156,6 +157,13 @@ def wait_served(addr, port, name, cafile, timeout=40):
     raise AssertionError(f"{addr}: no valid certificate for {name}: {last}")
 
 
+def point_dns(pb, addr):
+    """Every name Pebble looks up resolves to addr from now on."""
+    req = urllib.request.Request(f"http://127.0.0.1:{pb.dns_mgmt}/set-default-ipv4",
+                                 data=json.dumps({"ip": addr}).encode(), method="POST")
+    urllib.request.urlopen(req, timeout=5).read()
+
+
 @pytest.fixture
 def cluster(tmp_path, request, upstream):
     """PostgreSQL, Pebble (names resolve to 127.0.0.3) and three moat instances, not started."""
@@ -167,9 +175,7 @@ def cluster(tmp_path, request, upstream):
     started.append(db)
     pb = Pebble(tmp_path, http_port, https_port).start()
     started.append(pb)
-    req = urllib.request.Request(f"http://127.0.0.1:{pb.dns_mgmt}/set-default-ipv4",
-                                 data=json.dumps({"ip": "127.0.0.3"}).encode(), method="POST")
-    urllib.request.urlopen(req, timeout=5).read()
+    point_dns(pb, "127.0.0.3")
     sites = [f"shared.example.test {upstream.addr}"]
     insts = [Instance(tmp_path, a, pb, db.url(), sites, http_port, https_port) for a in ADDRS]
     started.extend(insts)
@@ -231,3 +237,45 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
         c = served(m.addr, m.https_port, "shared.example.test", roots)
         assert c["serialNumber"] in serials
     assert sum(m.count(r"order .* placed") for m in insts) == 1
+
+
+def test_paused_lock_holder_is_fenced_out(cluster, tmp_path):
+    """The instance holding the issuing lock is stopped (SIGSTOP) past its lease: another takes
+    the lock over and stores its certificate; when the first resumes and finishes its order, its
+    write is refused, and every instance serves the certificate that was stored."""
+    db, pb, insts = cluster
+    for m in insts:
+        m.start(MOAT_ACME_LOCK_TTL="3")  # heartbeat every 0.75 s
+    for m in insts:
+        m.wait_up()
+    # The order placer waits 2 s for its peers to see the token before the CA validates:
+    # stop it inside that window.
+    holder = None
+    deadline = time.monotonic() + 20
+    while holder is None and time.monotonic() < deadline:
+        holder = next((m for m in insts if m.count(r"order .* placed")), None)
+        time.sleep(0.01)
+    assert holder is not None, "\n".join(m.logs() for m in insts)
+    os.kill(holder.proc.pid, signal.SIGSTOP)
+    try:
+        others = [m for m in insts if m is not holder]
+        point_dns(pb, others[0].addr)  # the validator must reach a running instance
+        roots = pb.roots(tmp_path)
+        certs = [wait_served(m.addr, m.https_port, "shared.example.test", roots, timeout=30)
+                 for m in others]
+        assert len({c["serialNumber"] for c in certs}) == 1
+        taker = [m for m in others if m.count(r"issued a certificate for shared\.example\.test")]
+        assert len(taker) == 1, "\n".join(m.logs() for m in insts)
+        stored = db.sql("SELECT not_after FROM moat.certs WHERE id = 'acme:shared.example.test'")
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    # Resumed: it notices the lease is gone or its fenced write is refused; either way it
+    # stores nothing and serves the stored certificate.
+    assert holder.wait_log(r"took the issuing lock over|the certificate just issued is not "
+                           r"stored", timeout=20), holder.logs()
+    time.sleep(1.0)
+    assert db.sql("SELECT not_after FROM moat.certs WHERE id = 'acme:shared.example.test'") \
+        == stored
+    assert holder.count(r"issued a certificate for shared\.example\.test") == 0, holder.logs()
+    c = wait_served(holder.addr, holder.https_port, "shared.example.test", roots, timeout=10)
+    assert c["serialNumber"] == certs[0]["serialNumber"]
