@@ -29,6 +29,7 @@
 #define MAX_PENDING_NOTIFY 256
 
 typedef struct {
+    int pid;
     char *channel, *payload;
 } notify_t;
 
@@ -44,6 +45,7 @@ struct moat_pgconn {
     int broken;
     char tx;
     int channel_bound;
+    int backend_pid;
     char err[1024];
     char sqlstate[6];
     notify_t *notes;
@@ -469,6 +471,7 @@ static void queue_notify(moat_pgconn_t *c, const moat_pgw_msg_t *m)
     if (c->nnotes >= MAX_PENDING_NOTIFY)
         return;
     c->notes = moat_xrealloc(c->notes, (c->nnotes + 1) * sizeof *c->notes);
+    c->notes[c->nnotes].pid = m->u.notify.pid;
     c->notes[c->nnotes].channel = moat_xstrndup(m->u.notify.channel.base, m->u.notify.channel.len);
     c->notes[c->nnotes].payload = moat_xstrndup(m->u.notify.payload.base, m->u.notify.payload.len);
     c->nnotes++;
@@ -684,6 +687,8 @@ static int login(moat_pgconn_t *c, const moat_pg_params_t *p)
             rc = login_refused(c, &m, p);
             break;
         }
+        if (m.type == 'K')
+            c->backend_pid = m.u.key.pid;
         if (m.type == 'K' || m.type == 'v')
             continue;
         if (m.type == 'Z') {
@@ -973,6 +978,11 @@ int moat_pgconn_channel_bound(const moat_pgconn_t *c)
     return c->channel_bound;
 }
 
+int moat_pgconn_backend_pid(const moat_pgconn_t *c)
+{
+    return c->backend_pid;
+}
+
 int moat_pgconn_fd(const moat_pgconn_t *c)
 {
     return c->fd;
@@ -1001,7 +1011,7 @@ int moat_pgconn_drain(moat_pgconn_t *c, moat_pgconn_notify_cb cb, void *arg)
     c->nnotes = 0;
     for (size_t i = 0; i < n; i++) {
         if (cb != NULL)
-            cb(arg, notes[i].channel, notes[i].payload);
+            cb(arg, notes[i].pid, notes[i].channel, notes[i].payload);
         free(notes[i].channel);
         free(notes[i].payload);
     }

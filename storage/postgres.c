@@ -38,7 +38,14 @@ typedef struct {
     int down;         /* unreachable: said once, until it comes back */
     int64_t retry_at; /* ms, monotonic: no new connection before this */
     int backoff_ms;
-    uint64_t reconnects; /* new connections after the first: callers compare to resync */
+    uint64_t reconnects; /* new connections after the first */
+    /* The LISTEN connection (watch_fd): kept open after it breaks until the next watch_fd,
+     * so the caller's poller never watches a closed descriptor. */
+    moat_pgconn_t *listen;
+    int listen_broken;
+    uint64_t listens; /* watches established; after the first, each starts with "resync" */
+    int resync_pending;
+    int64_t listen_retry_at;
 } pg_storage_t;
 
 static int64_t mono_ms(void)
@@ -82,6 +89,11 @@ static const char *const step2[] = {
     "  name text COLLATE \"C\" PRIMARY KEY, owner text NOT NULL,"
     "  token bigint NOT NULL, expires_at timestamptz NOT NULL)",
     "CREATE SEQUENCE moat.lease_token",
+    /* Every certificate write, by any moat (or by hand), tells the listeners on commit. */
+    "CREATE FUNCTION moat.notify_cert() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$BEGIN PERFORM pg_notify('moat', 'cert:' || NEW.id); RETURN NULL; END$$",
+    "CREATE TRIGGER certs_notify AFTER INSERT OR UPDATE ON moat.certs"
+    " FOR EACH ROW EXECUTE FUNCTION moat.notify_cert()",
     NULL,
 };
 
@@ -742,6 +754,73 @@ static int op_put_cert_fenced(moat_storage_t *base, const moat_cert_record_t *re
     return MOAT_EPERM;
 }
 
+/* ---- news ---- */
+
+#define LISTEN_RETRY_MS 2000
+
+static int op_watch_fd(moat_storage_t *base)
+{
+    pg_storage_t *s = from_base(base);
+    if (s->listen != NULL && !s->listen_broken)
+        return moat_pgconn_fd(s->listen);
+    moat_pgconn_free(s->listen);
+    s->listen = NULL;
+    s->listen_broken = 0;
+    int64_t now = mono_ms();
+    if (now < s->listen_retry_at || s->down)
+        return -1;
+    s->listen_retry_at = now + LISTEN_RETRY_MS;
+    char err[1024];
+    if (moat_pgconn_open(&s->params, &s->listen, err, sizeof err) != 0) {
+        MOAT_DEBUG("storage: cannot watch the shared store: %s", err);
+        return -1;
+    }
+    if (moat_pgconn_exec(s->listen, "LISTEN moat", 0, NULL, NULL, NULL, NULL) != 0) {
+        MOAT_WARN("storage: cannot watch the shared store: %s", moat_pgconn_error(s->listen));
+        moat_pgconn_free(s->listen);
+        s->listen = NULL;
+        return -1;
+    }
+    if (s->listens++ > 0)
+        s->resync_pending = 1;
+    return moat_pgconn_fd(s->listen);
+}
+
+typedef struct {
+    pg_storage_t *s;
+    moat_storage_news_cb cb;
+    void *arg;
+} news_t;
+
+static void on_notify(void *arg, int pid, const char *channel, const char *payload)
+{
+    news_t *n = arg;
+    /* Our own writes come back too; the caller already knows about those. */
+    if (n->s->conn != NULL && pid == moat_pgconn_backend_pid(n->s->conn))
+        return;
+    if (strcmp(channel, "moat") == 0)
+        n->cb(n->arg, payload);
+}
+
+static int op_watch_drain(moat_storage_t *base, moat_storage_news_cb cb, void *arg)
+{
+    pg_storage_t *s = from_base(base);
+    if (s->listen == NULL || s->listen_broken)
+        return MOAT_ECLOSED;
+    if (s->resync_pending) {
+        s->resync_pending = 0;
+        cb(arg, "resync");
+    }
+    news_t n = {s, cb, arg};
+    if (moat_pgconn_drain(s->listen, on_notify, &n) != 0) {
+        MOAT_DEBUG("storage: the watch on the shared store broke: %s",
+                   moat_pgconn_error(s->listen));
+        s->listen_broken = 1;
+        return MOAT_ECLOSED;
+    }
+    return 0;
+}
+
 static void op_close(moat_storage_t *base)
 {
     if (base == NULL)
@@ -751,6 +830,7 @@ static void op_close(moat_storage_t *base)
     if (s->depth > 0 && !s->lost_in_tx)
         MOAT_WARN("storage: closing with an unfinished transaction; its changes are discarded");
     moat_pgconn_free(s->conn);
+    moat_pgconn_free(s->listen);
     moat_pg_params_clear(&s->params);
     free(s);
 }
@@ -773,6 +853,8 @@ static const moat_storage_ops_t pg_ops = {
     .lease_renew = op_lease_renew,
     .lease_release = op_lease_release,
     .put_cert_fenced = op_put_cert_fenced,
+    .watch_fd = op_watch_fd,
+    .watch_drain = op_watch_drain,
 };
 
 int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err, size_t errlen)

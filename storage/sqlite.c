@@ -926,6 +926,21 @@ static int op_put_cert_fenced(moat_storage_t *base, const moat_cert_record_t *re
     return finish_change(s, rc, "saving a certificate");
 }
 
+/* Nothing pushed: processes sharing one file see each other's changes through their polls. */
+static int op_watch_fd(moat_storage_t *base)
+{
+    (void)base;
+    return -1;
+}
+
+static int op_watch_drain(moat_storage_t *base, moat_storage_news_cb cb, void *arg)
+{
+    (void)base;
+    (void)cb;
+    (void)arg;
+    return MOAT_ECLOSED;
+}
+
 static void op_close(moat_storage_t *base)
 {
     if (base == NULL)
@@ -1000,6 +1015,8 @@ static const moat_storage_ops_t sqlite_ops = {
     .lease_renew = op_lease_renew,
     .lease_release = op_lease_release,
     .put_cert_fenced = op_put_cert_fenced,
+    .watch_fd = op_watch_fd,
+    .watch_drain = op_watch_drain,
 };
 
 /* ---- open ---- */

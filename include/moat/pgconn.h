@@ -74,11 +74,14 @@ char moat_pgconn_tx_status(const moat_pgconn_t *c);
 /* Whether channel binding (SCRAM-SHA-256-PLUS) was used to log in. */
 int moat_pgconn_channel_bound(const moat_pgconn_t *c);
 
+/* The server process of this connection (BackendKeyData): a notification carrying it came
+ * from this connection's own statements. */
+int moat_pgconn_backend_pid(const moat_pgconn_t *c);
 /* The socket, for watching LISTEN notifications with a poller. */
 int moat_pgconn_fd(const moat_pgconn_t *c);
-/* Read whatever the server sent without waiting and hand each notification to cb (channel,
- * payload). 0, or a negative code when the connection broke. */
-typedef void (*moat_pgconn_notify_cb)(void *arg, const char *channel, const char *payload);
+/* Read whatever the server sent without waiting and hand each notification to cb (the
+ * notifying server process, channel, payload). 0, or a negative code when the connection broke. */
+typedef void (*moat_pgconn_notify_cb)(void *arg, int pid, const char *channel, const char *payload);
 int moat_pgconn_drain(moat_pgconn_t *c, moat_pgconn_notify_cb cb, void *arg);
 
 #endif

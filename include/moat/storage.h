@@ -38,6 +38,11 @@ typedef struct {
     int64_t updated_at; /* Unix seconds of the last kv_put */
 } moat_kv_t;
 
+/* News from a shared store (watch_drain): "cert:<id>" when another instance stored that
+ * certificate, "resync" when news may have been missed (the watch was re-established after a
+ * break): read everything again. */
+typedef void (*moat_storage_news_cb)(void *arg, const char *what);
+
 typedef struct moat_storage_ops {
     /* Insert or replace the record with this id, in one transaction (a level inside the
      * caller's, when one is open). updated_at 0 means "now". NULL strings are stored and
@@ -93,6 +98,15 @@ typedef struct moat_storage_ops {
      * written in either case. */
     int (*put_cert_fenced)(moat_storage_t *s, const moat_cert_record_t *rec, const char *lease,
                            int64_t token);
+
+    /* Changes other instances make, pushed (PostgreSQL: LISTEN on a second connection, NOTIFY
+     * from a trigger on commit). watch_fd: a descriptor that turns readable when there is
+     * news, or -1 when the backend has none to offer (SQLite) or cannot now (the server is
+     * away; call again later, at most every few seconds). Stop polling the previous descriptor
+     * before calling it again. watch_drain: read the news without waiting and hand each to cb;
+     * 0, or MOAT_ECLOSED when the watch broke (stop polling its descriptor, then watch_fd). */
+    int (*watch_fd)(moat_storage_t *s);
+    int (*watch_drain)(moat_storage_t *s, moat_storage_news_cb cb, void *arg);
 } moat_storage_ops_t;
 
 struct moat_storage {

@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -975,9 +976,11 @@ static void test_pg_schema(void)
         /* From version 1 (before leases): moved forward, records kept. */
         moat_cert_record_t rec = sample("site:v1.example", "v1.example");
         CHECK_INT(a->ops->put_cert(a, &rec), 0);
-        CHECK_INT(pg_sql("DROP TABLE moat.leases; DROP SEQUENCE moat.lease_token;"
-                         " UPDATE moat.schema_version SET version = 1"),
-                  0);
+        CHECK_INT(
+            pg_sql("DROP TABLE moat.leases; DROP SEQUENCE moat.lease_token;"
+                   " DROP TRIGGER certs_notify ON moat.certs; DROP FUNCTION moat.notify_cert();"
+                   " UPDATE moat.schema_version SET version = 1"),
+            0);
         moat_storage_t *c = open_ok(dir);
         if (c != NULL) {
             CHECK_INT(c->ops->check(c), 0);
@@ -1066,6 +1069,77 @@ static void test_pg_outage(void)
     free(v);
     s->ops->close(s);
 out:
+    free(dir);
+}
+
+static void record_news(void *arg, const char *what)
+{
+    char *got = arg;
+    size_t n = strlen(got);
+    snprintf(got + n, 512 - n, "%s;", what);
+}
+
+static int wait_readable(int fd, int ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, ms) == 1;
+}
+
+/* A certificate stored by one instance is news for another within moments (NOTIFY on commit);
+ * its own writes are not news to itself; a broken watch comes back with "resync". */
+static void test_pg_watch(void)
+{
+    char *dir = case_dir("pg-watch");
+    moat_storage_t *a = open_ok(dir), *b = open_ok(dir);
+    char got[512] = "";
+    if (a == NULL || b == NULL)
+        goto out;
+    int fd = b->ops->watch_fd(b);
+    CHECK(fd >= 0);
+    CHECK_INT(b->ops->watch_fd(b), fd); /* the same watch while it works */
+    moat_cert_record_t rec = sample("acme:w.example", "w.example");
+    CHECK_INT(a->ops->put_cert(a, &rec), 0);
+    CHECK(wait_readable(fd, 2000));
+    CHECK_INT(b->ops->watch_drain(b, record_news, got), 0);
+    CHECK_STR(got, "cert:acme:w.example;");
+    /* Not before commit, and once per write. */
+    got[0] = '\0';
+    CHECK_INT(a->ops->begin(a), 0);
+    CHECK_INT(a->ops->put_cert(a, &rec), 0);
+    CHECK(!wait_readable(fd, 200));
+    CHECK_INT(a->ops->commit(a), 0);
+    CHECK(wait_readable(fd, 2000));
+    CHECK_INT(b->ops->watch_drain(b, record_news, got), 0);
+    CHECK_STR(got, "cert:acme:w.example;");
+    /* B's own write is not news to B. */
+    got[0] = '\0';
+    CHECK_INT(b->ops->put_cert(b, &rec), 0);
+    wait_readable(fd, 300);
+    CHECK_INT(b->ops->watch_drain(b, record_news, got), 0);
+    CHECK_STR(got, "");
+    /* The listening connection is cut: the drain says so, a new watch starts with "resync". */
+    CHECK_INT(pg_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE query = 'LISTEN moat'"),
+              0);
+    CHECK(wait_readable(fd, 2000));
+    CHECK_INT(b->ops->watch_drain(b, record_news, got), MOAT_ECLOSED);
+    int fd2 = -1;
+    for (int i = 0; i < 40 && fd2 < 0; i++) { /* a new watch at most every 2 s */
+        fd2 = b->ops->watch_fd(b);
+        if (fd2 < 0) {
+            struct timespec ts = {0, 100 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    CHECK(fd2 >= 0);
+    got[0] = '\0';
+    CHECK_INT(b->ops->watch_drain(b, record_news, got), 0);
+    CHECK_STR(got, "resync;");
+out:
+    if (a)
+        a->ops->close(a);
+    if (b)
+        b->ops->close(b);
     free(dir);
 }
 
@@ -1163,6 +1237,17 @@ static void shared_cases(void)
     test_kv_list();
     test_transactions();
     test_leases();
+    if (pg_url[0] == '\0') {
+        /* SQLite pushes nothing: processes on one file see changes through their polls. */
+        char *dir = case_dir("watch");
+        moat_storage_t *s = open_ok(dir);
+        if (s != NULL) {
+            CHECK_INT(s->ops->watch_fd(s), -1);
+            CHECK_INT(s->ops->watch_drain(s, NULL, NULL), MOAT_ECLOSED);
+            s->ops->close(s);
+        }
+        free(dir);
+    }
 }
 
 static void postgres_cases(void)
@@ -1191,6 +1276,7 @@ static void postgres_cases(void)
     shared_cases();
     test_pg_channel_binding();
     test_pg_schema();
+    test_pg_watch();
     test_pg_login_errors();
     test_pg_outage();
     pg_url[0] = '\0';
