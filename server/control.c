@@ -20,6 +20,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,6 +36,11 @@ typedef struct {
     uv_signal_t sighup, sigterm, sigint;
     uv_timer_t renew_timer, ticket_timer, store_timer;
     moat_storage_t *storage;
+    /* News from a shared store (another instance stored a certificate): polled here, on the
+     * control loop, and looked for again every second while there is no watch. */
+    uv_timer_t watch_timer;
+    uv_poll_t watch;
+    int watching, watch_closing, news;
     int store_damaged; /* said once: serving from memory from then on */
     moat_ca_t *ca;
     moat_server_opts_t server;
@@ -160,6 +166,60 @@ static void on_renew(uv_timer_t *t)
         MOAT_ERROR("internal CA: %s", err);
     if (recert(c) != 0)
         uv_timer_start(&c->renew_timer, on_renew, 60 * 1000, 0);
+}
+
+/* ---- news from a shared store ---- */
+
+static void on_news(void *arg, const char *what)
+{
+    control_t *c = arg;
+    if (strcmp(what, "resync") == 0)
+        MOAT_INFO("storage: watching the shared store again; reading its certificates afresh");
+    else
+        MOAT_DEBUG("storage: %s was stored by another instance", what);
+    c->news = 1;
+}
+
+static void watch_closed(uv_handle_t *h)
+{
+    control_t *c = h->data;
+    c->watch_closing = 0;
+}
+
+static void watch_read(control_t *c)
+{
+    c->news = 0;
+    int rc = c->storage->ops->watch_drain(c->storage, on_news, c);
+    /* One rebuild for any number of certificates in one read. */
+    if (c->news && !c->stopping)
+        recert(c);
+    if (rc != 0 && c->watching) {
+        uv_poll_stop(&c->watch);
+        c->watching = 0;
+        c->watch_closing = 1;
+        uv_close((uv_handle_t *)&c->watch, watch_closed);
+    }
+}
+
+static void on_watch(uv_poll_t *p, int status, int events)
+{
+    (void)status;
+    (void)events;
+    watch_read(p->data);
+}
+
+static void on_watch_timer(uv_timer_t *t)
+{
+    control_t *c = t->data;
+    if (c->watching || c->watch_closing || c->stopping)
+        return;
+    int fd = c->storage->ops->watch_fd(c->storage);
+    if (fd < 0 || uv_poll_init_socket(c->loop, &c->watch, fd) != 0)
+        return;
+    c->watch.data = c;
+    uv_poll_start(&c->watch, UV_READABLE, on_watch);
+    c->watching = 1;
+    watch_read(c); /* a "resync" is waiting after a broken watch */
 }
 
 /* The ACME manager stored a certificate: rebuild the snapshot from the current config. */
@@ -468,6 +528,11 @@ int moat_control_run(const moat_run_opts_t *o)
         goto out;
     }
     moat_acmemgr_update(c.acme, rt->config);
+    if (moat_storage_is_postgres(o->storage)) {
+        uv_timer_init(c.loop, &c.watch_timer);
+        c.watch_timer.data = &c;
+        uv_timer_start(&c.watch_timer, on_watch_timer, 0, 1000);
+    }
     uv_signal_init(c.loop, &c.sigusr1);
     c.sigusr1.data = &c;
     uv_signal_start(&c.sigusr1, on_signal, SIGUSR1);
@@ -492,6 +557,10 @@ out:
         moat_acmemgr_free(c.acme);
         uv_close((uv_handle_t *)&c.sigusr1, NULL);
     }
+    if (c.watch_timer.data != NULL)
+        uv_close((uv_handle_t *)&c.watch_timer, NULL);
+    if (c.watching)
+        uv_close((uv_handle_t *)&c.watch, NULL);
     if (c.loop) {
         uv_close((uv_handle_t *)&c.renew_timer, NULL);
         uv_close((uv_handle_t *)&c.ticket_timer, NULL);

@@ -187,6 +187,38 @@ def cluster(tmp_path, request, upstream):
         s.stop()
 
 
+def renew_and_spread(insts, i, roots, old_serials):
+    """Force a renewal on insts[i]; every other instance must serve the new certificate within
+    2 s of it being stored. Returns the new serial."""
+    r = subprocess.run([MOAT_BIN, "renew", "--force", "--data", str(insts[i].dir / "data")],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stdout + r.stderr
+    renewer = insts[i]
+    before = renewer.count(r"renewed a certificate for shared\.example\.test")
+    deadline = time.monotonic() + 30
+    while renewer.count(r"renewed a certificate for shared\.example\.test") == before:
+        assert time.monotonic() < deadline, renewer.logs()
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    new = served(renewer.addr, renewer.https_port, "shared.example.test", roots)["serialNumber"]
+    assert new not in old_serials
+    took = []
+    for m in insts:
+        if m is renewer:
+            continue
+        while True:
+            c = served(m.addr, m.https_port, "shared.example.test", roots)
+            if c["serialNumber"] == new:
+                took.append(time.monotonic() - t0)
+                break
+            assert time.monotonic() - t0 < 5, f"{m.addr} still serves the old certificate"
+            time.sleep(0.02)
+    print(f"renewal on {renewer.addr} served by the others after "
+          + ", ".join(f"{t:.2f} s" for t in took))
+    assert max(took) < 2.0, took
+    return new
+
+
 def test_three_instances_one_order_then_outage(cluster, tmp_path):
     db, pb, insts = cluster
     t0 = time.monotonic()
@@ -218,6 +250,10 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "shared.example.test" in r.stdout, r.stdout
 
+    # A peer's renewal reaches every instance within 2 s (NOTIFY on commit, LISTEN on the loop).
+    serial = renew_and_spread(insts, 0, roots, serials)
+    serials.add(serial)
+
     # The database goes away: every instance keeps serving from memory and says so once.
     db.stop()
     time.sleep(3.0)
@@ -236,7 +272,11 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
     for m in insts:
         c = served(m.addr, m.https_port, "shared.example.test", roots)
         assert c["serialNumber"] in serials
-    assert sum(m.count(r"order .* placed") for m in insts) == 1
+    # ... and watches the store again, after reading it afresh; news flows as before.
+    for m in insts:
+        assert m.wait_log(r"watching the shared store again", timeout=15), m.logs()
+    renew_and_spread(insts, 2, roots, serials)
+    assert sum(m.count(r"order .* placed") for m in insts) == 3
 
 
 def test_paused_lock_holder_is_fenced_out(cluster, tmp_path):
