@@ -34,6 +34,7 @@
 #include <uv.h>
 
 #define LOCK_RETRY_MS     2000
+#define STORE_RETRY_MS    10000
 #define HTTP_TIMEOUT_MS   30000
 #define ARI_RETRY_DEFAULT 3600
 
@@ -331,7 +332,16 @@ static void job_check(job_t *j)
         return;
     int64_t now = (int64_t)time(NULL);
     moat_cert_record_t rec;
-    int have = st->ops->get_cert(st, j->id, &rec) == 0;
+    int grc = st->ops->get_cert(st, j->id, &rec);
+    if (grc != 0 && grc != MOAT_ENOT_FOUND) {
+        /* The store does not answer (a shared database away, a damaged file): what is served
+         * stays; no order is placed that could not be stored. Storage logs the outage once. */
+        MOAT_DEBUG("acme: %s: cannot read the store (%s); looking again in %d s", j->id + 5,
+                   moat_storage_last_error(st), STORE_RETRY_MS / 1000);
+        uv_timer_start(&j->timer, on_job_timer, STORE_RETRY_MS, 0);
+        return;
+    }
+    int have = grc == 0;
     int64_t renew = 0;
     j->renewal = have;
     if (have && job_ari(j, &rec, now)) {
