@@ -133,6 +133,16 @@ int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err,
  * ("sqlite:DIR/moat.db" too), or a postgres:// URL. */
 int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **out, char *err,
                       size_t errlen);
+/* Seal secrets at rest: a storage wrapping `inner` that encrypts every private key (key_pem)
+ * and every kv value with AES-256-GCM under the key in key_file (base64 of 32 bytes; created
+ * 0600 with a random key when the file does not exist), bound to the row it belongs to. Values
+ * written without a key are read as they are and sealed at their next write; a sealed value
+ * that does not open (another key) is MOAT_ECRYPTO with a sentence. Every instance sharing a
+ * store needs the same key file. On success the wrapper owns inner (close closes both); on
+ * failure inner is untouched. storage/encrypt.c. */
+int moat_storage_encrypt(moat_storage_t *inner, const char *key_file, moat_storage_t **out,
+                         char *err, size_t errlen);
+
 /* Whether spec names a PostgreSQL store (a store shared between machines: no pid file or
  * "--data" advice applies to it). */
 int moat_storage_is_postgres(const char *spec);
