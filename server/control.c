@@ -440,7 +440,8 @@ int moat_control_run(const moat_run_opts_t *o)
     if (moat_storage_is_postgres(o->storage) && make_dir(o->data_dir) != 0)
         MOAT_WARN("cannot create the data folder %s: %s (moat health and moat stop need it)",
                   o->data_dir, strerror(errno));
-    if (moat_storage_open(o->storage, o->data_dir, &c.storage, err, sizeof err) != 0) {
+    if (moat_storage_open(o->storage, o->data_dir, o->storage_key, &c.storage, err, sizeof err) !=
+        0) {
         MOAT_ERROR("%s", err);
         moat_config_free(cfg);
         return MOAT_EXIT_START;

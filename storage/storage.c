@@ -11,7 +11,7 @@ int moat_storage_is_postgres(const char *spec)
            (strncmp(spec, "postgres://", 11) == 0 || strncmp(spec, "postgresql://", 13) == 0);
 }
 
-int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **out, char *err,
+static int open_plain(const char *spec, const char *data_dir, moat_storage_t **out, char *err,
                       size_t errlen)
 {
     if (spec == NULL || spec[0] == '\0')
@@ -35,6 +35,20 @@ int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **o
               "postgres://USER@HOST:PORT/DATABASE?sslmode=verify-full&sslrootcert=FILE",
               spec);
     return MOAT_EINVAL;
+}
+
+int moat_storage_open(const char *spec, const char *data_dir, const char *key_file,
+                      moat_storage_t **out, char *err, size_t errlen)
+{
+    int rc = open_plain(spec, data_dir, out, err, errlen);
+    if (rc != 0 || key_file == NULL || key_file[0] == '\0')
+        return rc;
+    moat_storage_t *sealed = NULL;
+    rc = moat_storage_encrypt(*out, key_file, &sealed, err, errlen);
+    if (rc != 0)
+        (*out)->ops->close(*out);
+    *out = sealed;
+    return rc;
 }
 
 void moat_cert_record_clear(moat_cert_record_t *r)

@@ -130,9 +130,10 @@ int moat_storage_open_sqlite(const char *data_dir, moat_storage_t **out, char *e
 int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err, size_t errlen);
 
 /* Open the store `spec` names: NULL or "" for DATA_DIR/moat.db, "sqlite:DIR" for DIR/moat.db
- * ("sqlite:DIR/moat.db" too), or a postgres:// URL. */
-int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **out, char *err,
-                      size_t errlen);
+ * ("sqlite:DIR/moat.db" too), or a postgres:// URL; with key_file (may be NULL), wrapped by
+ * moat_storage_encrypt. */
+int moat_storage_open(const char *spec, const char *data_dir, const char *key_file,
+                      moat_storage_t **out, char *err, size_t errlen);
 /* Seal secrets at rest: a storage wrapping `inner` that encrypts every private key (key_pem)
  * and every kv value with AES-256-GCM under the key in key_file (base64 of 32 bytes; created
  * 0600 with a random key when the file does not exist), bound to the row it belongs to. Values
@@ -142,6 +143,20 @@ int moat_storage_open(const char *spec, const char *data_dir, moat_storage_t **o
  * failure inner is untouched. storage/encrypt.c. */
 int moat_storage_encrypt(moat_storage_t *inner, const char *key_file, moat_storage_t **out,
                          char *err, size_t errlen);
+
+typedef struct {
+    size_t certs_copied, certs_same, certs_newer_kept;
+    size_t settings_copied, settings_same;
+} moat_storage_copy_stats_t;
+
+/* Copy every certificate and setting of `from` into `to`, in one transaction of `to`; safe to
+ * repeat. A certificate `to` holds with a later not_after is kept (never an older one over a
+ * newer); identical ones are left alone. Not copied: the event log (its times would be lost),
+ * leases, and the kv rows of live processes and pending challenges (acme-instance:*,
+ * acme-token*). 0, or MOAT_ESTORAGE with a sentence in err (nothing changed in `to`).
+ * storage/copy.c. */
+int moat_storage_copy(moat_storage_t *from, moat_storage_t *to, moat_storage_copy_stats_t *stats,
+                      char *err, size_t errlen);
 
 /* Whether spec names a PostgreSQL store (a store shared between machines: no pid file or
  * "--data" advice applies to it). */

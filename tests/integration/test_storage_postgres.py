@@ -319,3 +319,40 @@ def test_paused_lock_holder_is_fenced_out(cluster, tmp_path):
     assert holder.count(r"issued a certificate for shared\.example\.test") == 0, holder.logs()
     c = wait_served(holder.addr, holder.https_port, "shared.example.test", roots, timeout=10)
     assert c["serialNumber"] == certs[0]["serialNumber"]
+
+
+def test_storage_copy_and_sealed_keys(tmp_path):
+    """`moat storage copy` moves a SQLite store to PostgreSQL, sealing private keys with
+    --storage-key; repeating it changes nothing; the copy serves `moat ca-root`."""
+    db = PgServer()
+    try:
+        db.start()
+        env = dict(os.environ, MOAT_STORAGE_PASSWORD="moat-test-pw")
+        data = tmp_path / "data"
+        key = tmp_path / "storage.key"
+
+        def moat(*args):
+            r = subprocess.run([MOAT_BIN, *args], capture_output=True, text=True, timeout=20,
+                               env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+            return r.stdout
+
+        root = moat("ca-root", "--data", str(data))  # creates the internal CA in SQLite
+        out = moat("storage", "copy", "--from", f"sqlite:{data}", "--to", db.url(),
+                   "--storage-key", str(key), "--data", str(data))
+        assert "copied 2 certificate(s)" in out, out
+        assert (key.stat().st_mode & 0o777) == 0o600
+        out = moat("storage", "copy", "--from", f"sqlite:{data}", "--to", db.url(),
+                   "--storage-key", str(key), "--data", str(data))
+        assert "copied 0 certificate(s) and 0 setting(s); 2 certificate(s)" in out, out
+        assert db.sql("SELECT count(*) FROM moat.certs WHERE key_pem LIKE 'moat-enc:v1:%'") == "2"
+        assert db.sql("SELECT count(*) FROM moat.certs WHERE key_pem LIKE '%PRIVATE KEY%'") == "0"
+        assert moat("ca-root", "--storage", db.url(), "--storage-key", str(key),
+                    "--data", str(tmp_path / "other")) == root
+        # Without the key the sealed private keys do not open: a sentence, not garbage.
+        r = subprocess.run([MOAT_BIN, "ca-root", "--storage", db.url(), "--storage-key",
+                            str(tmp_path / "wrong.key"), "--data", str(tmp_path / "other")],
+                           capture_output=True, text=True, timeout=20, env=env)
+        assert r.returncode != 0 and "does not open with the key" in r.stderr, r.stderr
+    finally:
+        db.remove()

@@ -869,7 +869,7 @@ static void test_pg_url(void)
         CHECK(strstr(err, "postgres://USER") != NULL);
     }
     moat_storage_t *s = NULL;
-    CHECK_INT(moat_storage_open("mysql://x", root, &s, err, sizeof err), MOAT_EINVAL);
+    CHECK_INT(moat_storage_open("mysql://x", root, NULL, &s, err, sizeof err), MOAT_EINVAL);
     CHECK(strstr(err, "sqlite:FOLDER") != NULL);
     CHECK(moat_storage_is_postgres("postgres://a@b/c") && !moat_storage_is_postgres("sqlite:x"));
 }
@@ -1342,6 +1342,54 @@ out:
     free(dir);
 }
 
+/* moat storage copy: from a SQLite store into the backend under test, twice. */
+static void test_copy(void)
+{
+    char *src_dir = path_join(root, enc_key[0] ? "copy-src-sealed" : "copy-src");
+    char *dir = case_dir("copy-dst");
+    moat_storage_t *src = NULL, *dst = open_ok(dir);
+    char err[512] = "";
+    mkdir(src_dir, 0700);
+    if (moat_storage_open_sqlite(src_dir, &src, err, sizeof err) != 0 || dst == NULL)
+        goto out;
+    moat_cert_record_t a = sample("acme:a.example", "a.example"),
+                       b = sample("acme:b.example", "b.example");
+    CHECK_INT(src->ops->put_cert(src, &a), 0);
+    CHECK_INT(src->ops->put_cert(src, &b), 0);
+    CHECK_INT(src->ops->kv_put(src, "acme-account-key:x", "KEY"), 0);
+    CHECK_INT(src->ops->kv_put(src, "acme-instance:h/1/2", "999"), 0); /* not copied */
+    /* The destination already has a newer b. */
+    moat_cert_record_t newer = sample("acme:b.example", "b.example");
+    newer.not_after = 1900000000;
+    CHECK_INT(dst->ops->put_cert(dst, &newer), 0);
+    moat_storage_copy_stats_t st;
+    CHECK_INT(moat_storage_copy(src, dst, &st, err, sizeof err), 0);
+    CHECK_INT(st.certs_copied, 1);
+    CHECK_INT(st.certs_newer_kept, 1);
+    CHECK_INT(st.settings_copied, 1);
+    moat_cert_record_t got = {0};
+    CHECK_INT(dst->ops->get_cert(dst, "acme:b.example", &got), 0);
+    CHECK_INT(got.not_after, 1900000000);
+    moat_cert_record_clear(&got);
+    CHECK_INT(dst->ops->get_cert(dst, "acme:a.example", &got), 0);
+    CHECK_STR(got.key_pem, a.key_pem);
+    moat_cert_record_clear(&got);
+    char *v = NULL;
+    CHECK_INT(dst->ops->kv_get(dst, "acme-instance:h/1/2", &v), MOAT_ENOT_FOUND);
+    /* Again: nothing to do. */
+    CHECK_INT(moat_storage_copy(src, dst, &st, err, sizeof err), 0);
+    CHECK_INT(st.certs_copied + st.settings_copied, 0);
+    CHECK_INT(st.certs_same, 1);
+    CHECK_INT(st.settings_same, 1);
+out:
+    if (src)
+        src->ops->close(src);
+    if (dst)
+        dst->ops->close(dst);
+    free(dir);
+    free(src_dir);
+}
+
 static void shared_cases(void)
 {
     test_certs();
@@ -1350,6 +1398,7 @@ static void shared_cases(void)
     test_kv_list();
     test_transactions();
     test_leases();
+    test_copy();
     if (pg_url[0] == '\0') {
         /* SQLite pushes nothing: processes on one file see changes through their polls. */
         char *dir = case_dir("watch");
