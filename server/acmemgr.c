@@ -142,7 +142,9 @@ static uint64_t io_propagation_ms(void *data)
      * store may have registered since, and an order that does not wait for them is validated
      * against a peer that has not yet seen the token. */
     moat_acmeshare_refresh(m->share);
-    return moat_acmeshare_peers(m->share) > 0 ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
+    /* On a shared database a peer starting right now is not counted yet, but may be the one
+     * the CA's validator reaches: always give the token time to get there. */
+    return moat_acmeshare_peers(m->share) > 0 || m->st->shared ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
 }
 
 static void on_share_timer(uv_timer_t *t)

@@ -29,6 +29,8 @@
 #define TICKET_ROTATION_MS (3600 * 1000)
 /* How often the store is looked over for damage (and its write-ahead log checkpointed). */
 #define STORE_CHECK_MS (3600 * 1000)
+/* A shared store is asked more often (one cheap query): an outage shows in `moat health`. */
+#define SHARED_STORE_CHECK_MS 5000
 
 typedef struct {
     const moat_run_opts_t *opts;
@@ -272,15 +274,21 @@ static void check_store(control_t *c)
     if (c->store_damaged && !shared)
         return;
     if (c->storage->ops->check(c->storage) == 0) {
-        if (c->store_damaged)
+        if (c->store_damaged) {
             MOAT_INFO("storage: the shared store answers again");
+            moat_system_recovered(c->opts->data_dir);
+        }
         c->store_damaged = 0;
         return;
     }
     const char *why = moat_storage_last_error(c->storage);
     if (shared) {
-        if (!c->store_damaged)
-            MOAT_WARN("storage: %s; serving what is in memory until it answers again", why);
+        /* storage/postgres.c has logged the outage itself; here it is for `moat health`. */
+        if (!c->store_damaged) {
+            char line[700];
+            snprintf(line, sizeof line, "storage: %s; serving what is in memory", why);
+            moat_system_degraded(c->opts->data_dir, line);
+        }
         c->store_damaged = 1;
         return;
     }
@@ -504,7 +512,9 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_signal_start(&c.sigint, on_signal, SIGINT);
     uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
-    uv_timer_start(&c.store_timer, on_store_timer, STORE_CHECK_MS, STORE_CHECK_MS);
+    uint64_t check_ms =
+        moat_storage_is_postgres(o->storage) ? SHARED_STORE_CHECK_MS : STORE_CHECK_MS;
+    uv_timer_start(&c.store_timer, on_store_timer, check_ms, check_ms);
     if (moat_workers_start(&c.server, moat_snapmgr_current(c.snap)) != 0) {
         MOAT_ERROR("cannot start the worker threads");
         goto out;

@@ -372,6 +372,7 @@ int moat_storage_encrypt(moat_storage_t *inner, const char *key_file, moat_stora
     }
     OPENSSL_cleanse(key, sizeof key);
     e->base.ops = &enc_ops;
+    e->base.shared = inner->shared;
     e->inner = inner;
     e->key_file = moat_xstrdup(key_file);
     *out = &e->base;

@@ -870,6 +870,7 @@ int moat_storage_open_postgres(const char *url, moat_storage_t **out, char *err,
     *out = NULL;
     pg_storage_t *s = moat_xcalloc(1, sizeof *s);
     s->base.ops = &pg_ops;
+    s->base.shared = 1;
     int rc = moat_pg_params_parse(url, &s->params, err, errlen);
     if (rc != 0) {
         free(s);

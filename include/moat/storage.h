@@ -112,6 +112,9 @@ typedef struct moat_storage_ops {
 struct moat_storage {
     const moat_storage_ops_t *ops;
     char last_error[512];
+    /* A store other machines share (PostgreSQL): peers may appear at any moment, so what one
+     * instance publishes is given time to reach them even when none is known yet. */
+    int shared;
 };
 
 /* Open (creating when needed) DATA_DIR/moat.db: the folder is created 0700, the file 0600,

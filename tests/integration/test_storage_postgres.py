@@ -187,6 +187,21 @@ def cluster(tmp_path, request, upstream):
         s.stop()
 
 
+def wait_health(m, ok, timeout=12):
+    """Poll `moat health` for instance m until ok(stdout) holds (and it exits 0)."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        r = subprocess.run([MOAT_BIN, "health", "--data", str(m.dir / "data")],
+                           capture_output=True, text=True, timeout=10)
+        out = r.stdout
+        if r.returncode == 0 and ok(out):
+            return True
+        time.sleep(0.2)
+    print(f"{m.addr}: moat health said: {out}")
+    return False
+
+
 def renew_and_spread(insts, i, roots, old_serials):
     """Force a renewal on insts[i]; every other instance must serve the new certificate within
     2 s of it being stored. Returns the new serial."""
@@ -263,6 +278,9 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
     for m in insts:
         assert m.wait_log(r"keeps serving what it has in memory", timeout=10), m.logs()
         assert m.count(r"keeps serving what it has in memory and tries again") == 1, m.logs()
+    # `moat health` still says healthy (it serves), and what it serves without.
+    for m in insts:
+        assert wait_health(m, lambda out: "degraded: storage:" in out), m.logs()
 
     # Back: each reconnects on its own (backoff) and carries on with the same certificate.
     pg("resume", str(db.dir))
@@ -275,6 +293,7 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
     # ... and watches the store again, after reading it afresh; news flows as before.
     for m in insts:
         assert m.wait_log(r"watching the shared store again", timeout=15), m.logs()
+        assert wait_health(m, lambda out: "degraded" not in out), m.logs()
     renew_and_spread(insts, 2, roots, serials)
     assert sum(m.count(r"order .* placed") for m in insts) == 3
 
