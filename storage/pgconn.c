@@ -731,7 +731,7 @@ static int login(moat_pgconn_t *c, const moat_pg_params_t *p)
                 rc = fail_io(c, MOAT_ETLS, "cannot hash the server certificate for binding");
                 break;
             }
-            rc = moat_pgw_scram_first(&scram, NULL, plus ? hash : NULL, hlen, &out);
+            rc = moat_pgw_scram_first(&scram, NULL, plus ? hash : NULL, hlen, c->ssl != NULL, &out);
             scram_started = 1;
             c->channel_bound = plus;
             if (rc == 0)

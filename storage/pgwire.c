@@ -532,7 +532,7 @@ void moat_pgw_scram_clear(moat_pgw_scram_t *s)
 }
 
 int moat_pgw_scram_first(moat_pgw_scram_t *s, const char *nonce, const void *cbind,
-                         size_t cbind_len, moat_buf_t *out)
+                         size_t cbind_len, int over_tls, moat_buf_t *out)
 {
     memset(s, 0, sizeof *s);
     if (nonce == NULL) {
@@ -547,7 +547,7 @@ int moat_pgw_scram_first(moat_pgw_scram_t *s, const char *nonce, const void *cbi
         snprintf(s->nonce, sizeof s->nonce, "%s", nonce);
     }
     /* The user name is sent empty: PostgreSQL takes it from the startup message. */
-    s->gs2 = moat_xstrdup(cbind != NULL ? "p=tls-server-end-point,," : "n,,");
+    s->gs2 = moat_xstrdup(cbind != NULL ? "p=tls-server-end-point,," : over_tls ? "y,," : "n,,");
     if (cbind != NULL) {
         s->cbind = moat_xmalloc(cbind_len ? cbind_len : 1);
         memcpy(s->cbind, cbind, cbind_len);

@@ -111,10 +111,12 @@ typedef struct {
 } moat_pgw_scram_t;
 
 /* The client-first message into `out`. cbind (the hash of the server's certificate) non-NULL
- * selects SCRAM-SHA-256-PLUS with tls-server-end-point; nonce NULL draws a random one (tests
- * pass a fixed nonce). */
+ * selects SCRAM-SHA-256-PLUS with tls-server-end-point; without it, over_tls says the client
+ * could have bound the channel but the server did not offer it (GS2 flag "y": a server that
+ * does support binding then knows the offer was stripped on the way, and refuses). nonce NULL
+ * draws a random one (tests pass a fixed nonce). */
 int moat_pgw_scram_first(moat_pgw_scram_t *s, const char *nonce, const void *cbind,
-                         size_t cbind_len, moat_buf_t *out);
+                         size_t cbind_len, int over_tls, moat_buf_t *out);
 /* Given the server-first message, append the client-final message (with the proof) to out.
  * MOAT_EPARSE with a sentence in err when the server's message is malformed, its nonce does
  * not extend ours, or its iteration count is out of range. */

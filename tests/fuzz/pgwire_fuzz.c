@@ -43,7 +43,7 @@ static void look(const moat_pgw_msg_t *m, const char *buf, size_t len)
         moat_pgw_scram_t s;
         moat_buf_t out = {0};
         char err[200];
-        if (moat_pgw_scram_first(&s, "fuzznonce", NULL, 0, &out) == 0) {
+        if (moat_pgw_scram_first(&s, "fuzznonce", NULL, 0, 0, &out) == 0) {
             moat_buf_reset(&out);
             if (moat_pgw_scram_final(&s, "pw", m->u.auth.data, &out, err, sizeof err) == 0)
                 moat_pgw_scram_verify(&s, m->u.auth.data, err, sizeof err);

@@ -135,7 +135,7 @@ static void test_scram(void)
 {
     moat_pgw_scram_t s;
     moat_buf_t out = {0};
-    CHECK_INT(moat_pgw_scram_first(&s, "rOprNGfwEbeRWgbNEkqO", NULL, 0, &out), 0);
+    CHECK_INT(moat_pgw_scram_first(&s, "rOprNGfwEbeRWgbNEkqO", NULL, 0, 0, &out), 0);
     CHECK(buf_is(&out, "n,,n=,r=rOprNGfwEbeRWgbNEkqO", 28));
     /* The RFC's example names the user; PostgreSQL's clients leave it empty. */
     free(s.client_first_bare);
@@ -171,7 +171,7 @@ static void test_scram(void)
                          ""};
     for (size_t i = 0; i < MOAT_ARRAY_LEN(bad); i++) {
         moat_buf_reset(&out);
-        CHECK_INT(moat_pgw_scram_first(&s, "abc", NULL, 0, &out), 0);
+        CHECK_INT(moat_pgw_scram_first(&s, "abc", NULL, 0, 0, &out), 0);
         moat_buf_reset(&out);
         CHECK_INT(moat_pgw_scram_final(&s, "pw", moat_slice_str(bad[i]), &out, err, sizeof err),
                   MOAT_EPARSE);
@@ -180,7 +180,7 @@ static void test_scram(void)
 
     /* With channel binding the GS2 header names it and c= carries the certificate hash. */
     moat_buf_reset(&out);
-    CHECK_INT(moat_pgw_scram_first(&s, "abc", "\x01\x02", 2, &out), 0);
+    CHECK_INT(moat_pgw_scram_first(&s, "abc", "\x01\x02", 2, 1, &out), 0);
     CHECK(buf_is(&out, "p=tls-server-end-point,,n=,r=abc", 32));
     moat_buf_reset(&out);
     CHECK_INT(moat_pgw_scram_final(&s, "pw", moat_slice_str("r=abcdef,s=QUJD,i=1"), &out, err,
@@ -190,6 +190,17 @@ static void test_scram(void)
     CHECK(moat_buf_size(&out) > 40 &&
           memcmp(moat_buf_data(&out), "c=cD10bHMtc2VydmVyLWVuZC1wb2ludCwsAQI=,r=abcdef,p=", 50) ==
               0);
+    moat_pgw_scram_clear(&s);
+
+    /* Over TLS without the offer: "y", and c= carries just that header. */
+    moat_buf_reset(&out);
+    CHECK_INT(moat_pgw_scram_first(&s, "abc", NULL, 0, 1, &out), 0);
+    CHECK(buf_is(&out, "y,,n=,r=abc", 11));
+    moat_buf_reset(&out);
+    CHECK_INT(moat_pgw_scram_final(&s, "pw", moat_slice_str("r=abcdef,s=QUJD,i=1"), &out, err,
+                                   sizeof err),
+              0);
+    CHECK(moat_buf_size(&out) > 10 && memcmp(moat_buf_data(&out), "c=eSws,r=abcdef,p=", 18) == 0);
     moat_pgw_scram_clear(&s);
     moat_buf_free(&out);
 }
