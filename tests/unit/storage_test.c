@@ -874,18 +874,56 @@ static void test_pg_url(void)
     CHECK(moat_storage_is_postgres("postgres://a@b/c") && !moat_storage_is_postgres("sqlite:x"));
 }
 
-/* A fake server that answers the TLS request with 'N', as one with ssl = off does. */
-static void *no_tls_server(void *arg)
+static int64_t ms_now(void)
 {
-    int lfd = *(int *)arg;
-    int fd = accept(lfd, NULL, NULL);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A fake server for one connection: reads what the client sends first (the TLS request, or
+ * the startup message with sslmode=disable), answers `reply` (NULL: nothing at all), and
+ * waits for the client to hang up. */
+typedef struct {
+    int lfd;
+    const char *reply;
+    size_t len;
+} fake_t;
+
+static void *fake_server(void *arg)
+{
+    fake_t *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
     if (fd >= 0) {
-        char req[8];
-        if (recv(fd, req, sizeof req, MSG_WAITALL) == 8 && send(fd, "N", 1, 0) == 1)
+        char req[512];
+        struct timeval tv = {5, 0};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (recv(fd, req, sizeof req, 0) > 0 && f->reply != NULL &&
+            send(fd, f->reply, f->len, MSG_NOSIGNAL) == (ssize_t)f->len)
             recv(fd, req, 1, 0); /* until the client hangs up */
+        else if (f->reply == NULL)
+            recv(fd, req, 1, 0);
         close(fd);
     }
     return NULL;
+}
+
+/* Open against a fake server answering `reply`: the code and the sentence. */
+static void expect_fake(const char *opts, const char *reply, size_t len, int want,
+                        const char *needle)
+{
+    fake_t f = {socket(AF_INET, SOCK_STREAM, 0), reply, len};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    CHECK(bind(f.lfd, (struct sockaddr *)&a, sizeof a) == 0 && listen(f.lfd, 1) == 0);
+    getsockname(f.lfd, (struct sockaddr *)&a, &al);
+    pthread_t th;
+    pthread_create(&th, NULL, fake_server, &f);
+    char url[300];
+    snprintf(url, sizeof url, "postgres://moat:pw@127.0.0.1:%d/moat?%s", ntohs(a.sin_port), opts);
+    expect_pg_refused(url, want, needle);
+    pthread_join(th, NULL);
+    close(f.lfd);
 }
 
 static void test_pg_login_errors(void)
@@ -902,16 +940,24 @@ static void test_pg_login_errors(void)
     pg_url_with(url, sizeof url, "moat:moat-test-pw", other);
     expect_pg_refused(url, MOAT_ETLS, "certificate is not trusted");
 
-    /* The certificate names 127.0.0.1 and localhost, not another name for the same server. */
+    /* The certificate names 127.0.0.1 and localhost, not 127.0.0.2, where the same server
+     * listens too: verify-full refuses it, require (encrypted, not verified) lets it in. */
     char *colon = NULL;
     pg_url_with(url, sizeof url, "moat:moat-test-pw", opts);
     colon = strstr(url, "127.0.0.1");
     if (colon != NULL) {
         char wrong[700];
         snprintf(wrong, sizeof wrong, "%.*s127.0.0.2%s", (int)(colon - url), url, colon + 9);
-        /* pg_hba lets 127.0.0.0/8 in and PostgreSQL listens on 127.0.0.1 only, so .2 does not
-         * answer: a connect error, which must still be a sentence naming the server. */
-        expect_pg_refused(wrong, MOAT_EIO, "127.0.0.2");
+        expect_pg_refused(wrong, MOAT_ETLS, "names host 127.0.0.2");
+        char *q = strchr(wrong, '?');
+        if (q != NULL) {
+            snprintf(q, sizeof wrong - (size_t)(q - wrong), "?sslmode=require");
+            moat_storage_t *s = NULL;
+            char err[1024];
+            CHECK_INT(open_pg(wrong, &s, err, sizeof err), 0);
+            if (s != NULL)
+                s->ops->close(s);
+        }
     }
 
     /* Without TLS the server's pg_hba.conf (hostssl only) refuses the login. */
@@ -919,20 +965,25 @@ static void test_pg_login_errors(void)
     expect_pg_refused(url, MOAT_EPERM, "pg_hba.conf");
 
     /* A server that does not speak TLS at all. */
+    expect_fake("sslmode=require", "N", 1, MOAT_ETLS, "does not accept TLS");
+    /* Something else on the port, a server that never answers, one that wants MD5. */
+    expect_fake("sslmode=require", "HTTP/1.1 400 Bad Request\r\n\r\n", 28, MOAT_EPARSE,
+                "is this a PostgreSQL server?");
+    int64_t t0 = ms_now();
+    expect_fake("sslmode=require&connect_timeout=1", NULL, 0, MOAT_ETIMEOUT, "no answer within");
+    CHECK(ms_now() - t0 < 2500);
+    expect_fake("sslmode=disable", "R\0\0\0\x0c\0\0\0\x05salt", 13, MOAT_EPERM,
+                "moat only logs in with SCRAM-SHA-256");
+    expect_fake("sslmode=disable", "R\0\0\0\x15\0\0\0\x0aSCRAM-SHA-1\0\0", 22, MOAT_EPERM,
+                "no SASL mechanism moat knows");
+
+    /* Nothing listening (a port just given back): a sentence, within the deadline. */
     int lfd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t al = sizeof a;
-    CHECK(bind(lfd, (struct sockaddr *)&a, sizeof a) == 0 && listen(lfd, 1) == 0);
+    CHECK(bind(lfd, (struct sockaddr *)&a, sizeof a) == 0);
     getsockname(lfd, (struct sockaddr *)&a, &al);
-    pthread_t th;
-    pthread_create(&th, NULL, no_tls_server, &lfd);
-    snprintf(url, sizeof url, "postgres://moat:pw@127.0.0.1:%d/moat?sslmode=require",
-             ntohs(a.sin_port));
-    expect_pg_refused(url, MOAT_ETLS, "does not accept TLS");
-    pthread_join(th, NULL);
     close(lfd);
-
-    /* Nothing listening: a sentence, within the deadline. */
     snprintf(url, sizeof url, "postgres://moat:pw@127.0.0.1:%d/moat?connect_timeout=1",
              ntohs(a.sin_port));
     expect_pg_refused(url, MOAT_EIO, "is PostgreSQL running");
@@ -1008,13 +1059,6 @@ static void test_pg_schema(void)
     if (b)
         b->ops->close(b);
     free(dir);
-}
-
-static int64_t ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* The server goes away: calls fail with a sentence, quickly after the first, and work again
