@@ -13,6 +13,7 @@
 #include "snapshot.h"
 #include "moat/storage.h"
 #include "system.h"
+#include "tickets.h"
 #include "moat/tls.h"
 
 #include <errno.h>
@@ -27,6 +28,7 @@
 #include <uv.h>
 
 #define TICKET_ROTATION_MS (3600 * 1000)
+#define TICKET_SYNC_MS     (60 * 1000) /* shared keys: how often a peer's rotation is looked for */
 /* How often the store is looked over for damage (and its write-ahead log checkpointed). */
 #define STORE_CHECK_MS (3600 * 1000)
 /* A shared store is asked more often (one cheap query): an outage shows in `moat health`. */
@@ -43,7 +45,8 @@ typedef struct {
     uv_timer_t watch_timer;
     uv_poll_t watch;
     int watching, watch_closing, news;
-    int store_damaged; /* said once: serving from memory from then on */
+    int64_t tickets_synced; /* last time the shared ticket keys were read or rotated */
+    int store_damaged;      /* said once: serving from memory from then on */
     moat_ca_t *ca;
     moat_server_opts_t server;
     char pid_path[4096];
@@ -372,7 +375,19 @@ static void on_signal(uv_signal_t *s, int signum)
 static void on_tickets(uv_timer_t *t)
 {
     control_t *c = t->data;
-    moat_snapmgr_rotate_keys(c->snap);
+    int64_t now = (int64_t)time(NULL);
+    if (!moat_tickets_shared(c->storage)) {
+        moat_snapmgr_rotate_keys(c->snap);
+        return;
+    }
+    /* Shared keys: looked at every minute, so a peer's rotation is followed within one. If
+     * the store stays away past an hour, rotate alone (peers then resume fewer sessions). */
+    if (moat_tickets_sync(c->storage, c->snap, now) == 0) {
+        c->tickets_synced = now;
+    } else if (now - c->tickets_synced >= TICKET_ROTATION_MS / 1000) {
+        moat_snapmgr_rotate_keys(c->snap);
+        c->tickets_synced = now;
+    }
 }
 
 static void start_done(int status, const char *err, void *data)
@@ -511,7 +526,17 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_start(&c.sighup, on_signal, SIGHUP);
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_signal_start(&c.sigint, on_signal, SIGINT);
-    uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
+    if (moat_tickets_shared(c.storage)) {
+        /* Before the workers start: the first handshake already uses the shared keys. */
+        if (moat_tickets_sync(c.storage, c.snap, (int64_t)time(NULL)) == 0)
+            c.tickets_synced = (int64_t)time(NULL);
+        uv_timer_start(&c.ticket_timer, on_tickets, TICKET_SYNC_MS, TICKET_SYNC_MS);
+    } else {
+        if (c.storage->shared)
+            MOAT_INFO("tls: session-ticket keys are this instance's own; with --storage-key "
+                      "they are shared (sealed) so clients resume on any instance");
+        uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
+    }
     uint64_t check_ms =
         moat_storage_is_postgres(o->storage) ? SHARED_STORE_CHECK_MS : STORE_CHECK_MS;
     uv_timer_start(&c.store_timer, on_store_timer, check_ms, check_ms);

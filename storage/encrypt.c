@@ -299,27 +299,33 @@ static int load_key(const char *path, uint8_t key[KEY_LEN], char *err, size_t er
     char text[128];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT) {
+        /* Written whole to a private name, then linked into place: instances starting
+         * together never read a half-written key, and exactly one key wins. */
         uint8_t fresh[KEY_LEN];
         RAND_bytes(fresh, sizeof fresh);
         EVP_EncodeBlock((uint8_t *)text, fresh, sizeof fresh);
         OPENSSL_cleanse(fresh, sizeof fresh);
         size_t n = strlen(text);
         text[n++] = '\n';
-        fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-        if (fd >= 0) {
-            int ok = fchmod(fd, 0600) == 0 && write(fd, text, n) == (ssize_t)n && fsync(fd) == 0;
-            close(fd);
-            if (!ok) {
-                unlink(path);
-                moat_errf(err, errlen, "cannot write the storage key %s: %s", path,
-                          strerror(errno));
-                return MOAT_EIO;
-            }
+        char tmp[4200];
+        snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+        int wfd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        int ok = wfd >= 0 && fchmod(wfd, 0600) == 0 && write(wfd, text, n) == (ssize_t)n &&
+                 fsync(wfd) == 0;
+        int e = errno;
+        if (wfd >= 0)
+            close(wfd);
+        if (ok && link(tmp, path) == 0) {
             MOAT_INFO("storage: created the storage key %s; keep a copy: without it the "
                       "private keys in the store cannot be read",
                       path);
-        } else if (errno != EEXIST) {
-            moat_errf(err, errlen, "cannot create the storage key %s: %s", path, strerror(errno));
+        } else if (ok && errno != EEXIST) {
+            e = errno;
+            ok = 0;
+        }
+        unlink(tmp);
+        if (!ok) {
+            moat_errf(err, errlen, "cannot create the storage key %s: %s", path, strerror(e));
             return MOAT_EIO;
         }
         fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -373,6 +379,7 @@ int moat_storage_encrypt(moat_storage_t *inner, const char *key_file, moat_stora
     OPENSSL_cleanse(key, sizeof key);
     e->base.ops = &enc_ops;
     e->base.shared = inner->shared;
+    e->base.sealed = 1;
     e->inner = inner;
     e->key_file = moat_xstrdup(key_file);
     *out = &e->base;

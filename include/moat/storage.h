@@ -115,6 +115,8 @@ struct moat_storage {
     /* A store other machines share (PostgreSQL): peers may appear at any moment, so what one
      * instance publishes is given time to reach them even when none is known yet. */
     int shared;
+    /* Secrets are sealed before they reach the store (moat_storage_encrypt). */
+    int sealed;
 };
 
 /* Open (creating when needed) DATA_DIR/moat.db: the folder is created 0700, the file 0600,

@@ -80,7 +80,7 @@ class PgServer:
 class Instance:
     """One moat on addr; its own data folder (pid, status), the shared store."""
 
-    def __init__(self, workdir, addr, pebble, store, sites, http_port, https_port):
+    def __init__(self, workdir, addr, pebble, store, sites, http_port, https_port, key=None):
         self.dir = Path(workdir) / addr
         self.dir.mkdir(parents=True, exist_ok=True)
         self.addr = addr
@@ -90,6 +90,7 @@ class Instance:
         self.cfg = self.dir / "Moatfile"
         self.cfg.write_text("".join(s + "\n" for s in sites))
         self.proc = None
+        self.key = key
         self.log_path = self.dir / "moat.log"
 
     def start(self, **extra_env):
@@ -100,7 +101,8 @@ class Instance:
              "--storage", self.store, "--http-port", str(self.http_port), "--https-port",
              str(self.https_port), "--listen", self.addr, "--workers", "1", "--grace", "1",
              "--acme-ca", self.pebble.directory, "--acme-ca-root", self.pebble.ca_pem,
-             "--email", "t@example.test", "--log-level", "debug"],
+             "--email", "t@example.test", "--log-level", "debug",
+             *(["--storage-key", str(self.key)] if self.key else [])],
             stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         return self
 
@@ -177,7 +179,11 @@ def cluster(tmp_path, request, upstream):
     started.append(pb)
     point_dns(pb, "127.0.0.3")
     sites = [f"shared.example.test {upstream.addr}"]
-    insts = [Instance(tmp_path, a, pb, db.url(), sites, http_port, https_port) for a in ADDRS]
+    # One storage key for all three, created by whichever starts first: private keys, settings
+    # and the shared session-ticket keys are sealed in the database.
+    key = tmp_path / "storage.key"
+    insts = [Instance(tmp_path, a, pb, db.url(), sites, http_port, https_port, key)
+             for a in ADDRS]
     started.extend(insts)
     yield db, pb, insts
     rep = getattr(request.node, "rep_call", None)
@@ -185,6 +191,22 @@ def cluster(tmp_path, request, upstream):
         if rep is not None and rep.failed:
             print(f"---- {type(s).__name__} logs ----\n{s.logs()}")
         s.stop()
+
+
+class _Resumed:
+    def __init__(self, reused):
+        self.session_reused = reused
+
+
+def tls_session(m, ctx, session=None):
+    """A request over TLS to instance m; the session (to resume elsewhere), or with `session`
+    given an object saying whether it was resumed. One context for both: Python insists."""
+    with socket.create_connection((m.addr, m.https_port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname="shared.example.test", session=session) as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: shared.example.test\r\nConnection: close\r\n\r\n")
+            while t.recv(65536):  # TLS 1.3 tickets arrive after the handshake
+                pass
+            return _Resumed(t.session_reused) if session is not None else t.session
 
 
 def wait_health(m, ok, timeout=12):
@@ -259,11 +281,20 @@ def test_three_instances_one_order_then_outage(cluster, tmp_path):
 
     # `moat certs` reads the shared store.
     env = dict(os.environ, MOAT_STORAGE_PASSWORD="moat-test-pw")
-    r = subprocess.run([MOAT_BIN, "certs", "--storage", db.url(), "--data",
-                        str(tmp_path / "certs-cli")], capture_output=True, text=True,
-                       timeout=15, env=env)
+    r = subprocess.run([MOAT_BIN, "certs", "--storage", db.url(), "--storage-key",
+                        str(tmp_path / "storage.key"), "--data", str(tmp_path / "certs-cli")],
+                       capture_output=True, text=True, timeout=15, env=env)
     assert r.returncode == 0, r.stderr
     assert "shared.example.test" in r.stdout, r.stdout
+
+    # Sealed at rest, and a TLS session made with one instance resumes on the others (shared
+    # session-ticket keys).
+    assert db.sql("SELECT count(*) FROM moat.certs WHERE key_pem NOT LIKE 'moat-enc:v1:%'") == "0"
+    assert db.sql("SELECT count(*) FROM moat.kv WHERE value NOT LIKE 'moat-enc:v1:%'") == "0"
+    ctx = ssl.create_default_context(cafile=roots)
+    sess = tls_session(insts[0], ctx)
+    for m in insts[1:]:
+        assert tls_session(m, ctx, sess).session_reused is True, m.addr
 
     # A peer's renewal reaches every instance within 2 s (NOTIFY on commit, LISTEN on the loop).
     serial = renew_and_spread(insts, 0, roots, serials)
