@@ -1,8 +1,10 @@
-/* Storage: where certificates, keys, the internal CA and events live. A vtable so that a
- * shared network database can be added later; the one backend today is SQLite
- * (storage/sqlite.c) at DATA/moat.db. Storage knows nothing of HTTP, TLS or ACME: it keeps
- * PEM text and metadata. Every function returns 0 or a negative MOAT_E* code; on failure a
- * sentence a user can act on is available from moat_storage_last_error(). */
+/* Storage: where certificates, keys, the internal CA and events live. A vtable with two
+ * backends: SQLite (storage/sqlite.c) at DATA/moat.db, the default, and PostgreSQL
+ * (storage/postgres.c) for several instances sharing one store; storage/encrypt.c wraps
+ * either to seal secrets at rest. Storage knows nothing of HTTP, TLS or ACME: it keeps PEM
+ * text and metadata. Calls are synchronous, on the control thread only. Every function returns 0 or
+ * a negative MOAT_E* code; on failure a sentence a user can act on is available from
+ * moat_storage_last_error(). */
 #ifndef MOAT_STORAGE_H
 #define MOAT_STORAGE_H
 
@@ -174,7 +176,8 @@ void moat_cert_records_free(moat_cert_record_t *recs, size_t n);
 void moat_events_free(moat_event_t *events, size_t n);
 void moat_kv_free(moat_kv_t *rows, size_t n);
 
-/* The schema version this build reads and writes (PRAGMA user_version of moat.db). */
+/* The schema version this build reads and writes (PRAGMA user_version of moat.db; the row of
+ * moat.schema_version in PostgreSQL). */
 #define MOAT_STORAGE_SCHEMA_VERSION 2
 
 /* Internal to storage/: the SQL that moves the schema from version - 1 to `version`
