@@ -2,9 +2,9 @@
  * backends: SQLite (storage/sqlite.c) at DATA/moat.db, the default, and PostgreSQL
  * (storage/postgres.c) for several instances sharing one store; storage/encrypt.c wraps
  * either to seal secrets at rest. Storage knows nothing of HTTP, TLS or ACME: it keeps PEM
- * text and metadata. Calls are synchronous, on the control thread only. Every function returns 0 or
- * a negative MOAT_E* code; on failure a sentence a user can act on is available from
- * moat_storage_last_error(). */
+ * text and metadata. Calls are synchronous, on the control thread only. Every function
+ * returns 0 or a negative MOAT_E* code; on failure a sentence a user can act on is available
+ * from moat_storage_last_error(). */
 #ifndef MOAT_STORAGE_H
 #define MOAT_STORAGE_H
 
