@@ -263,9 +263,16 @@ int moat_pg_params_parse(const char *url, moat_pg_params_t *out, char *err, size
                 out->sslmode = MOAT_PG_SSL_DISABLE;
             else if (strcmp(val, "require") == 0)
                 out->sslmode = MOAT_PG_SSL_REQUIRE;
+            else if (strcmp(val, "verify-ca") == 0)
+                out->sslmode = MOAT_PG_SSL_VERIFY_CA;
             else if (strcmp(val, "verify-full") == 0)
                 out->sslmode = MOAT_PG_SSL_VERIFY_FULL;
             else
+                ok = 0;
+        } else if (ok && kl == 15 && strncmp(p, "channel_binding", 15) == 0) {
+            if (strcmp(val, "require") == 0)
+                out->channel_binding_required = 1;
+            else if (strcmp(val, "prefer") != 0)
                 ok = 0;
         } else if (ok && kl == 11 && strncmp(p, "sslrootcert", 11) == 0) {
             free(out->sslrootcert);
@@ -284,7 +291,8 @@ int moat_pg_params_parse(const char *url, moat_pg_params_t *out, char *err, size
             char why[200];
             snprintf(why, sizeof why,
                      "option \"%.*s\" is unknown or its value is not valid (known: sslmode="
-                     "disable|require|verify-full, sslrootcert=FILE, connect_timeout=SECONDS)",
+                     "disable|require|verify-ca|verify-full, sslrootcert=FILE, "
+                     "connect_timeout=SECONDS, channel_binding=prefer|require)",
                      (int)MOAT_MIN(kl, 40), p);
             moat_pg_params_clear(out);
             return url_bad(err, errlen, why);
@@ -580,7 +588,7 @@ static int start_tls(moat_pgconn_t *c, const moat_pg_params_t *p)
     if (c->ctx == NULL)
         return fail_io(c, MOAT_ENOMEM, "out of memory");
     SSL_CTX_set_min_proto_version(c->ctx, TLS1_2_VERSION);
-    if (p->sslmode == MOAT_PG_SSL_VERIFY_FULL) {
+    if (p->sslmode >= MOAT_PG_SSL_VERIFY_CA) {
         int ok = p->sslrootcert != NULL
                      ? SSL_CTX_load_verify_locations(c->ctx, p->sslrootcert, NULL)
                      : SSL_CTX_set_default_verify_paths(c->ctx);
@@ -711,6 +719,12 @@ static int login(moat_pgconn_t *c, const moat_pg_params_t *p)
                 rc = fail_io(c, MOAT_EPERM, "the server ended SCRAM without proving itself");
                 break;
             }
+            if (p->channel_binding_required && !c->channel_bound) {
+                rc = fail_io(c, MOAT_EPERM,
+                             "channel_binding=require, but the server let moat in without "
+                             "SCRAM-SHA-256-PLUS (trust or another method in pg_hba.conf)");
+                break;
+            }
             authed = 1;
             break;
         case MOAT_PGW_AUTH_SASL: {
@@ -723,6 +737,13 @@ static int login(moat_pgconn_t *c, const moat_pg_params_t *p)
             int plus = c->ssl != NULL && moat_pgw_sasl_offers(m.u.auth.data, "SCRAM-SHA-256-PLUS");
             if (!plus && !moat_pgw_sasl_offers(m.u.auth.data, "SCRAM-SHA-256")) {
                 rc = fail_io(c, MOAT_EPERM, "the server offers no SASL mechanism moat knows");
+                break;
+            }
+            if (!plus && p->channel_binding_required) {
+                rc = fail_io(c, MOAT_EPERM,
+                             "channel_binding=require, but the server does not offer "
+                             "SCRAM-SHA-256-PLUS%s",
+                             c->ssl == NULL ? " (it needs TLS: not with sslmode=disable)" : "");
                 break;
             }
             unsigned char hash[EVP_MAX_MD_SIZE];

@@ -248,6 +248,18 @@ static int ensure(pg_storage_t *s)
         went_down(s);
         return MOAT_ESTORAGE;
     }
+    /* Another moat may have moved the schema on while we were away. */
+    long version = 0;
+    int vrc = read_version(s, &version);
+    if (s->conn == NULL)
+        return MOAT_ESTORAGE; /* broke again at once: run() said why */
+    if (vrc == 0 && version > MOAT_STORAGE_SCHEMA_VERSION) {
+        newer_schema(s, version);
+        moat_pgconn_free(s->conn);
+        s->conn = NULL;
+        went_down(s);
+        return MOAT_ESCHEMA;
+    }
     if (s->down) {
         MOAT_INFO("storage: PostgreSQL at %s:%d is reachable again", s->params.host,
                   s->params.port);

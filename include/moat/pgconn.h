@@ -15,6 +15,7 @@
 typedef enum {
     MOAT_PG_SSL_DISABLE,     /* plain TCP (only for a server on the same host) */
     MOAT_PG_SSL_REQUIRE,     /* TLS, the certificate not checked (channel binding still is) */
+    MOAT_PG_SSL_VERIFY_CA,   /* TLS, chain to sslrootcert (or the system store), any name */
     MOAT_PG_SSL_VERIFY_FULL, /* TLS, chain to sslrootcert (or the system store) and host name */
 } moat_pg_sslmode_t;
 
@@ -24,12 +25,14 @@ typedef struct {
     int port;
     char *user, *password, *dbname;
     moat_pg_sslmode_t sslmode;
-    char *sslrootcert; /* NULL: the system trust store */
-    int timeout_ms;    /* each call's deadline; 0 means 3000 */
+    char *sslrootcert;            /* NULL: the system trust store */
+    int timeout_ms;               /* each call's deadline; 0 means 3000 */
+    int channel_binding_required; /* channel_binding=require: SCRAM-SHA-256-PLUS or nothing */
 } moat_pg_params_t;
 
 /* Parse postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?sslmode=...&sslrootcert=FILE&
- * connect_timeout=SECONDS] (postgresql:// too; percent-escapes decoded; [v6] hosts). With no
+ * connect_timeout=SECONDS&channel_binding=prefer|require] (postgresql:// too; percent-escapes
+ * decoded; [v6] hosts; sslmode disable, require, verify-ca or verify-full). With no
  * password in the URL: MOAT_STORAGE_PASSWORD, else the first matching line of the file named by
  * PGPASSFILE (or ~/.pgpass), host:port:database:user:password with * wildcards. sslmode
  * defaults to verify-full. 0, or MOAT_EINVAL with a sentence in err. */

@@ -960,6 +960,29 @@ static void test_pg_login_errors(void)
         }
     }
 
+    /* verify-ca checks the chain but not the name; channel_binding=require is met by a
+     * PostgreSQL server over TLS, and cannot be without TLS. */
+    {
+        char vca[700];
+        snprintf(vca, sizeof vca, "sslmode=verify-ca&sslrootcert=%s/ca.pem&channel_binding=require",
+                 pg_dir);
+        pg_url_with(url, sizeof url, "moat:moat-test-pw", vca);
+        char *host = strstr(url, "127.0.0.1");
+        if (host != NULL)
+            host[8] = '2'; /* 127.0.0.2: not in the certificate, fine for verify-ca */
+        moat_storage_t *s = NULL;
+        char e2[1024];
+        CHECK_INT(open_pg(url, &s, e2, sizeof e2), 0);
+        if (s != NULL)
+            s->ops->close(s);
+        expect_fake("sslmode=disable&channel_binding=require",
+                    "R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0", 24, MOAT_EPERM,
+                    "channel_binding=require, but the server does not offer");
+        snprintf(vca, sizeof vca, "sslmode=verify-ca&sslrootcert=%s/other-ca.pem", pg_dir);
+        pg_url_with(url, sizeof url, "moat:moat-test-pw", vca);
+        expect_pg_refused(url, MOAT_ETLS, "certificate is not trusted");
+    }
+
     /* Without TLS the server's pg_hba.conf (hostssl only) refuses the login. */
     pg_url_with(url, sizeof url, "moat:moat-test-pw", "sslmode=disable");
     expect_pg_refused(url, MOAT_EPERM, "pg_hba.conf");
@@ -1034,7 +1057,31 @@ static void test_pg_schema(void)
         CHECK(strstr(moat_storage_last_error(b), "version 7") != NULL);
         expect_pg_refused(pg_url, MOAT_ESCHEMA, "schema 7, this moat knows 2");
         expect_pg_refused(pg_url, MOAT_ESCHEMA, "upgrade moat");
+        /* A connection that comes back to a newer schema refuses to go on with it. */
+        CHECK_INT(pg_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE usename = 'moat'"),
+                  0);
+        char *v = NULL;
+        int rc = 0;
+        for (int i = 0; i < 40 && rc != MOAT_ESCHEMA; i++) {
+            rc = a->ops->kv_get(a, "x", &v);
+            if (rc != MOAT_ESCHEMA) {
+                struct timespec ts = {0, 100 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+        }
+        CHECK_INT(rc, MOAT_ESCHEMA);
+        CHECK(strstr(moat_storage_last_error(a), "newer moat") != NULL);
         CHECK_INT(pg_sql("UPDATE moat.schema_version SET version = 2"), 0);
+        rc = -1;
+        for (int i = 0; i < 60 && rc != 0; i++) { /* back after its backoff */
+            rc = a->ops->check(a);
+            if (rc != 0) {
+                struct timespec ts = {0, 100 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+        }
+        CHECK_INT(rc, 0);
         /* From version 1 (before leases): moved forward, records kept. */
         moat_cert_record_t rec = sample("site:v1.example", "v1.example");
         CHECK_INT(a->ops->put_cert(a, &rec), 0);
