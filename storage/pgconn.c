@@ -398,6 +398,8 @@ static int write_all(moat_pgconn_t *c, const char *p, size_t n)
 static int flush_wbuf(moat_pgconn_t *c)
 {
     int rc = write_all(c, moat_buf_data(&c->wbuf), moat_buf_size(&c->wbuf));
+    /* Bound values include private keys: do not leave them in the buffer for its next use. */
+    moat_secret_wipe(moat_buf_data(&c->wbuf), moat_buf_size(&c->wbuf));
     moat_buf_reset(&c->wbuf);
     return rc;
 }
@@ -847,6 +849,8 @@ void moat_pgconn_free(moat_pgconn_t *c)
         SSL_CTX_free(c->ctx);
     if (c->fd >= 0)
         close(c->fd);
+    if (c->rbuf.base != NULL)
+        moat_secret_wipe(c->rbuf.base, c->rbuf.cap);
     moat_buf_free(&c->rbuf);
     moat_buf_free(&c->wbuf);
     for (size_t i = 0; i < c->nnotes; i++) {

@@ -6,7 +6,8 @@
  * Internal to storage/ (storage/postgres.c and the storage unit test). Calls are synchronous
  * and bounded: every one has a deadline (timeout_ms) enforced with poll() on the socket, and a
  * connection that missed one, or lost its socket, is broken for good (moat_pgconn_broken):
- * its owner opens a new one. Errors carry a sentence naming the server and what to do. */
+ * its owner opens a new one. Errors carry a sentence naming the server and what to do. TLS
+ * writes go through write(2): the process ignores SIGPIPE (moat's main does). */
 #ifndef MOAT_PGCONN_H
 #define MOAT_PGCONN_H
 

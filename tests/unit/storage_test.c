@@ -14,6 +14,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1548,7 +1549,8 @@ int main(void)
         perror("mkdtemp");
         return 1;
     }
-    chmod(root, 0755); /* the PostgreSQL server runs as another user below it when root */
+    chmod(root, 0755);        /* the PostgreSQL server runs as another user below it when root */
+    signal(SIGPIPE, SIG_IGN); /* as moat does: a server gone away is an error, not a signal */
     test_create_modes_reopen();
     shared_cases();
     test_newer_schema();
