@@ -8,6 +8,7 @@
  *   acme-backoff:<id>              "<failures> <next attempt unix>"
  *   acme-error:<id>                the last failure, as logged
  *   acme-challenge:<id>            the challenge type that last worked
+ *   acme-ari:<id>                  the last renewal window fetched, shared by the instances
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
@@ -272,6 +273,48 @@ static int64_t job_renew_at(job_t *j, const moat_cert_record_t *rec)
 
 /* Keep the ARI state about the stored certificate; a new certificate starts it afresh.
  * Returns 1 when a renewalInfo fetch was started (job_check runs again when it ends). */
+/* ARI windows are shared through the store (kv "acme-ari:<id>" = "<cert id> <CA index>
+ * <supported> <start> <end> <next fetch>"), so instances sharing it ask the CA once per poll
+ * between them instead of once each. */
+static void ari_store(job_t *j)
+{
+    char key[600], val[700];
+    kv_key(key, sizeof key, "acme-ari", j->id);
+    snprintf(val, sizeof val, "%.500s %zu %d %lld %lld %lld", j->ari_cert_id, j->ari_ca,
+             j->ari_supported, (long long)j->ari_start, (long long)j->ari_end,
+             (long long)j->ari_next);
+    if (j->m->st->ops->kv_put(j->m->st, key, val) != 0)
+        MOAT_DEBUG("acme: %s: cannot share the renewal window: %s", j->id + 5,
+                   moat_storage_last_error(j->m->st));
+}
+
+/* Adopt a window another instance fetched for this certificate from this CA, if it is not due
+ * for a new look yet: 1 adopted (no fetch needed), 0 not. */
+static int ari_adopt(job_t *j, int64_t now)
+{
+    char key[600], *v = NULL, cid[512];
+    kv_key(key, sizeof key, "acme-ari", j->id);
+    if (j->m->st->ops->kv_get(j->m->st, key, &v) != 0)
+        return 0;
+    size_t ca = 0;
+    int supported = 0;
+    long long start = 0, end = 0, next = 0;
+    int ok =
+        sscanf(v, "%511s %zu %d %lld %lld %lld", cid, &ca, &supported, &start, &end, &next) == 6 &&
+        strcmp(cid, j->ari_cert_id) == 0 && ca == j->ca_i % j->ncas && next > now;
+    free(v);
+    if (!ok)
+        return 0;
+    if (supported && (start != j->ari_start || end != j->ari_end))
+        MOAT_DEBUG("acme: %s: using the renewal window another instance fetched", j->id + 5);
+    j->ari_ca = ca;
+    j->ari_supported = supported;
+    j->ari_start = start;
+    j->ari_end = end;
+    j->ari_next = next;
+    return 1;
+}
+
 static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
 {
     char *cid = moat_acme_ari_cert_id_pem(rec->cert_pem);
@@ -284,6 +327,8 @@ static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
         free(cid);
     }
     if (j->ari_cert_id == NULL || j->force || now < j->ari_next || j->ari_fetch != NULL)
+        return 0;
+    if (ari_adopt(j, now))
         return 0;
     moat_acme_io_t io = job_io(j->m);
     j->ari_ca = j->ca_i % j->ncas;
@@ -431,11 +476,13 @@ static void on_ari_done(void *data, moat_acme_ari_result_t *res)
         j->ari_start = res->ari.start;
         j->ari_end = res->ari.end;
         j->ari_next = now + moat_acme_ari_poll_delay(res->retry_after);
+        ari_store(j);
     } else if (res->rc == 0) {
         /* No renewalInfo in the directory: the default schedule; look again in 6 h in case
          * the CA starts offering it. */
         j->ari_supported = 0;
         j->ari_next = now + MOAT_ACME_ARI_POLL_DEFAULT;
+        ari_store(j);
     } else {
         /* Keep any window we had; renewal never waits on ARI. */
         MOAT_WARN("acme: %s: renewal information unavailable (%s); using %s", j->id + 5,
