@@ -38,7 +38,6 @@ typedef struct {
     int down;         /* unreachable: said once, until it comes back */
     int64_t retry_at; /* ms, monotonic: no new connection before this */
     int backoff_ms;
-    uint64_t reconnects; /* new connections after the first */
     /* The LISTEN connection (watch_fd): kept open after it breaks until the next watch_fd,
      * so the caller's poller never watches a closed descriptor. */
     moat_pgconn_t *listen;
@@ -260,11 +259,9 @@ static int ensure(pg_storage_t *s)
         went_down(s);
         return MOAT_ESCHEMA;
     }
-    if (s->down) {
+    if (s->down)
         MOAT_INFO("storage: PostgreSQL at %s:%d is reachable again", s->params.host,
                   s->params.port);
-        s->reconnects++;
-    }
     s->down = 0;
     s->backoff_ms = 0;
     return 0;
