@@ -12,6 +12,7 @@
  *                                  that a process killed mid-order is followed by one that
  *                                  continues it rather than placing a second order
  *   dns01-record:*, dns01-state:*  DNS-01 records made and their state (server/dns01.h)
+ *   acme-ari:<id>                  the last renewal window fetched, shared by the instances
  *
  * ARI (RFC 9773): for a stored certificate the job asks the CA's renewalInfo for a suggested
  * window (every 6 h or as Retry-After says) and renews at a fixed point inside it; the
@@ -38,8 +39,8 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define LOCK_HEARTBEAT_MS 30000
 #define LOCK_RETRY_MS     2000
+#define STORE_RETRY_MS    10000
 #define HTTP_TIMEOUT_MS   30000
 #define ARI_RETRY_DEFAULT 3600
 
@@ -195,7 +196,13 @@ static void io_dns01_publish(void *data, const char *name, const char *value, mo
 static uint64_t io_propagation_ms(void *data)
 {
     moat_acmemgr_t *m = data;
-    return moat_acmeshare_peers(m->share) > 0 ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
+    /* Count the peers now, not at the last poll: instances started together on one shared
+     * store may have registered since, and an order that does not wait for them is validated
+     * against a peer that has not yet seen the token. */
+    moat_acmeshare_refresh(m->share);
+    /* On a shared database a peer starting right now is not counted yet, but may be the one
+     * the CA's validator reaches: always give the token time to get there. */
+    return moat_acmeshare_peers(m->share) > 0 || m->st->shared ? MOAT_ACMESHARE_PROPAGATION_MS : 0;
 }
 
 static void on_share_timer(uv_timer_t *t)
@@ -256,7 +263,7 @@ static void on_job_timer(uv_timer_t *t)
     if (j->order != NULL) {
         /* Heartbeat while the order runs: keep the lock from looking stale. */
         moat_acmeshare_lock_take(j->m->share, j->id);
-        uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+        uv_timer_start(&j->timer, on_job_timer, moat_acmeshare_heartbeat_ms(j->m->share), 0);
         return;
     }
     job_check(j);
@@ -324,6 +331,48 @@ static int64_t job_renew_at(job_t *j, const moat_cert_record_t *rec)
 
 /* Keep the ARI state about the stored certificate; a new certificate starts it afresh.
  * Returns 1 when a renewalInfo fetch was started (job_check runs again when it ends). */
+/* ARI windows are shared through the store (kv "acme-ari:<id>" = "<cert id> <CA index>
+ * <supported> <start> <end> <next fetch>"), so instances sharing it ask the CA once per poll
+ * between them instead of once each. */
+static void ari_store(job_t *j)
+{
+    char key[600], val[700];
+    kv_key(key, sizeof key, "acme-ari", j->id);
+    snprintf(val, sizeof val, "%.500s %zu %d %lld %lld %lld", j->ari_cert_id, j->ari_ca,
+             j->ari_supported, (long long)j->ari_start, (long long)j->ari_end,
+             (long long)j->ari_next);
+    if (j->m->st->ops->kv_put(j->m->st, key, val) != 0)
+        MOAT_DEBUG("acme: %s: cannot share the renewal window: %s", j->id + 5,
+                   moat_storage_last_error(j->m->st));
+}
+
+/* Adopt a window another instance fetched for this certificate from this CA, if it is not due
+ * for a new look yet: 1 adopted (no fetch needed), 0 not. */
+static int ari_adopt(job_t *j, int64_t now)
+{
+    char key[600], *v = NULL, cid[512];
+    kv_key(key, sizeof key, "acme-ari", j->id);
+    if (j->m->st->ops->kv_get(j->m->st, key, &v) != 0)
+        return 0;
+    size_t ca = 0;
+    int supported = 0;
+    long long start = 0, end = 0, next = 0;
+    int ok =
+        sscanf(v, "%511s %zu %d %lld %lld %lld", cid, &ca, &supported, &start, &end, &next) == 6 &&
+        strcmp(cid, j->ari_cert_id) == 0 && ca == j->ca_i % j->ncas && next > now;
+    free(v);
+    if (!ok)
+        return 0;
+    if (supported && (start != j->ari_start || end != j->ari_end))
+        MOAT_DEBUG("acme: %s: using the renewal window another instance fetched", j->id + 5);
+    j->ari_ca = ca;
+    j->ari_supported = supported;
+    j->ari_start = start;
+    j->ari_end = end;
+    j->ari_next = next;
+    return 1;
+}
+
 static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
 {
     char *cid = moat_acme_ari_cert_id_pem(rec->cert_pem);
@@ -336,6 +385,8 @@ static int job_ari(job_t *j, const moat_cert_record_t *rec, int64_t now)
         free(cid);
     }
     if (j->ari_cert_id == NULL || j->force || now < j->ari_next || j->ari_fetch != NULL)
+        return 0;
+    if (ari_adopt(j, now))
         return 0;
     moat_acme_io_t io = job_io(j->m);
     j->ari_ca = j->ca_i % j->ncas;
@@ -412,7 +463,7 @@ static void job_start_order(job_t *j)
     j->order = moat_acme_order_start(&io, &o, on_order_done, j);
     free(resume);
     EVP_PKEY_free(k);
-    uv_timer_start(&j->timer, on_job_timer, LOCK_HEARTBEAT_MS, 0);
+    uv_timer_start(&j->timer, on_job_timer, moat_acmeshare_heartbeat_ms(m->share), 0);
 }
 
 static void job_check(job_t *j)
@@ -423,7 +474,16 @@ static void job_check(job_t *j)
         return;
     int64_t now = (int64_t)time(NULL);
     moat_cert_record_t rec;
-    int have = st->ops->get_cert(st, j->id, &rec) == 0;
+    int grc = st->ops->get_cert(st, j->id, &rec);
+    if (grc != 0 && grc != MOAT_ENOT_FOUND) {
+        /* The store does not answer (a shared database away, a damaged file): what is served
+         * stays; no order is placed that could not be stored. Storage logs the outage once. */
+        MOAT_DEBUG("acme: %s: cannot read the store (%s); looking again in %d s", j->id + 5,
+                   moat_storage_last_error(st), STORE_RETRY_MS / 1000);
+        uv_timer_start(&j->timer, on_job_timer, STORE_RETRY_MS, 0);
+        return;
+    }
+    int have = grc == 0;
     int64_t renew = 0;
     j->renewal = have;
     if (have && job_ari(j, &rec, now)) {
@@ -513,11 +573,13 @@ static void on_ari_done(void *data, moat_acme_ari_result_t *res)
         j->ari_start = res->ari.start;
         j->ari_end = res->ari.end;
         j->ari_next = now + moat_acme_ari_poll_delay(res->retry_after);
+        ari_store(j);
     } else if (res->rc == 0) {
         /* No renewalInfo in the directory: the default schedule; look again in 6 h in case
          * the CA starts offering it. */
         j->ari_supported = 0;
         j->ari_next = now + MOAT_ACME_ARI_POLL_DEFAULT;
+        ari_store(j);
     } else {
         /* Keep any window we had; renewal never waits on ARI. */
         MOAT_WARN("acme: %s: renewal information unavailable (%s); using %s", j->id + 5,
@@ -572,9 +634,11 @@ static int store_cert(job_t *j, moat_acme_result_t *res)
     };
     char key[600], detail[512];
     snprintf(detail, sizeof detail, "%s via %s", issuer, chal_name(res->challenge));
+    /* Fenced: written only while this process's issuing lock still holds, and never over a
+     * newer certificate (MOAT_EPERM / MOAT_EEXISTS: another process's write stands). */
     int rc = st->ops->begin(st);
     if (rc == 0)
-        rc = st->ops->put_cert(st, &rec);
+        rc = st->ops->put_cert_fenced(st, &rec, j->id, moat_acmeshare_lock_token(m->share, j->id));
     if (rc == 0)
         rc = st->ops->add_event(st, j->renewal ? "renewed" : "issued", j->id + 5, detail);
     kv_key(key, sizeof key, "acme-backoff", j->id);
@@ -592,9 +656,13 @@ static int store_cert(job_t *j, moat_acme_result_t *res)
     if (rc == 0)
         rc = st->ops->commit(st);
     if (rc != 0) {
+        char why[sizeof st->last_error];
+        snprintf(why, sizeof why, "%s", moat_storage_last_error(st));
         st->ops->rollback(st);
-        MOAT_ERROR("acme: %s: cannot store the certificate: %s", j->id + 5,
-                   moat_storage_last_error(st));
+        if (rc == MOAT_EPERM || rc == MOAT_EEXISTS)
+            MOAT_WARN("acme: %s: the certificate just issued is not stored: %s", j->id + 5, why);
+        else
+            MOAT_ERROR("acme: %s: cannot store the certificate: %s", j->id + 5, why);
         return rc;
     }
     char until[64];
@@ -612,12 +680,15 @@ static void on_order_done(void *data, moat_acme_result_t *res)
     job_t *j = data;
     moat_acmemgr_t *m = j->m;
     j->order = NULL;
-    if (res->rc != 0) { /* the order is over either way; the next attempt places a new one */
+    int stored = res->rc == 0 ? store_cert(j, res) : -1;
+    if (stored != 0) { /* the order is over either way; the next attempt places a new one */
         char key[600];
         kv_key(key, sizeof key, "acme-order", j->id);
         m->st->ops->kv_put(m->st, key, NULL);
     }
-    if (res->rc == 0 && store_cert(j, res) == 0) {
+    if (res->rc == 0 && (stored == 0 || stored == MOAT_EPERM || stored == MOAT_EEXISTS)) {
+        /* Stored, or another process's certificate stands (fenced out): either way serve
+         * what the store holds now. Not a failure of the CA: no backoff. */
         moat_acmeshare_lock_release(m->share, j->id);
         if (m->republish)
             m->republish(m->republish_data);

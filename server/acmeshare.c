@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LOCK_TTL      120
+#define LOCK_TTL      120  /* seconds; MOAT_ACME_LOCK_TTL overrides it (tests) */
 #define TOKEN_MAX_AGE 3600 /* a token this old belongs to an order that died with its process */
 #define INSTANCE_BEAT 15
 #define INSTANCE_TTL  45
@@ -21,9 +21,18 @@ typedef struct {
     int seen;
 } shared_tok_t;
 
+/* An issuing lock this process holds: the lease name and its fencing token. */
+typedef struct {
+    char *id;
+    int64_t token;
+} held_t;
+
 struct moat_acmeshare {
     moat_storage_t *st;
     char owner[96];
+    int lock_ttl;
+    held_t *held;
+    size_t nheld;
     char **own; /* storage keys of the tokens our own orders published */
     size_t nown;
     shared_tok_t *shared;
@@ -197,50 +206,72 @@ int moat_acmeshare_owner_gone(const moat_acmeshare_t *m, const char *owner)
     return !live;
 }
 
+static held_t *held_find(moat_acmeshare_t *m, const char *id)
+{
+    for (size_t i = 0; i < m->nheld; i++)
+        if (strcmp(m->held[i].id, id) == 0)
+            return &m->held[i];
+    return NULL;
+}
+
+static void held_drop(moat_acmeshare_t *m, held_t *h)
+{
+    free(h->id);
+    *h = m->held[--m->nheld];
+}
+
+/* The lock is a lease in storage (lease_take): taken in one statement on the store's clock,
+ * renewed by its token while the order runs, and the certificate write at the end checks the
+ * token still holds it (put_cert_fenced), so a process paused past the lease cannot overwrite
+ * what the process that took over stored. */
 int moat_acmeshare_lock_take(moat_acmeshare_t *m, const char *id)
 {
     moat_storage_t *st = m->st;
-    char key[600], *v = NULL;
-    snprintf(key, sizeof key, "acme-lock:%s", id);
-    int64_t now = (int64_t)time(NULL);
-    if (st->ops->begin(st) != 0)
-        return MOAT_ESTORAGE;
-    int rc = st->ops->kv_get(st, key, &v);
-    if (rc == 0) {
-        char owner[96] = "";
-        long long exp = 0;
-        if (sscanf(v, "%95s %lld", owner, &exp) == 2 && strcmp(owner, m->owner) != 0 && exp > now &&
-            !owner_gone(m, owner)) {
-            free(v);
-            st->ops->commit(st);
-            return 0;
-        }
-        free(v);
-    } else if (rc != MOAT_ENOT_FOUND) {
-        st->ops->rollback(st);
-        return rc;
+    held_t *h = held_find(m, id);
+    if (h != NULL) {
+        int rc = st->ops->lease_renew(st, id, h->token, m->lock_ttl);
+        if (rc == 0)
+            return 1;
+        if (rc != MOAT_ENOT_FOUND)
+            return rc;
+        MOAT_WARN("acme: %s: another moat process took the issuing lock over (this one was "
+                  "paused or cut off from the store for more than %d s); what this one issues "
+                  "now will not be stored",
+                  strncmp(id, "acme:", 5) == 0 ? id + 5 : id, m->lock_ttl);
+        held_drop(m, h);
+        return 0;
     }
-    char val[160];
-    snprintf(val, sizeof val, "%s %lld", m->owner, (long long)(now + LOCK_TTL));
-    rc = st->ops->kv_put(st, key, val);
-    if (rc == 0)
-        rc = st->ops->commit(st);
-    if (rc != 0) {
-        st->ops->rollback(st);
-        return rc;
+    int64_t token = 0;
+    char *holder = NULL;
+    int rc = st->ops->lease_take(st, id, m->owner, m->lock_ttl, NULL, &token, &holder);
+    if (rc == 0 && holder != NULL && owner_gone(m, holder))
+        rc = st->ops->lease_take(st, id, m->owner, m->lock_ttl, holder, &token, NULL);
+    free(holder);
+    if (rc == 1) {
+        m->held = moat_xrealloc(m->held, (m->nheld + 1) * sizeof *m->held);
+        m->held[m->nheld++] = (held_t){moat_xstrdup(id), token};
     }
-    return 1;
+    return rc;
+}
+
+int64_t moat_acmeshare_lock_token(moat_acmeshare_t *m, const char *id)
+{
+    held_t *h = held_find(m, id);
+    return h != NULL ? h->token : 0;
+}
+
+uint64_t moat_acmeshare_heartbeat_ms(const moat_acmeshare_t *m)
+{
+    return (uint64_t)m->lock_ttl * 1000 / 4;
 }
 
 void moat_acmeshare_lock_release(moat_acmeshare_t *m, const char *id)
 {
-    char key[600], *v = NULL;
-    snprintf(key, sizeof key, "acme-lock:%s", id);
-    if (m->st->ops->kv_get(m->st, key, &v) == 0) {
-        if (strncmp(v, m->owner, strlen(m->owner)) == 0 && v[strlen(m->owner)] == ' ')
-            m->st->ops->kv_put(m->st, key, NULL);
-        free(v);
-    }
+    held_t *h = held_find(m, id);
+    if (h == NULL)
+        return;
+    m->st->ops->lease_release(m->st, id, h->token);
+    held_drop(m, h);
 }
 
 int moat_acmeshare_peers(const moat_acmeshare_t *m)
@@ -262,6 +293,10 @@ moat_acmeshare_t *moat_acmeshare_new(moat_storage_t *st)
         fclose(f);
     }
     snprintf(m->owner, sizeof m->owner, "%.40s/%d/%08x", host, (int)getpid(), rnd);
+    m->lock_ttl = LOCK_TTL;
+    const char *ttl = getenv("MOAT_ACME_LOCK_TTL");
+    if (ttl != NULL && atoi(ttl) >= 2 && atoi(ttl) <= 3600)
+        m->lock_ttl = atoi(ttl);
     moat_acmeshare_refresh(m);
     return m;
 }
@@ -279,6 +314,9 @@ void moat_acmeshare_free(moat_acmeshare_t *m)
     for (size_t i = 0; i < m->nown; i++)
         free(m->own[i]);
     free(m->own);
+    while (m->nheld > 0)
+        moat_acmeshare_lock_release(m, m->held[m->nheld - 1].id);
+    free(m->held);
     moat_acme_challenges_clear();
     free(m);
 }

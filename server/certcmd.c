@@ -20,11 +20,53 @@
 #define TRUST_FILE    "moat-root.crt"
 #define TRUST_UPDATER "update-ca-certificates"
 
+static const char *storage_spec; /* --storage / MOAT_STORAGE; NULL: DATA/moat.db */
+static const char *storage_key;  /* --storage-key / MOAT_STORAGE_KEY; NULL: not sealed */
+
+void moat_cmd_set_storage(const char *spec, const char *key_file)
+{
+    storage_spec = spec;
+    storage_key = key_file;
+}
+
+int moat_cmd_storage_copy(const char *from, const char *to, const char *data_dir)
+{
+    if (from == NULL || to == NULL) {
+        fprintf(stderr, "moat: storage copy needs --from STORE and --to STORE (sqlite:DIR or "
+                        "postgres://...)\n");
+        return 1;
+    }
+    moat_storage_t *src = NULL, *dst = NULL;
+    char err[1024] = "";
+    int code = 1;
+    if (moat_storage_open(from, data_dir, storage_key, &src, err, sizeof err) != 0 ||
+        moat_storage_open(to, data_dir, storage_key, &dst, err, sizeof err) != 0) {
+        fprintf(stderr, "moat: %s\n", err);
+        goto out;
+    }
+    moat_storage_copy_stats_t st;
+    if (moat_storage_copy(src, dst, &st, err, sizeof err) != 0) {
+        fprintf(stderr, "moat: %s; nothing was changed in the destination\n", err);
+        goto out;
+    }
+    printf("moat: copied %zu certificate(s) and %zu setting(s); %zu certificate(s) and %zu "
+           "setting(s) were already there, %zu newer certificate(s) there kept\n",
+           st.certs_copied, st.settings_copied, st.certs_same, st.settings_same,
+           st.certs_newer_kept);
+    code = 0;
+out:
+    if (src)
+        src->ops->close(src);
+    if (dst)
+        dst->ops->close(dst);
+    return code;
+}
+
 static int open_ca(const char *data_dir, moat_storage_t **st, moat_ca_t **ca)
 {
-    char err[512] = "";
+    char err[1024] = "";
     *ca = NULL;
-    if (moat_storage_open_sqlite(data_dir, st, err, sizeof err) != 0) {
+    if (moat_storage_open(storage_spec, data_dir, storage_key, st, err, sizeof err) != 0) {
         fprintf(stderr, "moat: %s\n", err);
         return 1;
     }
@@ -254,8 +296,8 @@ static void print_dns01(moat_storage_t *st)
 int moat_cmd_certs(const char *data_dir, const char *config_path)
 {
     moat_storage_t *st;
-    char err[512] = "";
-    if (moat_storage_open_sqlite(data_dir, &st, err, sizeof err) != 0) {
+    char err[1024] = "";
+    if (moat_storage_open(storage_spec, data_dir, storage_key, &st, err, sizeof err) != 0) {
         fprintf(stderr, "moat: %s\n", err);
         return 1;
     }

@@ -4,6 +4,13 @@
 #ifndef MOAT_CERTCMD_H
 #define MOAT_CERTCMD_H
 
+/* The store the commands below open: NULL (DATA/moat.db), "sqlite:DIR" or a postgres:// URL
+ * (include/moat/storage.h, moat_storage_open), and the key file sealing its secrets (NULL:
+ * none). Borrowed; set once before the command. */
+void moat_cmd_set_storage(const char *spec, const char *key_file);
+/* `moat storage copy --from STORE --to STORE`: every certificate and setting, safe to repeat
+ * (moat_storage_copy); both opened with the key file set above. Prints what it did. */
+int moat_cmd_storage_copy(const char *from, const char *to, const char *data_dir);
 /* Print the internal root CA certificate (PEM), creating the CA on first use. */
 int moat_cmd_ca_root(const char *data_dir);
 /* add != 0: install the root into the system trust store

@@ -17,6 +17,7 @@
 #include "snapshot.h"
 #include "moat/storage.h"
 #include "system.h"
+#include "tickets.h"
 #include "moat/tls.h"
 
 #include <errno.h>
@@ -24,13 +25,18 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
 #define TICKET_ROTATION_MS (3600 * 1000)
+#define TICKET_SYNC_MS     (60 * 1000) /* shared keys: how often a peer's rotation is looked for */
 /* How often the store is looked over for damage (and its write-ahead log checkpointed). */
 #define STORE_CHECK_MS (3600 * 1000)
+/* A shared store is asked more often (one cheap query): an outage shows in `moat health`. */
+#define SHARED_STORE_CHECK_MS 5000
 
 typedef struct {
     const moat_run_opts_t *opts;
@@ -38,7 +44,13 @@ typedef struct {
     uv_signal_t sighup, sigterm, sigint;
     uv_timer_t renew_timer, ticket_timer, store_timer;
     moat_storage_t *storage;
-    int store_damaged; /* said once: serving from memory from then on */
+    /* News from a shared store (another instance stored a certificate): polled here, on the
+     * control loop, and looked for again every second while there is no watch. */
+    uv_timer_t watch_timer;
+    uv_poll_t watch;
+    int watching, watch_closing, news;
+    int64_t tickets_synced; /* last time the shared ticket keys were read or rotated */
+    int store_damaged;      /* said once: serving from memory from then on */
     moat_ca_t *ca;
     moat_server_opts_t server;
     char pid_path[4096];
@@ -197,6 +209,60 @@ static void on_renew(uv_timer_t *t)
         uv_timer_start(&c->renew_timer, on_renew, 60 * 1000, 0);
 }
 
+/* ---- news from a shared store ---- */
+
+static void on_news(void *arg, const char *what)
+{
+    control_t *c = arg;
+    if (strcmp(what, "resync") == 0)
+        MOAT_INFO("storage: watching the shared store again; reading its certificates afresh");
+    else
+        MOAT_DEBUG("storage: %s was stored by another instance", what);
+    c->news = 1;
+}
+
+static void watch_closed(uv_handle_t *h)
+{
+    control_t *c = h->data;
+    c->watch_closing = 0;
+}
+
+static void watch_read(control_t *c)
+{
+    c->news = 0;
+    int rc = c->storage->ops->watch_drain(c->storage, on_news, c);
+    /* One rebuild for any number of certificates in one read. */
+    if (c->news && !c->stopping)
+        recert(c);
+    if (rc != 0 && c->watching) {
+        uv_poll_stop(&c->watch);
+        c->watching = 0;
+        c->watch_closing = 1;
+        uv_close((uv_handle_t *)&c->watch, watch_closed);
+    }
+}
+
+static void on_watch(uv_poll_t *p, int status, int events)
+{
+    (void)status;
+    (void)events;
+    watch_read(p->data);
+}
+
+static void on_watch_timer(uv_timer_t *t)
+{
+    control_t *c = t->data;
+    if (c->watching || c->watch_closing || c->stopping)
+        return;
+    int fd = c->storage->ops->watch_fd(c->storage);
+    if (fd < 0 || uv_poll_init_socket(c->loop, &c->watch, fd) != 0)
+        return;
+    c->watch.data = c;
+    uv_poll_start(&c->watch, UV_READABLE, on_watch);
+    c->watching = 1;
+    watch_read(c); /* a "resync" is waiting after a broken watch */
+}
+
 /* The ACME manager stored a certificate: rebuild the snapshot from the current config. */
 static void acme_republish(void *data)
 {
@@ -243,13 +309,34 @@ static void reload_done(int status, const char *err, void *data)
 
 /* Damage found while running does not stop serving: the current snapshot is in memory.
  * Certificates cannot be saved or renewed into a damaged file, so the operator must hear it
- * once, clearly, in the log and from `moat health`. */
+ * once, clearly, in the log and from `moat health`. A shared PostgreSQL store that does not
+ * answer is an outage, not damage: said once per change (storage/postgres.c logs the outage
+ * itself and reconnects with backoff), and looked at again at the next check. */
 static void check_store(control_t *c)
 {
-    if (c->store_damaged || c->storage->ops->check(c->storage) == 0)
+    int shared = moat_storage_is_postgres(c->opts->storage);
+    if (c->store_damaged && !shared)
         return;
-    c->store_damaged = 1;
+    if (c->storage->ops->check(c->storage) == 0) {
+        if (c->store_damaged) {
+            MOAT_INFO("storage: the shared store answers again");
+            moat_system_recovered(c->opts->data_dir);
+        }
+        c->store_damaged = 0;
+        return;
+    }
     const char *why = moat_storage_last_error(c->storage);
+    if (shared) {
+        /* storage/postgres.c has logged the outage itself; here it is for `moat health`. */
+        if (!c->store_damaged) {
+            char line[700];
+            snprintf(line, sizeof line, "storage: %s; serving what is in memory", why);
+            moat_system_degraded(c->opts->data_dir, line);
+        }
+        c->store_damaged = 1;
+        return;
+    }
+    c->store_damaged = 1;
     MOAT_ERROR("storage: %s; moat keeps serving what it has in memory, but cannot save or renew "
                "certificates until the file is restored and moat restarted",
                why);
@@ -472,7 +559,19 @@ static void on_control(moat_ctlconn_t *k, const moat_ctl_req_t *req, void *data)
 static void on_tickets(uv_timer_t *t)
 {
     control_t *c = t->data;
-    moat_snapmgr_rotate_keys(c->snap);
+    int64_t now = (int64_t)time(NULL);
+    if (!moat_tickets_shared(c->storage)) {
+        moat_snapmgr_rotate_keys(c->snap);
+        return;
+    }
+    /* Shared keys: looked at every minute, so a peer's rotation is followed within one. If
+     * the store stays away past an hour, rotate alone (peers then resume fewer sessions). */
+    if (moat_tickets_sync(c->storage, c->snap, now) == 0) {
+        c->tickets_synced = now;
+    } else if (now - c->tickets_synced >= TICKET_ROTATION_MS / 1000) {
+        moat_snapmgr_rotate_keys(c->snap);
+        c->tickets_synced = now;
+    }
 }
 
 static void start_done(int status, const char *err, void *data)
@@ -502,6 +601,23 @@ static int write_pid_file(control_t *c)
     return 0;
 }
 
+/* mkdir -p, the last folder 0700. */
+static int make_dir(const char *dir)
+{
+    char p[4096];
+    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p)
+        return -1;
+    for (char *c = p + 1; *c != '\0'; c++) {
+        if (*c != '/')
+            continue;
+        *c = '\0';
+        if (mkdir(p, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *c = '/';
+    }
+    return mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
+}
+
 int moat_control_run(const moat_run_opts_t *o)
 {
     control_t c = {.opts = o};
@@ -526,7 +642,13 @@ int moat_control_run(const moat_run_opts_t *o)
         moat_config_free(cfg);
         return MOAT_EXIT_START;
     }
-    if (moat_storage_open_sqlite(o->data_dir, &c.storage, err, sizeof err) != 0) {
+    /* With a shared store the data folder holds only this instance's pid and status files;
+     * SQLite's open creates it otherwise. */
+    if (moat_storage_is_postgres(o->storage) && make_dir(o->data_dir) != 0)
+        MOAT_WARN("cannot create the data folder %s: %s (moat health and moat stop need it)",
+                  o->data_dir, strerror(errno));
+    if (moat_storage_open(o->storage, o->data_dir, o->storage_key, &c.storage, err, sizeof err) !=
+        0) {
         MOAT_ERROR("%s", err);
         moat_config_free(cfg);
         return MOAT_EXIT_START;
@@ -600,8 +722,20 @@ int moat_control_run(const moat_run_opts_t *o)
     uv_signal_start(&c.sighup, on_signal, SIGHUP);
     uv_signal_start(&c.sigterm, on_signal, SIGTERM);
     uv_signal_start(&c.sigint, on_signal, SIGINT);
-    uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
-    uv_timer_start(&c.store_timer, on_store_timer, STORE_CHECK_MS, STORE_CHECK_MS);
+    if (moat_tickets_shared(c.storage)) {
+        /* Before the workers start: the first handshake already uses the shared keys. */
+        if (moat_tickets_sync(c.storage, c.snap, (int64_t)time(NULL)) == 0)
+            c.tickets_synced = (int64_t)time(NULL);
+        uv_timer_start(&c.ticket_timer, on_tickets, TICKET_SYNC_MS, TICKET_SYNC_MS);
+    } else {
+        if (c.storage->shared)
+            MOAT_INFO("tls: session-ticket keys are this instance's own; with --storage-key "
+                      "they are shared (sealed) so clients resume on any instance");
+        uv_timer_start(&c.ticket_timer, on_tickets, TICKET_ROTATION_MS, TICKET_ROTATION_MS);
+    }
+    uint64_t check_ms =
+        moat_storage_is_postgres(o->storage) ? SHARED_STORE_CHECK_MS : STORE_CHECK_MS;
+    uv_timer_start(&c.store_timer, on_store_timer, check_ms, check_ms);
     if (moat_workers_start(&c.server, moat_snapmgr_current(c.snap)) != 0) {
         MOAT_ERROR("cannot start the worker threads");
         goto out;
@@ -626,6 +760,11 @@ int moat_control_run(const moat_run_opts_t *o)
         goto out;
     }
     moat_acmemgr_update(c.acme, rt->config);
+    if (moat_storage_is_postgres(o->storage)) {
+        uv_timer_init(c.loop, &c.watch_timer);
+        c.watch_timer.data = &c;
+        uv_timer_start(&c.watch_timer, on_watch_timer, 0, 1000);
+    }
     uv_signal_init(c.loop, &c.sigusr1);
     c.sigusr1.data = &c;
     uv_signal_start(&c.sigusr1, on_signal, SIGUSR1);
@@ -669,6 +808,10 @@ out:
         moat_acmemgr_free(c.acme);
         uv_close((uv_handle_t *)&c.sigusr1, NULL);
     }
+    if (c.watch_timer.data != NULL)
+        uv_close((uv_handle_t *)&c.watch_timer, NULL);
+    if (c.watching)
+        uv_close((uv_handle_t *)&c.watch, NULL);
     if (c.loop) {
         uv_close((uv_handle_t *)&c.renew_timer, NULL);
         uv_close((uv_handle_t *)&c.ticket_timer, NULL);

@@ -10,6 +10,10 @@ typedef struct {
     int site_argc;           /* SITE UPSTREAM [key=value...] from the command line */
     char **site_argv;
     const char *data_dir;
+    /* The store: NULL for DATA/moat.db, "sqlite:DIR", or postgres://... shared by several
+     * instances (moat_storage_open). data_dir still holds this instance's pid and status. */
+    const char *storage;
+    const char *storage_key; /* key file sealing private keys at rest, or NULL */
     const char *bind_addr;
     const char *access_log;
     int http_port, https_port;

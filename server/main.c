@@ -34,13 +34,22 @@ static const char usage_text[] =
     "  moat ca-root [--data DIR]          print the internal root certificate (PEM)\n"
     "  moat trust [--data DIR]            add the internal root to the system trust store\n"
     "  moat untrust [--data DIR]          remove it again\n"
-    "  moat certs [--data DIR] [--config FILE]  list certificates, renewals, pending names\n"
+    "  moat certs [--data DIR] [--storage STORE] [--config FILE]  list certificates,\n"
+    "                                     renewals, pending names\n"
     "  moat renew [NAME] [--force]        ask the running moat to renew ACME certificates now\n"
+    "  moat storage copy --from STORE --to STORE [--storage-key FILE]  copy certificates and\n"
+    "                                     settings between stores (safe to repeat)\n"
     "  moat version | moat help\n"
     "\n"
     "Options of run:\n"
     "  --config FILE        site file (default ./Moatfile, then /etc/moat/Moatfile)\n"
     "  --data DIR           data folder (default $MOAT_DATA or " DEFAULT_DATA_DIR ")\n"
+    "  --storage STORE      where certificates live (default $MOAT_STORAGE, else\n"
+    "                       DATA/moat.db): sqlite:DIR, or a store several moats share:\n"
+    "                       postgres://USER@HOST:5432/DB?sslmode=verify-full&sslrootcert=FILE\n"
+    "                       (password from the URL, $MOAT_STORAGE_PASSWORD or $PGPASSFILE)\n"
+    "  --storage-key FILE   seal private keys and settings in the store with AES-256-GCM\n"
+    "                       under this key (default $MOAT_STORAGE_KEY; created 0600 if absent)\n"
     "  --http-port N        plain HTTP port (default 80)\n"
     "  --https-port N       HTTPS port (default 443)\n"
     "  --listen ADDR        listen on this address only (default: all)\n"
@@ -66,6 +75,8 @@ static const char usage_text[] =
 typedef struct {
     const char *config;
     const char *data;
+    const char *storage, *storage_key;
+    const char *from, *to; /* storage copy */
     const char *listen;
     const char *access_log;
     const char *email, *acme_ca, *acme_ca_root;
@@ -127,6 +138,14 @@ static int parse_cli(int argc, char **argv, cli_t *c)
             c->config = v;
         } else if (strcmp(a, "--data") == 0) {
             c->data = v;
+        } else if (strcmp(a, "--storage") == 0) {
+            c->storage = v;
+        } else if (strcmp(a, "--storage-key") == 0) {
+            c->storage_key = v;
+        } else if (strcmp(a, "--from") == 0) {
+            c->from = v;
+        } else if (strcmp(a, "--to") == 0) {
+            c->to = v;
         } else if (strcmp(a, "--listen") == 0) {
             c->listen = v;
         } else if (strcmp(a, "--access-log") == 0) {
@@ -177,6 +196,23 @@ static const char *data_dir(const cli_t *c)
     return env && *env ? env : DEFAULT_DATA_DIR;
 }
 
+/* --storage, else MOAT_STORAGE, else NULL (the SQLite file in the data folder). */
+static const char *storage_spec(const cli_t *c)
+{
+    if (c->storage)
+        return c->storage;
+    const char *env = getenv("MOAT_STORAGE");
+    return env && *env ? env : NULL;
+}
+
+static const char *storage_key(const cli_t *c)
+{
+    if (c->storage_key)
+        return c->storage_key;
+    const char *env = getenv("MOAT_STORAGE_KEY");
+    return env && *env ? env : NULL;
+}
+
 static int file_exists(const char *p)
 {
     struct stat st;
@@ -198,6 +234,8 @@ static int cmd_run(cli_t *c)
     static char *default_site[] = {DEFAULT_SITE, DEFAULT_UPSTREAM};
     moat_run_opts_t o = {
         .data_dir = data_dir(c),
+        .storage = storage_spec(c),
+        .storage_key = storage_key(c),
         .bind_addr = c->listen,
         .access_log = c->access_log,
         .http_port = c->http_port ? c->http_port : 80,
@@ -492,6 +530,7 @@ int main(int argc, char **argv)
         fputs(usage_text, stdout);
         return 0;
     }
+    moat_cmd_set_storage(storage_spec(&c), storage_key(&c));
     if (strcmp(cmd, "run") == 0)
         return cmd_run(&c);
     if (strcmp(cmd, "validate") == 0)
@@ -514,6 +553,13 @@ int main(int argc, char **argv)
         return moat_cmd_trust(data_dir(&c), 0);
     if (strcmp(cmd, "renew") == 0)
         return cmd_renew(&c);
+    if (strcmp(cmd, "storage") == 0) {
+        if (c.npos != 1 || strcmp(c.pos[0], "copy") != 0) {
+            fprintf(stderr, "moat: usage: moat storage copy --from STORE --to STORE\n");
+            return 2;
+        }
+        return moat_cmd_storage_copy(c.from, c.to, data_dir(&c));
+    }
     if (strcmp(cmd, "certs") == 0)
         return moat_cmd_certs(data_dir(&c), c.config ? c.config : default_config());
     fprintf(stderr, "moat: unknown command '%s'\n\n%s", cmd, usage_text);

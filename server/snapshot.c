@@ -157,6 +157,12 @@ void moat_snapmgr_rotate_keys(moat_snapmgr_t *m)
     replace(m, NULL, NULL, moat_tls_keys_new(m->cur.keys));
 }
 
+void moat_snapmgr_set_keys(moat_snapmgr_t *m, moat_tls_keys_t *keys)
+{
+    if (keys != NULL)
+        replace(m, NULL, NULL, keys);
+}
+
 const moat_snapshot_t *moat_snapmgr_current(const moat_snapmgr_t *m)
 {
     return &m->cur;

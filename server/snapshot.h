@@ -77,6 +77,9 @@ int moat_snapmgr_readdress(moat_snapmgr_t *m, moat_runtime_t *rt);
 /* New session-ticket keys (the previous two still decrypt), published with the current
  * runtime and certificates. */
 void moat_snapmgr_rotate_keys(moat_snapmgr_t *m);
+/* Serve these ticket keys from now on (taking over the reference): keys shared through the
+ * store (server/tickets.c). */
+void moat_snapmgr_set_keys(moat_snapmgr_t *m, moat_tls_keys_t *keys);
 
 /* The current snapshot (rt NULL before the first load), borrowed. */
 const moat_snapshot_t *moat_snapmgr_current(const moat_snapmgr_t *m);

@@ -189,6 +189,19 @@ void moat_system_degraded(const char *data_dir, const char *why)
     moat_system_notify(msg);
 }
 
+void moat_system_recovered(const char *data_dir)
+{
+    char path[4096];
+    status_path(path, sizeof path, data_dir);
+    /* The last "degraded" line is the one `moat health` reads: an empty one clears it. */
+    FILE *f = fopen(path, "ae");
+    if (f == NULL)
+        return;
+    fprintf(f, "degraded \n");
+    fclose(f);
+    moat_system_notify("STATUS=serving");
+}
+
 void moat_system_stopping(const char *data_dir)
 {
     moat_system_notify("STOPPING=1");

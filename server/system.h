@@ -44,6 +44,9 @@ void moat_system_reloaded(void);
 /* Still serving, without something (a damaged store): `moat health` says so in a second line
  * and still exits 0, and systemd's STATUS= shows it. */
 void moat_system_degraded(const char *data_dir, const char *why);
+/* What was missing is back (a shared store answers again): `moat health` stops saying
+ * degraded. */
+void moat_system_recovered(const char *data_dir);
 /* Stopping: notify STOPPING=1 and remove the status file, so health fails at once. */
 void moat_system_stopping(const char *data_dir);
 

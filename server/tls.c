@@ -66,6 +66,27 @@ moat_tls_keys_t *moat_tls_keys_new(const moat_tls_keys_t *prev)
     return ks;
 }
 
+_Static_assert(sizeof(ticket_key_t) == MOAT_TLS_KEY_BYTES, "a key is name, AES and HMAC keys");
+
+size_t moat_tls_keys_export(const moat_tls_keys_t *ks, uint8_t *out, size_t cap)
+{
+    if (ks == NULL || cap < ks->n * sizeof(ticket_key_t))
+        return 0;
+    memcpy(out, ks->k, ks->n * sizeof(ticket_key_t));
+    return ks->n * sizeof(ticket_key_t);
+}
+
+moat_tls_keys_t *moat_tls_keys_import(const uint8_t *raw, size_t len)
+{
+    if (len == 0 || len % sizeof(ticket_key_t) != 0 || len / sizeof(ticket_key_t) > TICKET_KEYS)
+        return NULL;
+    moat_tls_keys_t *ks = moat_xcalloc(1, sizeof *ks);
+    atomic_init(&ks->refs, 1);
+    ks->n = len / sizeof(ticket_key_t);
+    memcpy(ks->k, raw, len);
+    return ks;
+}
+
 moat_tls_keys_t *moat_tls_keys_ref(moat_tls_keys_t *ks)
 {
     if (ks != NULL)

@@ -36,6 +36,14 @@ static const migration_t migrations[] = {
         "  value TEXT,"
         "  updated_at INTEGER"
         ");"},
+    /* Issuing leases with fencing tokens (storage.h, lease_take). A released lease keeps its
+     * row (expires_at 0), so max(token) never goes back. */
+    {2, "CREATE TABLE leases ("
+        "  name TEXT PRIMARY KEY NOT NULL,"
+        "  owner TEXT NOT NULL,"
+        "  token INTEGER NOT NULL,"
+        "  expires_at INTEGER NOT NULL"
+        ");"},
 };
 
 _Static_assert(MOAT_ARRAY_LEN(migrations) == MOAT_STORAGE_SCHEMA_VERSION,

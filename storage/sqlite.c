@@ -40,6 +40,12 @@ enum {
     ST_KV_DELETE,
     ST_KV_GET,
     ST_KV_LIST,
+    ST_LEASE_TAKE,
+    ST_LEASE_HOLDER,
+    ST_LEASE_RENEW,
+    ST_LEASE_RELEASE,
+    ST_PUT_CERT_FENCED,
+    ST_LEASE_CHECK,
     ST__COUNT
 };
 
@@ -70,6 +76,26 @@ static const char *const stmt_sql[ST__COUNT] = {
      * when there is no upper bound), so SQLite walks the index instead of the table. */
     [ST_KV_LIST] = ("SELECT key, value, updated_at FROM kv WHERE key >= ?1"
                     " AND (?2 IS NULL OR key < ?2) ORDER BY key"),
+    /* The same statements as storage/postgres.c, on SQLite's clock. */
+    [ST_LEASE_TAKE] =
+        "INSERT INTO leases (name, owner, token, expires_at)"
+        " VALUES (?1, ?2, (SELECT coalesce(max(token), 0) + 1 FROM leases), unixepoch() + ?3)"
+        " ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, token = excluded.token,"
+        " expires_at = excluded.expires_at WHERE leases.expires_at <= unixepoch()"
+        " OR leases.owner = excluded.owner OR leases.owner = ?4 RETURNING token",
+    [ST_LEASE_HOLDER] = "SELECT owner FROM leases WHERE name = ?1",
+    [ST_LEASE_RENEW] = "UPDATE leases SET expires_at = unixepoch() + ?3"
+                       " WHERE name = ?1 AND token = ?2",
+    [ST_LEASE_RELEASE] = "UPDATE leases SET expires_at = 0 WHERE name = ?1 AND token = ?2",
+    [ST_PUT_CERT_FENCED] =
+        "INSERT INTO certs (" CERT_COLUMNS ") SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9"
+        " WHERE EXISTS (SELECT 1 FROM leases WHERE name = ?10 AND token = ?11)"
+        " ON CONFLICT(id) DO UPDATE SET names = excluded.names,"
+        " issuer = excluded.issuer, source = excluded.source,"
+        " not_before = excluded.not_before, not_after = excluded.not_after,"
+        " cert_pem = excluded.cert_pem, key_pem = excluded.key_pem,"
+        " updated_at = excluded.updated_at WHERE certs.not_after <= excluded.not_after",
+    [ST_LEASE_CHECK] = "SELECT 1 FROM leases WHERE name = ?1 AND token = ?2",
 };
 
 typedef struct {
@@ -781,6 +807,152 @@ static int op_kv_list(moat_storage_t *base, const char *prefix, moat_kv_t **out,
     return 0;
 }
 
+/* ---- leases ---- */
+
+static int op_lease_take(moat_storage_t *base, const char *name, const char *owner, int ttl_s,
+                         const char *steal, int64_t *token, char **holder)
+{
+    sqlite_storage_t *s = from_base(base);
+    if (holder != NULL)
+        *holder = NULL;
+    if (name == NULL || owner == NULL || token == NULL || ttl_s <= 0)
+        return MOAT_EINVAL;
+    *token = 0;
+    int rc;
+    sqlite3_stmt *st = stmt_get(s, ST_LEASE_TAKE, &rc);
+    if (st == NULL)
+        return fail(s, rc, "taking a lease");
+    bind_text(st, 1, name);
+    bind_text(st, 2, owner);
+    sqlite3_bind_int(st, 3, ttl_s);
+    bind_text(st, 4, steal);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *token = sqlite3_column_int64(st, 0);
+        rc = sqlite3_step(st);
+    }
+    stmt_done(st);
+    if (rc != SQLITE_DONE)
+        return fail(s, rc, "taking a lease");
+    if (*token > 0)
+        return 1;
+    if (holder != NULL && (st = stmt_get(s, ST_LEASE_HOLDER, &rc)) != NULL) {
+        bind_text(st, 1, name);
+        if (sqlite3_step(st) == SQLITE_ROW)
+            *holder = col_str(st, 0);
+        stmt_done(st);
+    }
+    return 0;
+}
+
+static int lease_update(sqlite_storage_t *s, int which, const char *name, int64_t token, int ttl_s,
+                        const char *what)
+{
+    int rc;
+    sqlite3_stmt *st = stmt_get(s, which, &rc);
+    if (st == NULL)
+        return fail(s, rc, what);
+    bind_text(st, 1, name);
+    sqlite3_bind_int64(st, 2, token);
+    if (which == ST_LEASE_RENEW)
+        sqlite3_bind_int(st, 3, ttl_s);
+    rc = sqlite3_step(st);
+    stmt_done(st);
+    if (rc != SQLITE_DONE)
+        return fail(s, rc, what);
+    return sqlite3_changes(s->db) == 1 ? 0 : MOAT_ENOT_FOUND;
+}
+
+static int op_lease_renew(moat_storage_t *base, const char *name, int64_t token, int ttl_s)
+{
+    sqlite_storage_t *s = from_base(base);
+    if (name == NULL || ttl_s <= 0)
+        return MOAT_EINVAL;
+    int rc = lease_update(s, ST_LEASE_RENEW, name, token, ttl_s, "renewing a lease");
+    if (rc == MOAT_ENOT_FOUND)
+        moat_errf(base->last_error, sizeof base->last_error,
+                  "the lease \"%s\" was taken by another holder", name);
+    return rc;
+}
+
+static int op_lease_release(moat_storage_t *base, const char *name, int64_t token)
+{
+    sqlite_storage_t *s = from_base(base);
+    if (name == NULL)
+        return MOAT_EINVAL;
+    int rc = lease_update(s, ST_LEASE_RELEASE, name, token, 0, "releasing a lease");
+    return rc == MOAT_ENOT_FOUND ? 0 : rc;
+}
+
+static int op_put_cert_fenced(moat_storage_t *base, const moat_cert_record_t *rec,
+                              const char *lease, int64_t token)
+{
+    sqlite_storage_t *s = from_base(base);
+    if (rec == NULL || rec->id == NULL || lease == NULL) {
+        moat_errf(base->last_error, sizeof base->last_error,
+                  "put_cert_fenced: a record needs an id and a lease");
+        return MOAT_EINVAL;
+    }
+    int rc = tx_begin(s);
+    if (rc != 0)
+        return rc;
+    sqlite3_stmt *st = stmt_get(s, ST_PUT_CERT_FENCED, &rc);
+    int changed = 0;
+    if (st != NULL) {
+        int64_t updated = rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL);
+        bind_text(st, 1, rec->id);
+        bind_text(st, 2, rec->names);
+        bind_text(st, 3, rec->issuer);
+        bind_text(st, 4, rec->source);
+        sqlite3_bind_int64(st, 5, rec->not_before);
+        sqlite3_bind_int64(st, 6, rec->not_after);
+        bind_text(st, 7, rec->cert_pem);
+        bind_text(st, 8, rec->key_pem);
+        sqlite3_bind_int64(st, 9, updated);
+        bind_text(st, 10, lease);
+        sqlite3_bind_int64(st, 11, token);
+        rc = sqlite3_step(st);
+        stmt_done(st);
+        changed = rc == SQLITE_DONE && sqlite3_changes(s->db) == 1;
+    }
+    if (rc == SQLITE_DONE && !changed) {
+        /* Nothing written: say whether the lease was lost or a newer record is there. */
+        int held = 0;
+        if ((st = stmt_get(s, ST_LEASE_CHECK, &rc)) != NULL) {
+            bind_text(st, 1, lease);
+            sqlite3_bind_int64(st, 2, token);
+            rc = sqlite3_step(st);
+            held = rc == SQLITE_ROW;
+            stmt_done(st);
+        }
+        if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+            moat_errf(base->last_error, sizeof base->last_error,
+                      held ? "a newer certificate than this one is stored as \"%s\""
+                           : "the lease \"%s\" was lost before the certificate was stored; "
+                             "the holder that took it over writes instead",
+                      held ? rec->id : lease);
+            tx_abandon(s);
+            return held ? MOAT_EEXISTS : MOAT_EPERM;
+        }
+    }
+    return finish_change(s, rc, "saving a certificate");
+}
+
+/* Nothing pushed: processes sharing one file see each other's changes through their polls. */
+static int op_watch_fd(moat_storage_t *base)
+{
+    (void)base;
+    return -1;
+}
+
+static int op_watch_drain(moat_storage_t *base, moat_storage_news_cb cb, void *arg)
+{
+    (void)base;
+    (void)cb;
+    (void)arg;
+    return MOAT_ECLOSED;
+}
+
 static void op_close(moat_storage_t *base)
 {
     if (base == NULL)
@@ -851,6 +1023,12 @@ static const moat_storage_ops_t sqlite_ops = {
     .rollback = op_rollback,
     .close = op_close,
     .check = op_check,
+    .lease_take = op_lease_take,
+    .lease_renew = op_lease_renew,
+    .lease_release = op_lease_release,
+    .put_cert_fenced = op_put_cert_fenced,
+    .watch_fd = op_watch_fd,
+    .watch_drain = op_watch_drain,
 };
 
 /* ---- open ---- */

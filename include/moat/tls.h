@@ -31,6 +31,13 @@ SSL_CTX *moat_tls_server_ctx_new(char *err, size_t errlen);
  * none). Tickets under those still decrypt (and are then re-issued under the new key), so with
  * an hourly rotation a ticket lives two to three hours. One reference; control thread. */
 moat_tls_keys_t *moat_tls_keys_new(const moat_tls_keys_t *prev);
+/* The keys as bytes, to share them with other instances through storage (server/tickets.c):
+ * export writes MOAT_TLS_KEY_BYTES per key, newest first, and returns how many bytes (0 when
+ * cap is too small); import makes a set (one reference) from such bytes, or NULL when len is
+ * not a whole number of keys (1 to 3). Both wipe nothing of the caller's: it wipes its copy. */
+#define MOAT_TLS_KEY_BYTES 80
+size_t moat_tls_keys_export(const moat_tls_keys_t *ks, uint8_t *out, size_t cap);
+moat_tls_keys_t *moat_tls_keys_import(const uint8_t *raw, size_t len);
 moat_tls_keys_t *moat_tls_keys_ref(moat_tls_keys_t *ks);
 /* Drop a reference; the last one wipes and frees the keys. Any thread. */
 void moat_tls_keys_release(moat_tls_keys_t *ks);

@@ -544,6 +544,53 @@ def dns_seeds():
     write("dns", "key-comments", b"\1# x\n/* y */ key k. { secret \"c2Vj\"; // z\n"
           b" algorithm HMAC-SHA256; };")
     write("dns", "key-sha512", b"\1key \"x\" { algorithm hmac-sha512; secret \"c2Vj\"; };")
+# --- PostgreSQL backend messages ---------------------------------------------------------
+
+
+def pgmsg(t, body=b""):
+    return t.encode() + struct.pack(">I", len(body) + 4) + body
+
+
+def pg_error(t, fields):
+    return pgmsg(t, b"".join(k.encode() + v.encode() + b"\0" for k, v in fields) + b"\0")
+
+
+def pg_row(cols):
+    out = struct.pack(">H", len(cols))
+    for c in cols:
+        out += struct.pack(">i", -1) if c is None else struct.pack(">I", len(c)) + c
+    return pgmsg("D", out)
+
+
+def pgwire_seeds():
+    """pgwire_fuzz: a stream of backend messages as a server sends them."""
+    fresh("pgwire")
+    ready = pgmsg("Z", b"I")
+    sasl = pgmsg("R", struct.pack(">I", 10) + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0")
+    cont = pgmsg("R", struct.pack(">I", 11) + b"r=fuzznonceSERVER,s=QUJDREVGR0g=,i=2")
+    final = pgmsg("R", struct.pack(">I", 12) + b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+    ok = pgmsg("R", struct.pack(">I", 0))
+    params = pgmsg("S", b"server_version\x0015.18\0") + pgmsg("K", struct.pack(">ii", 42, 7))
+    desc = pgmsg("T", struct.pack(">H", 2) + b"key\0" + struct.pack(">IHIhih", 0, 1, 17, -1, -1, 0)
+                 + b"value\0" + struct.pack(">IHIhih", 0, 2, 25, -1, -1, 0))
+    seeds = {
+        "login": sasl + cont + final + ok + params + ready,
+        "select": pgmsg("1") + pgmsg("2") + desc + pg_row([b"\\x6b", b"v"]) +
+                  pg_row([b"\\x6c", None]) + pgmsg("C", b"SELECT 2\0") + ready,
+        "error": pg_error("E", [("S", "ERROR"), ("V", "ERROR"), ("C", "42P01"),
+                                ("M", 'relation "moat.kv" does not exist'), ("P", "15")])
+                 + pgmsg("Z", b"E"),
+        "fatal-login": pg_error("E", [("S", "FATAL"), ("V", "FATAL"), ("C", "28P01"),
+                                      ("M", 'password authentication failed for user "moat"')]),
+        "notice-notify": pg_error("N", [("S", "NOTICE"), ("C", "42P06"), ("M", "skipping"),
+                                        ("D", "detail"), ("H", "hint")])
+                         + pgmsg("A", struct.pack(">i", 7) + b"moat\0cert:acme:a\0") + ready,
+        "md5": pgmsg("R", struct.pack(">I", 5) + b"salt"),
+        "negotiate": pgmsg("v", struct.pack(">ii", 0, 1) + b"_pq_.x\0") + pgmsg("t", b"\0\x01\0\0\0\x19"),
+        "misc": pgmsg("n") + pgmsg("s") + pgmsg("I") + pgmsg("3") + pgmsg("C", b"INSERT 0 1\0"),
+    }
+    for k, v in seeds.items():
+        write("pgwire", k, v)
 
 
 def main():
@@ -555,6 +602,7 @@ def main():
     http1_seeds()
     h2_seeds()
     dns_seeds()
+    pgwire_seeds()
 
 
 if __name__ == "__main__":

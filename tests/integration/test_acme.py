@@ -436,10 +436,10 @@ def test_lock_left_by_a_killed_process_is_taken_over_at_once(env, tmp_path, upst
     host = socket.gethostname()[:40]
     pid = 4_000_000  # above pid_max: certainly no process
     with m.db() as db:
-        lock_key = "acme-lock:acme:killed.example.test"
+        # The issuing lock is a lease row (storage schema 2), running for 2 more minutes.
         db.execute("delete from kv where key like 'acme-backoff:%'")
-        db.execute("insert or replace into kv values (?, ?, strftime('%s','now'))",
-                   (lock_key, f"{host}/{pid}/0badc0de {int(time.time()) + 120}"))
+        db.execute("insert or replace into leases values (?, ?, 7, unixepoch() + 120)",
+                   ("acme:killed.example.test", f"{host}/{pid}/0badc0de"))
     pb.start()
     t0 = time.monotonic()
     m.start()

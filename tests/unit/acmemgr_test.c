@@ -3,6 +3,7 @@
  * network): it answers the directory, newNonce and newAccount, and refuses every newOrder,
  * which is enough to see which CA an order went to and what account it asked for. */
 #include "acmemgr.h"
+#include "moat/ca.h"
 #include "moat/config.h"
 #include "moat/log.h"
 #include "moat/storage.h"
@@ -12,6 +13,7 @@
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <uv.h>
 
 #define SITE_ID "acme:a.example.com"
@@ -102,8 +104,14 @@ static int fake_request(void *data, const char *method, const char *url, const c
         snprintf(r->ctype, sizeof r->ctype, "application/json");
         snprintf(r->body, sizeof r->body,
                  "{\"newNonce\":\"%.*s/nonce\",\"newAccount\":\"%.*s/new-acct\","
-                 "\"newOrder\":\"%.*s/new-order\"}",
-                 base, url, base, url, base, url);
+                 "\"newOrder\":\"%.*s/new-order\",\"renewalInfo\":\"%.*s/renewal-info\"}",
+                 base, url, base, url, base, url, base, url);
+    } else if (strstr(url, "/renewal-info/") != NULL) {
+        r->status = 200;
+        snprintf(r->ctype, sizeof r->ctype, "application/json");
+        snprintf(r->body, sizeof r->body,
+                 "{\"suggestedWindow\":{\"start\":\"2030-01-01T00:00:00Z\","
+                 "\"end\":\"2030-01-02T00:00:00Z\"}}");
     } else if (ends_with(url, "/nonce")) {
         r->status = 200;
     } else if (ends_with(url, "/new-acct")) {
@@ -293,10 +301,92 @@ static void test_update_default_email_and_removal(void)
     nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
 }
 
+static size_t count_sent(const fake_ca_t *ca, const char *part)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ca->nsent; i++)
+        n += strstr(ca->sent[i].url, part) != NULL;
+    return n;
+}
+
+static void run_for(uv_loop_t *loop, uint64_t ms)
+{
+    uv_timer_t t;
+    uv_timer_init(loop, &t);
+    uv_timer_start(&t, NULL, ms, 0);
+    uv_update_time(loop);
+    uint64_t end = uv_now(loop) + ms;
+    while (uv_now(loop) < end)
+        uv_run(loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(loop, UV_RUN_NOWAIT);
+}
+
+/* Two managers on one store (two moat instances): the renewal window the first fetched from
+ * the CA is the second's too, without asking the CA again. */
+static void test_ari_window_shared(void)
+{
+    char dir[] = "/tmp/moat-acmemgr-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    moat_storage_t *st = NULL;
+    char err[512] = "";
+    CHECK_INT(moat_storage_open_sqlite(dir, &st, err, sizeof err), 0);
+    /* A stored certificate for the site, from the internal CA (any issuer will do for ARI). */
+    moat_ca_t *ica = NULL;
+    CHECK_INT(moat_ca_open(st, &ica, err, sizeof err), 0);
+    const char *names[] = {"a.example.com"};
+    char *chain = NULL, *key = NULL;
+    CHECK_INT(moat_ca_issue(ica, names, 1, 60 * 86400, &chain, &key), 0);
+    int64_t now = (int64_t)time(NULL);
+    moat_cert_record_t rec = {.id = SITE_ID,
+                              .names = "a.example.com",
+                              .issuer = "test",
+                              .source = "acme",
+                              .not_before = now - 60,
+                              .not_after = now + 60 * 86400,
+                              .cert_pem = chain,
+                              .key_pem = key};
+    CHECK_INT(st->ops->put_cert(st, &rec), 0);
+    free(chain);
+    free(key);
+    moat_ca_free(ica);
+
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    fake_ca_t ca = {.loop = &loop};
+    moat_acmemgr_opts_t o = {
+        .email = "default@example.com", .request = fake_request, .request_data = &ca};
+    moat_config_t *cfg = parse("a.example.com 127.0.0.1:8080 tls=acme ca=https://ca1.test/dir\n");
+    moat_acmemgr_t *a = moat_acmemgr_new(&loop, st, &o, NULL, NULL, err, sizeof err);
+    moat_acmemgr_update(a, cfg);
+    run_for(&loop, 300);
+    CHECK_INT(count_sent(&ca, "/renewal-info/"), 1);
+    char *v = NULL;
+    CHECK_INT(st->ops->kv_get(st, "acme-ari:" SITE_ID, &v), 0);
+    CHECK(v != NULL && strstr(v, " 0 1 1893456000 1893542400 ") != NULL); /* CA 0, 2030 */
+    free(v);
+
+    moat_acmemgr_t *b = moat_acmemgr_new(&loop, st, &o, NULL, NULL, err, sizeof err);
+    moat_acmemgr_update(b, cfg);
+    run_for(&loop, 300);
+    CHECK_INT(count_sent(&ca, "/renewal-info/"), 1); /* b used a's window */
+    CHECK_INT(count_sent(&ca, "/new-order"), 0);
+
+    moat_config_free(cfg);
+    moat_acmemgr_free(a);
+    moat_acmemgr_free(b);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK_INT(uv_loop_close(&loop), 0);
+    fake_clear(&ca);
+    st->ops->close(st);
+    nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
+}
+
 int main(void)
 {
     moat_log_min_level = MOAT_LOG_ERROR;
     test_update_takes_new_settings();
     test_update_default_email_and_removal();
+    test_ari_window_shared();
     return test_summary("acmemgr_test");
 }
