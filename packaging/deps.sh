@@ -12,6 +12,7 @@ test_pkgs=(clang libclang-rt-14-dev clang-format curl openssl procps
     python3-httptools python3-websockets python3-socketio python3-engineio python3-websocket
     python3-multipart nghttp2-client pebble nginx-light
     podman runc netavark aardvark-dns podman-compose mmdebstrap debhelper
+    iptables   # netavark sets up container networks with it (test_compose.py)
     python3-requests chromium libnss3-tools
     python3-matplotlib   # tests/soak.sh plots
     postgresql-15 pgbouncer   # the shared store (storage/postgres.c), started by the tests
