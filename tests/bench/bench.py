@@ -324,7 +324,8 @@ class Moat(Proxy):
                 "tls=%s,%s" % (self.cert, self.key), "--data", os.path.join(d, "data"),
                 "--http-port", str(free_port()), "--https-port", str(port),
                 "--listen", "127.0.0.1", "--workers", str(self.workers), "--grace", "1",
-                "--access-log", "/dev/null", "--log-level", "warn"]
+                "--access-log", "/dev/null", "--log-level", "warn",
+                *os.environ.get("BENCH_MOAT_ARGS", "").split()]
 
 
 # ---- upstreams (on the client CPU) ---------------------------------------------------------
