@@ -376,6 +376,58 @@ def test_paused_lock_holder_is_fenced_out(cluster, tmp_path):
     assert c["serialNumber"] == certs[0]["serialNumber"]
 
 
+def test_killed_order_placer_is_followed_and_a_peer_answers_the_ca(cluster, tmp_path):
+    """The instance that placed the first order is killed (SIGKILL) before it told the CA.
+    Another instance takes the issuing lock over at once (the holder's process is gone) and
+    continues the same order rather than placing a second one; the CA's validator is sent to
+    the third instance, which answers the token the second one published."""
+    db, pb, insts = cluster
+    for m in insts:
+        m.start()
+    for m in insts:
+        m.wait_up()
+    placer = None
+    deadline = time.monotonic() + 20
+    while placer is None and time.monotonic() < deadline:
+        placer = next((m for m in insts if m.count(r"order \S+ placed")), None)
+        time.sleep(0.01)
+    assert placer is not None, "\n".join(m.logs() for m in insts)
+    # Inside the 2 s the placer gives its peers to see the token: the CA has not been told.
+    placer.proc.kill()
+    placer.proc.wait(5)
+    url = re.search(r"order (\S+) placed", placer.text()).group(1)
+    others = [m for m in insts if m is not placer]
+    follower = None
+    deadline = time.monotonic() + 20
+    while follower is None and time.monotonic() < deadline:
+        follower = next((m for m in others if m.count(r"continuing order|order \S+ placed")),
+                        None)
+        time.sleep(0.01)
+    assert follower is not None, "\n".join(m.logs() for m in insts)
+    answerer = next(m for m in others if m is not follower)
+    point_dns(pb, answerer.addr)  # within the follower's 2 s: the validator reaches the other
+    roots = pb.roots(tmp_path)
+    certs = [wait_served(m.addr, m.https_port, "shared.example.test", roots, timeout=30)
+             for m in others]
+    assert len({c["serialNumber"] for c in certs}) == 1
+    assert f"continuing order {url}" in follower.text(), follower.logs()
+    assert sum(m.count(r"order \S+ placed") for m in insts) == 1, \
+        "\n".join(m.logs() for m in insts)
+    assert follower.count(r"issued a certificate for shared\.example\.test") == 1
+    assert answerer.count(r"issued a certificate for shared\.example\.test") == 0
+    assert answerer.wait_log(r"answering acme-token:\S+ placed by another instance", timeout=5), \
+        answerer.logs()
+
+    # The connections the instances LISTEN on are killed on the server side: they notice,
+    # read the store afresh, LISTEN again, and a renewal still reaches the other within 2 s.
+    killed = db.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN%'")
+    assert killed == "2", killed
+    for m in others:
+        assert m.wait_log(r"watching the shared store again", timeout=15), m.logs()
+    renew_and_spread(others, 0, roots, {c["serialNumber"] for c in certs})
+
+
 def test_storage_copy_and_sealed_keys(tmp_path):
     """`moat storage copy` moves a SQLite store to PostgreSQL, sealing private keys with
     --storage-key; repeating it changes nothing; the copy serves `moat ca-root`."""
