@@ -548,6 +548,20 @@ static int finish_change(sqlite_storage_t *s, int rc, const char *what)
     return code;
 }
 
+/* A record's columns as ?1..?9 of ST_PUT_CERT and ST_PUT_CERT_FENCED; updated_at 0 is now. */
+static void bind_cert(sqlite3_stmt *st, const moat_cert_record_t *rec)
+{
+    bind_text(st, 1, rec->id);
+    bind_text(st, 2, rec->names);
+    bind_text(st, 3, rec->issuer);
+    bind_text(st, 4, rec->source);
+    sqlite3_bind_int64(st, 5, rec->not_before);
+    sqlite3_bind_int64(st, 6, rec->not_after);
+    bind_text(st, 7, rec->cert_pem);
+    bind_text(st, 8, rec->key_pem);
+    sqlite3_bind_int64(st, 9, rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL));
+}
+
 static int op_put_cert(moat_storage_t *base, const moat_cert_record_t *rec)
 {
     sqlite_storage_t *s = from_base(base);
@@ -560,16 +574,7 @@ static int op_put_cert(moat_storage_t *base, const moat_cert_record_t *rec)
         return rc;
     sqlite3_stmt *st = stmt_get(s, ST_PUT_CERT, &rc);
     if (st != NULL) {
-        int64_t updated = rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL);
-        bind_text(st, 1, rec->id);
-        bind_text(st, 2, rec->names);
-        bind_text(st, 3, rec->issuer);
-        bind_text(st, 4, rec->source);
-        sqlite3_bind_int64(st, 5, rec->not_before);
-        sqlite3_bind_int64(st, 6, rec->not_after);
-        bind_text(st, 7, rec->cert_pem);
-        bind_text(st, 8, rec->key_pem);
-        sqlite3_bind_int64(st, 9, updated);
+        bind_cert(st, rec);
         rc = sqlite3_step(st);
         stmt_done(st);
     }
@@ -899,16 +904,7 @@ static int op_put_cert_fenced(moat_storage_t *base, const moat_cert_record_t *re
     sqlite3_stmt *st = stmt_get(s, ST_PUT_CERT_FENCED, &rc);
     int changed = 0;
     if (st != NULL) {
-        int64_t updated = rec->updated_at != 0 ? rec->updated_at : (int64_t)time(NULL);
-        bind_text(st, 1, rec->id);
-        bind_text(st, 2, rec->names);
-        bind_text(st, 3, rec->issuer);
-        bind_text(st, 4, rec->source);
-        sqlite3_bind_int64(st, 5, rec->not_before);
-        sqlite3_bind_int64(st, 6, rec->not_after);
-        bind_text(st, 7, rec->cert_pem);
-        bind_text(st, 8, rec->key_pem);
-        sqlite3_bind_int64(st, 9, updated);
+        bind_cert(st, rec);
         bind_text(st, 10, lease);
         sqlite3_bind_int64(st, 11, token);
         rc = sqlite3_step(st);

@@ -74,7 +74,7 @@ class Pebble:
     def directory(self):
         return f"https://127.0.0.1:{self.port}/dir"
 
-    def start(self):
+    def write_config(self):
         cfg = {"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.mgmt}",
@@ -89,6 +89,9 @@ class Pebble:
             cfg["pebble"]["certificateValidityPeriod"] = self.validity
         cfg["pebble"].update(getattr(self, "extra_cfg", {}))
         (self.dir / "pebble.json").write_text(json.dumps(cfg))
+
+    def start(self):
+        self.write_config()
         self.dns_log = open(self.dir / "challtestsrv.log", "ab")
         self.procs.append(subprocess.Popen(
             [CHALLTESTSRV, "-dns01", f"127.0.0.1:{self.dns}", "-management",

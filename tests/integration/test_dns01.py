@@ -126,19 +126,8 @@ class BindPebble(Pebble):
             env=env))
 
     def start(self):
-        import json
         from helpers import wait_port
-        cfg = {"pebble": {
-            "listenAddress": f"127.0.0.1:{self.port}",
-            "managementListenAddress": f"127.0.0.1:{self.mgmt}",
-            "certificate": str(self.dir / "srv.pem"),
-            "privateKey": str(self.dir / "srv.key"),
-            "httpPort": self.http_port,
-            "tlsPort": self.tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
-        }}
-        (self.dir / "pebble.json").write_text(json.dumps(cfg))
+        self.write_config()
         self.log = open(self.dir / "pebble.log", "ab")
         (self.dir / "challtestsrv.log").write_text("(not used: Pebble resolves through BIND)\n")
         self._spawn()
