@@ -24,6 +24,8 @@
  * stream (see judge_frame). Two bits each; as many as the streams a client may have open. */
 #define RECENT_IDS 128
 #define FRAME_HD   9
+/* The client's settings a rested connection keeps (see "rest"). */
+#define NREMOTE 6
 
 typedef struct h2s h2s_t;
 
@@ -77,11 +79,28 @@ struct moat_h2 {
     uint8_t nhd;
     int32_t max_id;                       /* highest client stream id a HEADERS named, or -1 */
     uint64_t recent[RECENT_IDS * 2 / 64]; /* ID_* of the ids in (max_id - 2*RECENT_IDS, max_id] */
+    /* What a fresh session needs to take over a rested connection (see "rest"). */
+    uint32_t max_streams, stream_window;
+    uint32_t remote[NREMOTE]; /* the client's SETTINGS, while at rest */
+    int32_t remote_window;    /* the client's connection window for us, while at rest */
+    uint16_t settings_sent, settings_acked; /* our SETTINGS frames, and the client's ACKs */
+    uint16_t empty_at;                      /* settings_sent when HEADER_TABLE_SIZE 0 went */
+    uint8_t table;                          /* TABLE_*: the client's HPACK encoder table */
+    unsigned connect_protocol : 1;
+    unsigned in_block : 1;    /* a header block's CONTINUATION frames are due */
+    unsigned rest_wanted : 1; /* rest as soon as the client ACKs the empty table */
+    unsigned restoring : 1;   /* replaying the connection into a fresh session */
     unsigned goaway : 1;
     unsigned terminated : 1;
     unsigned flooded : 1;
     unsigned creating : 1;     /* inside nghttp2_session_server_new3 */
     unsigned shares_frame : 1; /* nghttp2's frame buffer is the thread's shared one */
+};
+
+enum {
+    TABLE_IN_USE,   /* the client may index header fields */
+    TABLE_EMPTYING, /* SETTINGS_HEADER_TABLE_SIZE 0 sent, not yet ACKed */
+    TABLE_EMPTY,    /* ACKed: the client's table is empty and stays so (RFC 7541 §4.2) */
 };
 
 /* ---- memory ----
@@ -166,9 +185,11 @@ static int bucket_take(bucket_t *b, uint64_t now, double burst, double per_sec)
     return 0;
 }
 
+static int wake(moat_h2_t *h);
+
 void moat_h2_terminate(moat_h2_t *h, uint32_t error_code, const char *why)
 {
-    if (h->terminated)
+    if (h->terminated || (h->s == NULL && wake(h) != 0))
         return;
     h->terminated = 1;
     h->why = why;
@@ -183,7 +204,7 @@ static void glitch(moat_h2_t *h, const char *why)
 
 static h2s_t *stream_of(moat_h2_t *h, int32_t id)
 {
-    return nghttp2_session_get_stream_user_data(h->s, id);
+    return h->s ? nghttp2_session_get_stream_user_data(h->s, id) : NULL; /* at rest: none */
 }
 
 static void stream_free(moat_h2_t *h, h2s_t *st)
@@ -281,8 +302,9 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud
 {
     moat_h2_t *h = ud;
     (void)s;
-    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST || h->restoring)
         return 0;
+    h->rest_wanted = 0; /* busy again: the owner asks anew when it is quiet */
     h2s_t *st = calloc(1, sizeof *st);
     if (st == NULL)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -409,6 +431,8 @@ static int dispatch(moat_h2_t *h, h2s_t *st, int end_stream)
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
 {
     moat_h2_t *h = ud;
+    if (h->restoring)
+        return 0;
     int es = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     if (es && (f->hd.type == NGHTTP2_HEADERS || f->hd.type == NGHTTP2_DATA))
         set_id_state(h, f->hd.stream_id, ID_PEER_ENDED);
@@ -452,6 +476,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         glitch(h, "stream resets (rapid reset)");
         return 0;
     case NGHTTP2_SETTINGS:
+        if ((f->hd.flags & NGHTTP2_FLAG_ACK) && h->settings_acked < h->settings_sent &&
+            ++h->settings_acked >= h->empty_at && h->table == TABLE_EMPTYING)
+            h->table = TABLE_EMPTY;
+        /* fall through */
     case NGHTTP2_PING:
         if (!(f->hd.flags & NGHTTP2_FLAG_ACK) &&
             bucket_take(&h->control, h->now_ms, CONTROL_BURST, CONTROL_PER_SEC) != 0)
@@ -488,8 +516,10 @@ static int on_invalid_header(nghttp2_session *s, const nghttp2_frame *f, const u
 
 static int on_invalid_frame_recv(nghttp2_session *s, const nghttp2_frame *f, int err, void *ud)
 {
+    moat_h2_t *h = ud;
     (void)s, (void)f, (void)err;
-    glitch(ud, "invalid frames");
+    if (!h->restoring)
+        glitch(h, "invalid frames");
     return 0;
 }
 
@@ -563,21 +593,15 @@ static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
 
 /* ---- public ---- */
 
-moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, void *ud)
+/* The nghttp2 session, with moat's SETTINGS queued and the connection window opened. A woken
+ * session (see "rest") expects no client preface. */
+static int session_create(moat_h2_t *h, int woken)
 {
-    moat_h2_t *h = calloc(1, sizeof *h);
     nghttp2_session_callbacks *cbs = NULL;
     nghttp2_option *opt = NULL;
-    if (h == NULL || nghttp2_session_callbacks_new(&cbs) != 0 || nghttp2_option_new(&opt) != 0)
-        goto fail;
-    h->cb = cb;
-    h->ud = ud;
-    h->max_header_list = set->max_header_list ? set->max_header_list : MOAT_H2_MAX_HEADER_LIST;
-    h->glitch.tokens = GLITCH_BURST;
-    h->control.tokens = CONTROL_BURST;
-    h->why = "";
-    h->skip = NGHTTP2_CLIENT_MAGIC_LEN; /* nghttp2 checks the preface */
-    h->max_id = -1;
+    int r = MOAT_ENOMEM;
+    if (nghttp2_session_callbacks_new(&cbs) != 0 || nghttp2_option_new(&opt) != 0)
+        goto out;
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
@@ -595,47 +619,214 @@ moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, vo
      * bounded by the open streams. */
     nghttp2_option_set_no_closed_streams(opt, 1);
     nghttp2_option_set_max_deflate_dynamic_table_size(opt, 4096);
+    if (woken)
+        nghttp2_option_set_no_recv_client_magic(opt, 1);
     nghttp2_mem mem = {h, mem_malloc, mem_free, mem_calloc, mem_realloc};
     h->creating = 1;
-    int r = nghttp2_session_server_new3(&h->s, cbs, h, opt, &mem);
+    r = nghttp2_session_server_new3(&h->s, cbs, h, opt, &mem);
     h->creating = 0;
-    if (r != 0)
-        goto fail;
+    if (r != 0) {
+        h->s = NULL;
+        r = MOAT_ENOMEM;
+        goto out;
+    }
     nghttp2_settings_entry iv[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
-         set->max_concurrent_streams ? set->max_concurrent_streams : MOAT_H2_MAX_STREAMS},
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
-         set->stream_window ? set->stream_window : MOAT_H2_STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, h->max_streams},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, h->stream_window},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, h->max_header_list},
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
         {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
     };
-    size_t niv = MOAT_ARRAY_LEN(iv) - (set->enable_connect_protocol ? 0 : 1);
+    size_t niv = MOAT_ARRAY_LEN(iv) - (h->connect_protocol ? 0 : 1);
     if (nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, iv, niv) != 0 ||
-        nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, MOAT_H2_CONN_WINDOW) != 0)
-        goto fail;
-    nghttp2_session_callbacks_del(cbs);
-    nghttp2_option_del(opt);
-    return h;
-fail:
+        nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, MOAT_H2_CONN_WINDOW) !=
+            0) {
+        nghttp2_session_del(h->s);
+        h->s = NULL;
+        r = MOAT_ENOMEM;
+        goto out;
+    }
+    if (!woken)
+        h->settings_sent++;
+    r = 0;
+out:
     if (cbs)
         nghttp2_session_callbacks_del(cbs);
     if (opt)
         nghttp2_option_del(opt);
-    if (h && h->s)
-        nghttp2_session_del(h->s);
-    free(h);
-    return NULL;
+    return r;
+}
+
+moat_h2_t *moat_h2_new(const moat_h2_settings_t *set, const moat_h2_cb_t *cb, void *ud)
+{
+    moat_h2_t *h = calloc(1, sizeof *h);
+    if (h == NULL)
+        return NULL;
+    h->cb = cb;
+    h->ud = ud;
+    h->max_header_list = set->max_header_list ? set->max_header_list : MOAT_H2_MAX_HEADER_LIST;
+    h->max_streams =
+        set->max_concurrent_streams ? set->max_concurrent_streams : MOAT_H2_MAX_STREAMS;
+    h->stream_window = set->stream_window ? set->stream_window : MOAT_H2_STREAM_WINDOW;
+    h->connect_protocol = set->enable_connect_protocol != 0;
+    h->glitch.tokens = GLITCH_BURST;
+    h->control.tokens = CONTROL_BURST;
+    h->why = "";
+    h->skip = NGHTTP2_CLIENT_MAGIC_LEN; /* nghttp2 checks the preface */
+    h->max_id = -1;
+    if (session_create(h, 0) != 0) {
+        free(h);
+        return NULL;
+    }
+    return h;
 }
 
 void moat_h2_free(moat_h2_t *h)
 {
     if (h == NULL)
         return;
-    nghttp2_session_del(h->s);
+    if (h->s)
+        nghttp2_session_del(h->s);
     while (h->streams)
         stream_free(h, h->streams);
     free(h);
+}
+
+/* ---- rest: an idle connection without its nghttp2 session ----
+ *
+ * An idle nghttp2 session keeps ~9 KiB (the session struct, two HPACK rings, the stream map:
+ * PROFILE.md) that no option shrinks, and browsers hold HTTP/2 connections open for minutes
+ * after their last request. So once the owner finds a connection quiet (moat_h2_rest) and
+ * nothing is in flight, the session is freed and only what the next frame needs stays here:
+ * the client's settings, the client's connection window for us, and the stream ids it used
+ * (max_id and recent[], kept anyway). The next bytes from the client build a fresh session
+ * that is brought to the same state by frames it cannot tell from real ones, and whose
+ * answers are dropped (the client had the originals):
+ *   - moat's SETTINGS, submitted and then "ACKed", so they are in force at once;
+ *   - the client's SETTINGS replayed (nghttp2 wants a SETTINGS first anyway);
+ *   - the connection windows: ours opened as at creation, the client's raised by a
+ *     WINDOW_UPDATE;
+ *   - a HEADERS frame with an empty block on the highest stream id the client used, which
+ *     nghttp2 resets: lower ids are closed streams from then on, not idle ones.
+ * HPACK's dynamic table of the client's encoder cannot be replayed (nghttp2 does not expose
+ * its decoder's table). So before a connection that has sent header blocks rests,
+ * SETTINGS_HEADER_TABLE_SIZE 0 goes out; once it is ACKed the client's table is empty and
+ * stays empty (RFC 7541 §4.2), as a fresh decoder's is, and the woken session offers 4,096
+ * bytes again. Moat's own encoder needs nothing: a fresh one refers only to entries it added
+ * itself, which are the newest in the client's decoder too.
+ * Conditions: no stream, nothing to send, no frame half-read, no header block open, every
+ * SETTINGS ACKed, no GOAWAY either way, and the client's window for us at least the initial
+ * 65,535 bytes (a WINDOW_UPDATE can raise a window, not lower it). tests/unit/h2_test.c
+ * (test_rest_*) holds nghttp2 to each of these. */
+
+static const int32_t remote_ids[NREMOTE] = {
+    NGHTTP2_SETTINGS_HEADER_TABLE_SIZE,      NGHTTP2_SETTINGS_ENABLE_PUSH,
+    NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+    NGHTTP2_SETTINGS_MAX_FRAME_SIZE,         NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE,
+};
+
+static int can_rest(moat_h2_t *h)
+{
+    return h->s != NULL && !h->goaway && !h->terminated && h->nstreams == 0 && h->skip == 0 &&
+           h->nhd == 0 && !h->in_block && h->settings_acked == h->settings_sent &&
+           nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s) &&
+           nghttp2_session_get_remote_window_size(h->s) >= NGHTTP2_INITIAL_CONNECTION_WINDOW_SIZE;
+}
+
+static void rest_now(moat_h2_t *h)
+{
+    for (size_t i = 0; i < NREMOTE; i++)
+        h->remote[i] = nghttp2_session_get_remote_settings(h->s, remote_ids[i]);
+    h->remote_window = nghttp2_session_get_remote_window_size(h->s);
+    nghttp2_session_del(h->s);
+    h->s = NULL;
+    h->rest_wanted = 0;
+}
+
+int moat_h2_rest(moat_h2_t *h)
+{
+    if (h->s == NULL)
+        return 1;
+    if (!can_rest(h))
+        return 0;
+    if (h->max_id < 0 || h->table == TABLE_EMPTY) {
+        rest_now(h);
+        return 1;
+    }
+    if (h->table == TABLE_IN_USE) {
+        nghttp2_settings_entry e = {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 0};
+        if (nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, &e, 1) != 0)
+            return 0;
+        h->empty_at = ++h->settings_sent;
+        h->table = TABLE_EMPTYING;
+    }
+    h->rest_wanted = 1;
+    return 0;
+}
+
+int moat_h2_at_rest(const moat_h2_t *h)
+{
+    return h->s == NULL;
+}
+
+static size_t put_frame_hd(uint8_t *p, size_t len, uint8_t type, uint8_t flags, int32_t id)
+{
+    p[0] = (uint8_t)(len >> 16), p[1] = (uint8_t)(len >> 8), p[2] = (uint8_t)len;
+    p[3] = type, p[4] = flags;
+    p[5] = (uint8_t)((uint32_t)id >> 24), p[6] = (uint8_t)(id >> 16), p[7] = (uint8_t)(id >> 8);
+    p[8] = (uint8_t)id;
+    return FRAME_HD;
+}
+
+static size_t put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24), p[1] = (uint8_t)(v >> 16), p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+    return 4;
+}
+
+/* A fresh session for a rested connection (see "rest"). 0 or MOAT_ENOMEM. */
+static int wake(moat_h2_t *h)
+{
+    if (session_create(h, 1) != 0)
+        return MOAT_ENOMEM;
+    uint8_t b[FRAME_HD + NREMOTE * 6 + FRAME_HD + FRAME_HD + 4 + FRAME_HD], *p = b;
+    p += put_frame_hd(p, NREMOTE * 6, NGHTTP2_SETTINGS, NGHTTP2_FLAG_NONE, 0);
+    for (size_t i = 0; i < NREMOTE; i++) {
+        *p++ = 0;
+        *p++ = (uint8_t)remote_ids[i];
+        p += put_u32(p, h->remote[i]);
+    }
+    p += put_frame_hd(p, 0, NGHTTP2_SETTINGS, NGHTTP2_FLAG_ACK, 0); /* for moat's SETTINGS */
+    if (h->remote_window > NGHTTP2_INITIAL_CONNECTION_WINDOW_SIZE) {
+        p += put_frame_hd(p, 4, NGHTTP2_WINDOW_UPDATE, NGHTTP2_FLAG_NONE, 0);
+        p += put_u32(p, (uint32_t)(h->remote_window - NGHTTP2_INITIAL_CONNECTION_WINDOW_SIZE));
+    }
+    if (h->max_id > 0)
+        p += put_frame_hd(p, 0, NGHTTP2_HEADERS, NGHTTP2_FLAG_END_STREAM | NGHTTP2_FLAG_END_HEADERS,
+                          h->max_id);
+    h->restoring = 1;
+    ssize_t r = nghttp2_session_mem_recv(h->s, b, (size_t)(p - b));
+    const uint8_t *out;
+    ssize_t n;
+    int rounds = 0;
+    while (r >= 0 && (n = nghttp2_session_mem_send(h->s, &out)) != 0 && rounds++ < 16)
+        if (n < 0)
+            r = n;
+    h->restoring = 0;
+    if (r < 0 || nghttp2_session_want_write(h->s)) {
+        nghttp2_session_del(h->s);
+        h->s = NULL;
+        return MOAT_ENOMEM;
+    }
+    if (h->table == TABLE_EMPTY) {
+        nghttp2_settings_entry e = {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 4096};
+        if (nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, &e, 1) == 0) {
+            h->settings_sent++;
+            h->table = TABLE_IN_USE;
+        }
+    }
+    return 0;
 }
 
 /* Hand bytes to nghttp2, which uses all of them or fails. */
@@ -670,6 +861,8 @@ static ssize_t recv_frames(moat_h2_t *h, const uint8_t *p, size_t len)
             break; /* kept until the rest arrives; nghttp2 has not seen it */
         h->nhd = 0;
         h->skip = (size_t)h->hd[0] << 16 | (size_t)h->hd[1] << 8 | h->hd[2];
+        if (h->hd[3] == NGHTTP2_HEADERS || h->hd[3] == NGHTTP2_CONTINUATION)
+            h->in_block = !(h->hd[4] & NGHTTP2_FLAG_END_HEADERS);
         int32_t id = (int32_t)(((uint32_t)h->hd[5] << 24 | (uint32_t)h->hd[6] << 16 |
                                 (uint32_t)h->hd[7] << 8 | h->hd[8]) &
                                0x7fffffff);
@@ -693,7 +886,13 @@ ssize_t moat_h2_recv(moat_h2_t *h, const void *data, size_t len, uint64_t now_ms
     if (h->glitch.last_ms == 0)
         h->glitch.last_ms = h->control.last_ms = now_ms;
     h->now_ms = now_ms;
+    if (h->s == NULL && wake(h) != 0) {
+        h->why = "out of memory";
+        return NGHTTP2_ERR_NOMEM;
+    }
     ssize_t r = recv_frames(h, data, len);
+    if (r >= 0 && h->rest_wanted && h->table == TABLE_EMPTY && can_rest(h))
+        rest_now(h);
     if (r < 0) {
         if (h->why[0] == 0)
             h->why = r == NGHTTP2_ERR_FLOODED ? "flood of frames that need an answer"
@@ -707,6 +906,10 @@ ssize_t moat_h2_recv(moat_h2_t *h, const void *data, size_t len, uint64_t now_ms
 
 int moat_h2_send(moat_h2_t *h, moat_slice_t *out)
 {
+    if (h->s == NULL) {
+        *out = moat_slice(NULL, 0);
+        return 0;
+    }
     const uint8_t *p = NULL;
     ssize_t n = nghttp2_session_mem_send(h->s, &p);
     if (n < 0) {
@@ -724,12 +927,12 @@ int moat_h2_flooded(const moat_h2_t *h)
 
 int moat_h2_want_read(moat_h2_t *h)
 {
-    return nghttp2_session_want_read(h->s);
+    return h->s == NULL || nghttp2_session_want_read(h->s);
 }
 
 int moat_h2_want_write(moat_h2_t *h)
 {
-    return nghttp2_session_want_write(h->s);
+    return h->s != NULL && nghttp2_session_want_write(h->s);
 }
 
 size_t moat_h2_open_streams(const moat_h2_t *h)
@@ -864,7 +1067,7 @@ size_t moat_h2_stream_queued(moat_h2_t *h, int32_t id)
 
 void moat_h2_consume(moat_h2_t *h, int32_t id, size_t n)
 {
-    if (n)
+    if (n && h->s)
         nghttp2_session_consume_stream(h->s, id, n);
 }
 
@@ -877,12 +1080,13 @@ void moat_h2_drain_body(moat_h2_t *h, int32_t id)
 
 void moat_h2_reset(moat_h2_t *h, int32_t id, uint32_t error_code)
 {
-    nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, id, error_code);
+    if (h->s)
+        nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, id, error_code);
 }
 
 void moat_h2_goaway(moat_h2_t *h)
 {
-    if (h->goaway || h->terminated)
+    if (h->goaway || h->terminated || (h->s == NULL && wake(h) != 0))
         return;
     h->goaway = 1;
     nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(h->s),

@@ -684,7 +684,7 @@ int moat_control_run(const moat_run_opts_t *o)
     schedule_renew(&c);
     c.resolver = moat_resolver_new(c.loop, c.snap);
     /* ALPN is fixed before the context exists and stays so: handshakes read it unlocked. */
-    moat_h2conn_init_alpn();
+    moat_h2conn_init();
     tls = moat_tls_server_ctx_new(err, sizeof err);
     if (tls == NULL) {
         MOAT_ERROR("TLS: %s", err);

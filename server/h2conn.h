@@ -19,9 +19,9 @@ typedef struct {
     void (*close)(void *owner);
 } moat_h2conn_owner_t;
 
-/* Register ALPN protocols at start-up: "h2" first, then "http/1.1". Called once by the
- * control thread before the workers start. */
-void moat_h2conn_init_alpn(void);
+/* At start-up, once, by the control thread before the workers start: register the ALPN
+ * protocols ("h2" first, then "http/1.1") and read MOAT_H2_REST_MS (see REST_AFTER_MS). */
+void moat_h2conn_init(void);
 
 /* Take over a socket whose TLS handshake chose "h2". sock stays owned by the caller; bytes
  * already in its input are the client's first bytes: the owner calls moat_h2conn_on_read

@@ -98,6 +98,14 @@ int moat_h2_flooded(const moat_h2_t *h);
 /* Why the session ended itself, for logs: "" while fine. */
 const char *moat_h2_why(const moat_h2_t *h);
 
+/* The owner found the connection quiet (no stream for a while): free the nghttp2 session
+ * and keep only what the next frame needs (~9 KiB less; the next moat_h2_recv builds a
+ * fresh one). 1 when at rest; 0 when not possible now, or when the client must first ACK an
+ * empty HPACK table, after which the session rests by itself if still quiet. See "rest" in
+ * http2/session.c. */
+int moat_h2_rest(moat_h2_t *h);
+int moat_h2_at_rest(const moat_h2_t *h);
+
 /* Answer stream id: status plus end-to-end fields (names are lowercased here; fields HTTP/2
  * forbids are dropped). content_length >= 0 adds content-length. With has_body the body
  * follows through moat_h2_send_data and moat_h2_send_end. 0 or a negative code. */

@@ -499,20 +499,20 @@ def moat(tmp_path, request):
 
 @pytest.fixture
 def proxy(tmp_path, request):
-    """Factory: proxy(upstream_addr, moat_opts=()) -> moat (with those site options), or nginx
-    when MOAT_TEST_TARGET=nginx."""
+    """Factory: proxy(upstream_addr, moat_opts=(), moat_args=()) -> moat (with those site
+    options and command-line arguments), or nginx when MOAT_TEST_TARGET=nginx."""
     if TARGET == "moat":
         require_moat()
     elif TARGET != "nginx":
         raise pytest.UsageError(f"MOAT_TEST_TARGET must be moat or nginx, not {TARGET!r}")
     started = []
 
-    def make(upstream_addr, moat_opts=()):
+    def make(upstream_addr, moat_opts=(), moat_args=()):
         d = tmp_path / f"{TARGET}{len(started)}"
         if TARGET == "nginx":
             p = NginxProxy(d, upstream_addr, request.getfixturevalue("test_ca"))
         else:
-            p = MoatProxy(d, upstream_addr, site_opts=moat_opts)
+            p = MoatProxy(d, upstream_addr, site_opts=moat_opts, extra_args=moat_args)
         started.append(p)
         return p.start()
 

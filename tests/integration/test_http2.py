@@ -280,3 +280,41 @@ def test_graceful_goaway_on_stop_inflight_completes(proxy, upstream):
     assert status == 200 and ended and rst is None and len(body) == 4000
     assert any(f.type == GOAWAY and f.error_code == NO_ERROR for f in c.frames)
     c.close()
+
+
+def test_connection_idle_between_requests_serves_the_same_headers(proxy, upstream, monkeypatch):
+    """A browser's connection goes quiet between clicks. moat gives an idle connection's HTTP/2
+    session back (http2/session.c, "rest": here after 0.2 s instead of 5 s) and builds a new
+    one when the client speaks again, after emptying the client's HPACK table: every request
+    after a pause must still reach the app with exactly the fields sent, through two HPACK
+    encoders (curl's nghttp2, httpx's python-hpack), and responses must still decode."""
+    monkeypatch.setenv("MOAT_H2_REST_MS", "200")
+    p = proxy(upstream.addr, moat_args=("--log-level", "debug"))
+    cookie = "session=" + "c" * 300 + "; theme=dark"
+    sent = {"cookie": cookie, "x-custom": "a" * 100, "user-agent": "Mozilla/5.0 (test) h2 rest"}
+
+    def fields(echo):
+        h = {}
+        for k, v in echo["headers"]:
+            h.setdefault(k, []).append(v)
+        return {k: "; ".join(h.get(k, [])) for k in sent}
+
+    with h2client(p, headers=sent) as c:
+        for i in range(5):
+            r = c.get(p.url(f"/echo?round={i}"))
+            assert r.http_version == "HTTP/2" and r.status_code == 200
+            assert fields(r.json()) == sent, f"round {i}"
+            time.sleep(0.5)
+    # curl: one connection, a request every 0.5 s.
+    urls = [p.url(f"/echo?curl={i}") for i in range(4)]
+    cp = curl(*p.curl_args(), "--http2", "--rate", "2/s", "-H", f"Cookie: {cookie}",
+              "-H", f"X-Custom: {sent['x-custom']}", "-A", sent["user-agent"],
+              "-w", "\n%{http_version} %{num_connects}\n", *urls, check=True)
+    parts = cp.stdout_text.strip().split("\n")
+    echoes = [json.loads(x) for x in parts[0::2]]
+    assert len(echoes) == 4 and all(fields(e) == sent for e in echoes)
+    assert [x.split()[1] for x in parts[1::2]] == ["1", "0", "0", "0"]  # one connection
+    if p.kind == "moat":
+        log = p.stderr_path.read_text(errors="replace")
+        assert log.count("h2 connection at rest") >= 3, "the connections never rested"
+        assert log.count("h2 connection wakes") >= 3

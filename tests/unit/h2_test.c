@@ -834,6 +834,199 @@ static void test_shared_frame_buffer(void)
         teardown(&s[k], &c[k]);
 }
 
+/* ---- rest (session.c, "rest") ---- */
+
+/* A GET on the client with these cookie and path values, answered with a 200 and a body of
+ * body_len bytes of 'r'; returns the stream id. */
+static int32_t get_and_answer(srv_t *s, cli_t *c, const char *path, size_t body_len)
+{
+    nghttp2_nv nv[] = {NV(":method", "GET"),
+                       NV(":scheme", "https"),
+                       NV(":authority", "a.test"),
+                       {(uint8_t *)":path", (uint8_t *)path, 5, strlen(path), 0},
+                       NV("cookie", "session=0123456789abcdef0123456789abcdef"),
+                       NV("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156")};
+    int requests = s->requests;
+    int32_t id = nghttp2_submit_request(c->s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(c, s->h, 1);
+    CHECK_INT(s->requests, requests + 1);
+    CHECK_STR(s->path, path);
+    CHECK_STR(s->authority, "a.test");
+    CHECK_STR(s->cookie, "session=0123456789abcdef0123456789abcdef");
+    static char body[256 * 1024];
+    memset(body, 'r', sizeof body);
+    c->status = 0;
+    CHECK_INT(moat_h2_respond(s->h, id, 200, NULL, 0, (int64_t)body_len, body_len > 0), 0);
+    if (body_len) {
+        CHECK_INT(moat_h2_send_data(s->h, id, moat_slice(body, MOAT_MIN(body_len, sizeof body))),
+                  0);
+        CHECK_INT(moat_h2_send_end(s->h, id), 0);
+    }
+    pump(c, s->h, 1);
+    CHECK_INT(c->status, 200);
+    return id;
+}
+
+/* A connection that only exchanged SETTINGS rests at once and serves the next request. */
+static void test_rest_before_any_request(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 1);
+    CHECK_INT(moat_h2_rest(s.h), 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 1);
+    CHECK_INT(moat_h2_want_read(s.h), 1);
+    CHECK_INT(moat_h2_want_write(s.h), 0);
+    get_and_answer(&s, &c, "/one", 10);
+    CHECK_INT(moat_h2_at_rest(s.h), 0);
+    CHECK_INT(c.body, 10);
+    CHECK_INT(c.goaway, 0);
+    /* moat's SETTINGS are in force in the woken session: extended CONNECT is accepted. */
+    nghttp2_nv ws[] = {NV(":method", "CONNECT"), NV(":protocol", "websocket"),
+                       NV(":scheme", "https"), NV(":authority", "a.test"), NV(":path", "/ws")};
+    nghttp2_submit_request(c.s, NULL, ws, MOAT_ARRAY_LEN(ws), NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_STR(s.protocol, "websocket");
+    CHECK_INT(c.rst, 0);
+    teardown(&s, &c);
+}
+
+/* After requests the client's HPACK table is emptied first (SETTINGS_HEADER_TABLE_SIZE 0);
+ * the rest follows its ACK; the woken session decodes the next requests, including ones that
+ * use the client's table again once 4,096 bytes are offered anew. */
+static void test_rest_after_requests(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    /* A browser's connection window (Chrome's 15 MiB, say), so that 5-byte answers do not
+     * leave the server's view of it below 65,535 until the client gives it back. */
+    nghttp2_session_set_local_window_size(c.s, NGHTTP2_FLAG_NONE, 0, 1 << 20);
+    get_and_answer(&s, &c, "/one", 0);
+    get_and_answer(&s, &c, "/two", 0); /* indexes cookie and user-agent from the first */
+    CHECK_INT(moat_h2_rest(s.h), 0);   /* the empty table goes out first */
+    CHECK_INT(moat_h2_at_rest(s.h), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 1);
+    for (int i = 0; i < 3; i++) {
+        get_and_answer(&s, &c, i == 1 ? "/four" : "/three", 5);
+        CHECK_INT(c.goaway, 0);
+    }
+    /* Quiet again: empty again, and rest. */
+    CHECK_INT(moat_h2_rest(s.h), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 1);
+    get_and_answer(&s, &c, "/five", 5);
+    CHECK_INT(c.goaway, 0);
+    CHECK_INT(c.rst, 0);
+    teardown(&s, &c);
+}
+
+/* Frames still in flight for streams that ended before the rest stay harmless; a new HEADERS
+ * on such a stream is still the connection error it was (RFC 9113 §5.1). */
+static void test_rest_keeps_stream_ids(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    int32_t id = get_and_answer(&s, &c, "/one", 0);
+    CHECK_INT(moat_h2_rest(s.h), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 1);
+    uint8_t wu[4] = {0, 0, 0x10, 0};
+    send_raw_frame(s.h, NGHTTP2_WINDOW_UPDATE, 0, id, wu, 4);
+    uint8_t rst[4] = {0, 0, 0, NGHTTP2_CANCEL};
+    send_raw_frame(s.h, NGHTTP2_RST_STREAM, 0, id, rst, 4);
+    seen_t seen = {0};
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 0);
+    CHECK_INT(seen.rst, 0);
+    CHECK_INT(s.requests, 1);
+    nghttp2_nv nv[] = {NV(":method", "GET"), NV(":scheme", "https"), NV(":authority", "a.test"),
+                       NV(":path", "/again")};
+    send_raw_headers(s.h, id, nv, MOAT_ARRAY_LEN(nv));
+    drain_raw(s.h, &seen);
+    CHECK_INT(seen.goaway, 1);
+    CHECK_INT(seen.goaway_code, NGHTTP2_STREAM_CLOSED);
+    CHECK_INT(s.requests, 1);
+    teardown(&s, &c);
+}
+
+/* The client's settings and its connection window for us survive the rest: with a 1 MiB
+ * stream window and connection window and no WINDOW_UPDATE after the rest, a 200 KiB answer
+ * arrives whole. */
+static void test_rest_keeps_windows(void)
+{
+    srv_t s;
+    cli_t c;
+    memset(&s, 0, sizeof s);
+    moat_h2_settings_t set = {0};
+    s.h = moat_h2_new(&set, &srv_cb, &s);
+    cli_init(&c);
+    nghttp2_settings_entry iv = {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20};
+    nghttp2_submit_settings(c.s, NGHTTP2_FLAG_NONE, &iv, 1);
+    nghttp2_session_set_local_window_size(c.s, NGHTTP2_FLAG_NONE, 0, 4 << 20);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_rest(s.h), 1);
+    /* The client now stops giving window back. */
+    nghttp2_session_set_local_window_size(c.s, NGHTTP2_FLAG_NONE, 0, 4 << 20);
+    size_t before = c.body;
+    int32_t id = get_and_answer(&s, &c, "/big", 200 * 1024);
+    (void)id;
+    CHECK_INT(c.body - before, 200 * 1024);
+    CHECK_INT(c.end, 1);
+    teardown(&s, &c);
+}
+
+/* No rest while anything is in flight: an open stream, a frame half read, a header block
+ * waiting for CONTINUATION, SETTINGS not yet ACKed. GOAWAY from a rested connection wakes it. */
+static void test_rest_only_when_quiet(void)
+{
+    srv_t s;
+    cli_t c;
+    setup(&s, &c, 0);
+    nghttp2_nv nv[] = {NV(":method", "GET"), NV(":scheme", "https"), NV(":authority", "a.test"),
+                       NV(":path", "/")};
+    int32_t id = nghttp2_submit_request(c.s, NULL, nv, MOAT_ARRAY_LEN(nv), NULL, NULL);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_rest(s.h), 0); /* stream open */
+    CHECK_INT(moat_h2_respond(s.h, id, 204, NULL, 0, -1, 0), 0);
+    CHECK_INT(moat_h2_rest(s.h), 0); /* answer not sent */
+    pump(&c, s.h, 1);
+    uint8_t half[5] = {0, 0, 8, NGHTTP2_PING, 0};
+    moat_h2_recv(s.h, half, sizeof half, 6000);
+    CHECK_INT(moat_h2_rest(s.h), 0); /* a frame header half read */
+    uint8_t rest_of_it[4 + 8] = {0};
+    moat_h2_recv(s.h, rest_of_it, sizeof rest_of_it, 6000);
+    CHECK_INT(moat_h2_rest(s.h), 0); /* the PING's ACK not sent */
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 0);
+    CHECK_INT(moat_h2_rest(s.h), 0); /* quiet: the empty table goes, and the rest follows */
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_at_rest(s.h), 1);
+    moat_h2_goaway(s.h);
+    CHECK_INT(moat_h2_at_rest(s.h), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(c.goaway, 1);
+    CHECK_INT(c.goaway_code, NGHTTP2_NO_ERROR);
+    teardown(&s, &c);
+
+    setup(&s, &c, 0);
+    send_raw_frame(s.h, NGHTTP2_HEADERS, 0, 1, "\x82", 1); /* no END_HEADERS */
+    CHECK_INT(moat_h2_rest(s.h), 0);
+    teardown(&s, &c);
+
+    /* A client with the default 65,535-byte connection window that has not given back what
+     * it read: a fresh session could not be told the smaller window, so no rest. */
+    setup(&s, &c, 0);
+    get_and_answer(&s, &c, "/", 100);
+    CHECK_INT(moat_h2_rest(s.h), 0);
+    pump(&c, s.h, 1);
+    CHECK_INT(moat_h2_rest(s.h), 0);
+    CHECK_INT(moat_h2_at_rest(s.h), 0);
+    teardown(&s, &c);
+}
+
 int main(void)
 {
     test_request_response();
@@ -855,5 +1048,10 @@ int main(void)
     test_frame_header_split_across_reads();
     test_rules_on_open_streams();
     test_shared_frame_buffer();
+    test_rest_before_any_request();
+    test_rest_after_requests();
+    test_rest_keeps_stream_ids();
+    test_rest_keeps_windows();
+    test_rest_only_when_quiet();
     return test_summary("h2");
 }
