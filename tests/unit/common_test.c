@@ -122,6 +122,23 @@ static void test_format_ip(void)
     CHECK_STR(out, "2001:db8::1");
     moat_format_ip(NULL, out, sizeof out);
     CHECK_STR(out, "");
+    /* The IPv4 formatter against inet_ntop, every octet value in every position. */
+    int differ = 0;
+    for (unsigned v = 0; v < 256; v++) {
+        for (int pos = 0; pos < 4; pos++) {
+            uint8_t b[4] = {1, 20, 255, 0};
+            b[pos] = (uint8_t)v;
+            memcpy(&v4.sin_addr, b, 4);
+            char want[INET_ADDRSTRLEN];
+            inet_ntop(AF_INET, b, want, sizeof want);
+            moat_format_ip((struct sockaddr *)&v4, out, sizeof out);
+            differ += strcmp(out, want) != 0;
+        }
+    }
+    CHECK_INT(differ, 0);
+    memset(&v4.sin_addr, 255, 4);
+    moat_format_ip((struct sockaddr *)&v4, out, 15); /* "255.255.255.255" needs 16 */
+    CHECK_STR(out, "");
 }
 
 static void test_xalloc(void)
