@@ -1,5 +1,6 @@
 /* The sans-I/O HTTP/2 server session (include/moat/h2.h) on nghttp2 1.52. */
 #include "moat/h2.h"
+#include "moat/mem.h"
 
 #include <nghttp2/nghttp2.h>
 #include <stdio.h>
@@ -126,7 +127,7 @@ static _Thread_local size_t shared_frame_users;
 static void *mem_malloc(size_t n, void *ud)
 {
     (void)ud;
-    return malloc(n);
+    return moat_mem_alloc(n);
 }
 
 static void mem_free(void *p, void *ud)
@@ -140,13 +141,13 @@ static void mem_free(void *p, void *ud)
         }
         return;
     }
-    free(p);
+    moat_mem_free(p);
 }
 
 static void *mem_calloc(size_t n, size_t size, void *ud)
 {
     (void)ud;
-    return calloc(n, size);
+    return moat_mem_calloc(n, size);
 }
 
 static void *mem_realloc(void *p, size_t n, void *ud)
@@ -168,7 +169,7 @@ static void *mem_realloc(void *p, size_t n, void *ud)
         mem_free(p, ud);
         return q;
     }
-    return realloc(p, n);
+    return moat_mem_realloc(p, n);
 }
 
 static int bucket_take(bucket_t *b, uint64_t now, double burst, double per_sec)
@@ -218,7 +219,7 @@ static void stream_free(moat_h2_t *h, h2s_t *st)
     h->nstreams--;
     moat_buf_free(&st->hb);
     moat_buf_free(&st->out);
-    free(st);
+    moat_mem_free(st);
 }
 
 /* ---- closed streams (RFC 9113 §5.1) ----
@@ -305,7 +306,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud
     if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST || h->restoring)
         return 0;
     h->rest_wanted = 0; /* busy again: the owner asks anew when it is quiet */
-    h2s_t *st = calloc(1, sizeof *st);
+    h2s_t *st = moat_mem_calloc(1, sizeof *st);
     if (st == NULL)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     st->id = f->hd.stream_id;
@@ -364,11 +365,11 @@ static int dispatch(moat_h2_t *h, h2s_t *st, int end_stream)
         }
         q = n + l[0] + l[1];
     }
-    moat_header_t *hdrs = malloc((nfields + 1) * sizeof *hdrs);
-    char *cookie = ncookies > 1 ? malloc(cookie_len) : NULL;
+    moat_header_t *hdrs = moat_mem_alloc((nfields + 1) * sizeof *hdrs);
+    char *cookie = ncookies > 1 ? moat_mem_alloc(cookie_len) : NULL;
     if (hdrs == NULL || (ncookies > 1 && cookie == NULL)) {
-        free(hdrs);
-        free(cookie);
+        moat_mem_free(hdrs);
+        moat_mem_free(cookie);
         return -1;
     }
     size_t nh = 0, clen = 0;
@@ -422,8 +423,8 @@ static int dispatch(moat_h2_t *h, h2s_t *st, int end_stream)
     req.nheaders = nh;
     st->dispatched = 1;
     st->data = h->cb->on_request(h->ud, st->id, &req);
-    free(hdrs);
-    free(cookie);
+    moat_mem_free(hdrs);
+    moat_mem_free(cookie);
     moat_buf_free(&st->hb);
     return 0;
 }

@@ -13,6 +13,7 @@
 
 #include "moat/h2.h"
 #include "moat/log.h"
+#include "moat/mem.h"
 #include "moat/tls.h"
 
 #include <stdlib.h>
@@ -133,13 +134,13 @@ static void stream_free(stream_t *st)
         c->streams = st->next;
     if (st->next)
         st->next->prev = st->prev;
-    free(st);
+    moat_mem_free(st);
 }
 
 static void *s_on_request(void *ud, int32_t id, const moat_h2_request_t *req)
 {
     moat_h2conn_t *c = ud;
-    stream_t *st = calloc(1, sizeof *st);
+    stream_t *st = moat_mem_calloc(1, sizeof *st);
     if (st == NULL) {
         moat_h2_reset(c->h2, id, MOAT_H2_INTERNAL_ERROR);
         return NULL;
@@ -614,7 +615,7 @@ void moat_h2conn_free(moat_h2conn_t *c)
     for (stream_t *st = c->streams, *next; st != NULL; st = next) {
         next = st->next;
         moat_front_abort(&st->front);
-        free(st);
+        moat_mem_free(st);
     }
     c->streams = NULL;
     moat_h2_free(c->h2);

@@ -10,6 +10,7 @@
  * server/proxy_wait.c; the exchange itself is in server/proxy_internal.h. */
 #include "proxy_internal.h"
 #include "moat/log.h"
+#include "moat/mem.h"
 #include "resolver.h"
 
 #include <arpa/inet.h>
@@ -43,7 +44,7 @@ static void drop(moat_exchange_t *x)
     moat_buf_free(&x->pending);
     if (x->rt_held != NULL)
         moat_worker_runtime_release(x->w, x->rt_held);
-    free(x);
+    moat_mem_free(x);
 }
 
 /* The end of an upstream event: what it gave the front end goes out now. */
@@ -770,7 +771,7 @@ int moat_proxy_start(moat_worker_t *w, const moat_runtime_t *rt, const moat_site
                      const moat_request_t *req, const moat_front_ops_t *ops, void *front,
                      moat_exchange_t **out)
 {
-    moat_exchange_t *x = calloc(1, sizeof *x);
+    moat_exchange_t *x = moat_mem_calloc(1, sizeof *x);
     if (x == NULL)
         return MOAT_ENOMEM;
     x->w = w;

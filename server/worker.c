@@ -1,5 +1,6 @@
 /* Listening sockets, worker threads and their snapshots (server/server.h, server/worker.h). */
 #include "moat/log.h"
+#include "moat/mem.h"
 #include "worker.h"
 
 #include <arpa/inet.h>
@@ -420,6 +421,7 @@ static void trim_tick(uv_timer_t *t)
     w->trim_due--;
     moat_sock_thread_cleanup();
     moat_conn_thread_cleanup();
+    moat_mem_thread_release();
     malloc_trim(0);
     MOAT_DEBUG("worker %d quiet (%llu socket events in %d ms): memory given back", w->id,
                (unsigned long long)delta, TRIM_TICK_MS);
@@ -458,6 +460,7 @@ void moat_worker_init(moat_worker_t *w, int id, const moat_server_opts_t *o,
 void moat_worker_run(void *arg)
 {
     moat_worker_t *w = arg;
+    moat_mem_thread_enable();
     take_pending(w); /* the first snapshot, before the first connection */
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_walk(&w->loop, close_walk, NULL);
@@ -466,6 +469,7 @@ void moat_worker_run(void *arg)
     uv_loop_close(&w->loop);
     moat_sock_thread_cleanup();
     moat_conn_thread_cleanup();
+    moat_mem_thread_release();
 }
 
 void moat_worker_stop(moat_worker_t *w)

@@ -1,5 +1,6 @@
 /* Slices, buffers, error strings and allocation wrappers (include/moat/common.h). */
 #include "moat/common.h"
+#include "moat/mem.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -23,17 +24,6 @@ int moat_slices_ieq(moat_slice_t a, moat_slice_t b)
     return 1;
 }
 
-int moat_slice_ieq(moat_slice_t a, const char *lit)
-{
-    return moat_slices_ieq(a, moat_slice_str(lit));
-}
-
-int moat_slice_eq(moat_slice_t a, const char *lit)
-{
-    size_t n = strlen(lit);
-    return a.len == n && memcmp(a.base, lit, n) == 0;
-}
-
 char *moat_buf_reserve(moat_buf_t *b, size_t n)
 {
     /* An empty buffer has no memory yet: base + len would be NULL, which means failure. */
@@ -53,7 +43,7 @@ char *moat_buf_reserve(moat_buf_t *b, size_t n)
             return NULL;
         cap *= 2;
     }
-    char *p = realloc(b->base, cap);
+    char *p = moat_mem_realloc(b->base, cap);
     if (p == NULL)
         return NULL;
     b->base = p;
@@ -61,7 +51,7 @@ char *moat_buf_reserve(moat_buf_t *b, size_t n)
     return b->base + b->len;
 }
 
-int moat_buf_append(moat_buf_t *b, const void *p, size_t n)
+int moat__buf_append_slow(moat_buf_t *b, const void *p, size_t n)
 {
     /* Nothing to add is not a reason to allocate: an idle connection holds no buffer. */
     if (n == 0)
@@ -120,7 +110,7 @@ void moat_buf_reset(moat_buf_t *b)
 
 void moat_buf_free(moat_buf_t *b)
 {
-    free(b->base);
+    moat_mem_free(b->base);
     b->base = NULL;
     b->off = b->len = b->cap = 0;
 }
