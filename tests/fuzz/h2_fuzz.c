@@ -1,6 +1,7 @@
 /* Fuzz the HTTP/2 session: arbitrary client bytes (after a valid preface, so the fuzzer
  * spends its time on frames) go into moat_h2_recv; every request is answered with a body so
- * the response path and flow control run too. */
+ * the response path and flow control run too, and the session is asked to rest between
+ * pieces so the rebuilt sessions meet the same frames. */
 #include "moat/h2.h"
 
 #include <stdint.h>
@@ -76,6 +77,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         moat_slice_t out;
         while (moat_h2_send(f.h, &out) == 0 && out.len > 0) {
         }
+        /* Pieces whose size byte has the top bit set are followed by a quiet moment: the
+         * session rests when it can, and the next piece wakes it (session.c, "rest"). */
+        if (data[off - piece - 1] & 0x80)
+            moat_h2_rest(f.h);
     }
     moat_h2_free(f.h);
     return 0;
