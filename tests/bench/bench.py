@@ -34,13 +34,32 @@ IDLE_SETTLE_S = float(os.environ.get("BENCH_IDLE_SETTLE", "1"))
 # How long after a load run its memory must have come back (see mem()).
 MEM_SETTLE_S = float(os.environ.get("BENCH_MEM_SETTLE", "10"))
 BIG = int(os.environ.get("BENCH_BIG_BYTES", str(1 << 30)))
+# The ws metric: socket.io websockets held through the proxy (see ws()).
+WS_CONNS = int(os.environ.get("BENCH_WS_CONNS", "10000"))
+WS_HOLD_S = float(os.environ.get("BENCH_WS_HOLD", "60"))
+WS_INFLIGHT = int(os.environ.get("BENCH_WS_INFLIGHT", "200"))
+WS_PING_S = float(os.environ.get("BENCH_WS_PING", "10"))
+WS_OPEN_DEADLINE_S = int(os.environ.get("BENCH_WS_OPEN_DEADLINE", "240"))
+WS_REPEAT = int(os.environ.get("BENCH_WS_REPEAT", "1"))
 PROXY_CPU, CLIENT_CPU = "0", "1"
-# Raise the soft open-files limit to the hard one; every child inherits it.
+# Raise the soft open-files limit to the hard one; every child inherits it.  The ws metric
+# needs two descriptors per websocket in the proxy (client and upstream side): as root, raise
+# the hard limit too.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+try:
+    _want = max(_hard, 2 * WS_CONNS + 4096) if os.geteuid() == 0 else _hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _want))
+    _hard = _want
+except (OSError, ValueError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 NOFILE = _hard
+# Without CAP_SYS_RESOURCE (a container) the hard limit stays where it is; then a proxy can
+# hold only as many websockets as half its descriptors allow, less a few for its listeners,
+# logs and pool, and the ws metric opens that many (the table says how many).
+if 2 * WS_CONNS + 100 > NOFILE:
+    WS_CONNS = (NOFILE - 100) // 2
 ALL_PROXIES = ["nginx", "h2o", "caddy", "moat"]
-ALL_METRICS = ["h2", "h1", "newconn", "idle", "mem", "p99", "sse", "upload", "download"]
+ALL_METRICS = ["h2", "h1", "newconn", "idle", "mem", "p99", "sse", "upload", "download", "ws"]
 
 
 def log(msg):
@@ -148,6 +167,7 @@ class Proxy:
 
     name = "?"
     wrapper = []  # e.g. valgrind, for profiling runs
+    ws = False  # sized for the ws metric (nginx: worker_connections)
 
     def __init__(self, work, cert, key):
         self.work, self.cert, self.key = work, cert, key
@@ -208,6 +228,10 @@ class Nginx(Proxy):
     name = "nginx"
 
     def argv(self, d, port, upstream):
+        # Client and upstream connections both count, and below 1/16 of them free nginx starts
+        # closing connections still waiting for their request ("reusing connections"): room
+        # for twice the ws metric's websockets, the descriptor limit is the real bound.
+        conns = max(20000, 4 * WS_CONNS) if self.ws else 20000
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
             f.write(f"""
@@ -216,12 +240,13 @@ worker_rlimit_nofile {NOFILE};
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 20000; }}
+events {{ worker_connections {conns}; }}
 http {{
     access_log off;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
     upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    map $http_upgrade $connection_upgrade {{ default upgrade; "" ""; }}
     server {{
         listen 127.0.0.1:{port} ssl http2 backlog=4096;
         ssl_certificate {self.cert};
@@ -243,6 +268,16 @@ http {{
             proxy_buffers 8 64k;
             proxy_busy_buffers_size 128k;
             proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+        # Open WebUI's socket.io websockets, as its docs configure nginx for them.
+        location /socket.io/ {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_buffering off;
             proxy_read_timeout 300s;
         }}
     }}
@@ -275,6 +310,12 @@ hosts:
         key-file: {self.key}
         ocsp-update-interval: 0
     paths:
+      "/socket.io/":
+        proxy.reverse.url: http://127.0.0.1:{upstream}/socket.io/
+        proxy.preserve-host: ON
+        proxy.timeout.io: 300000
+        proxy.websocket: ON
+        proxy.websocket.timeout: 300000
       "/":
         proxy.reverse.url: http://127.0.0.1:{upstream}/
         proxy.preserve-host: ON
@@ -444,16 +485,21 @@ def established(port):
     return n
 
 
-def build_idle_client(work):
-    """idle_conns.c against BoringSSL (never OpenSSL's libssl), into the output folder."""
-    out = os.path.join(work, "idle_conns")
+def build_client(work, name="idle_conns"):
+    """NAME.c (idle_conns, ws_hold) against BoringSSL (never OpenSSL's libssl), into the output
+    folder."""
+    out = os.path.join(work, name)
     lib = "/usr/lib/x86_64-linux-gnu/android"
     r = run(["gcc", "-O2", "-std=c11", "-Wall", "-D_GNU_SOURCE", "-isystem", "/usr/include/android",
-             os.path.join(HERE, "idle_conns.c"), "-o", out, "-L" + lib, "-Wl,-rpath," + lib,
+             os.path.join(HERE, name + ".c"), "-o", out, "-L" + lib, "-Wl,-rpath," + lib,
              "-lssl", "-lcrypto"])
     if r.returncode != 0:
-        sys.exit("cannot build idle_conns.c:\n" + r.stderr)
+        sys.exit("cannot build %s.c:\n%s" % (name, r.stderr))
     return out
+
+
+def build_idle_client(work):
+    return build_client(work, "idle_conns")
 
 
 def idle(px, client, h2=False):
@@ -519,6 +565,73 @@ def mem(px, client):
     return before / 1024.0, sampler.peak / 1024.0, after / 1024.0, after / before
 
 
+def start_ws_upstream(work):
+    """ws_upstream.py (python-socketio under uvicorn, as Open WebUI runs it) on the client CPU,
+    pinging every WS_PING_S; a fresh one for each proxy, so none inherits another's 10,000
+    disconnects still being processed.  Returns (process, port, log path)."""
+    port = free_port()
+    logp = os.path.join(work, "ws_upstream.log")
+    lf = open(logp, "a")
+    p = subprocess.Popen(on_client_cpu([PY, os.path.join(HERE, "ws_upstream.py"), str(port),
+                                        "%g" % WS_PING_S, "%g" % (2 * WS_PING_S)]),
+                         stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+    lf.close()
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return p, port, logp
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    raise RuntimeError("ws_upstream.py did not listen: see %s" % logp)
+
+
+def ws(px, client, up):
+    """WS_CONNS socket.io websockets through the proxy, held WS_HOLD_S seconds with their
+    Engine.IO pings (ws_hold.c): half over HTTP/1.1, half over HTTP/2 extended CONNECT (RFC
+    8441) when the proxy does it, else all over HTTP/1.1.  Returns (held, KiB of proxy RSS per
+    websocket, proxy CPU % during the hold, what carried the HTTP/2 half, Engine.IO pings
+    answered per held websocket during the hold, the upstream's CPU % during the hold: near 100
+    it, not the proxy, delayed the pings)."""
+    # Does the proxy take an extended CONNECT end to end?  A few websockets, no hold.
+    with open(os.devnull) as null:
+        r = subprocess.run(on_client_cpu([client, str(px.port), "2", "2", "h2", "20"]), stdin=null,
+                           capture_output=True, text=True, timeout=60)
+    probe = json.loads(r.stdout.splitlines()[0]) if r.stdout else {"open": 0}
+    rfc8441 = probe["open"] > 0
+    log("%s: RFC 8441 probe %s" % (px.name, r.stdout.splitlines()[0] if r.stdout else r.stderr))
+    time.sleep(1)
+    base = rss_kib(px.proc.pid)
+    c = subprocess.Popen(on_client_cpu([client, str(px.port), str(WS_CONNS), str(WS_INFLIGHT),
+                                        "mixed" if rfc8441 else "h1", str(WS_OPEN_DEADLINE_S)]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        opened = json.loads(c.stdout.readline())
+        log("%s ws open: %s" % (px.name, opened))
+        cpu0, up0, t0 = cpu_seconds(px.proc.pid), cpu_seconds(up.pid), time.time()
+        time.sleep(WS_HOLD_S)
+        dt = time.time() - t0
+        cpu = 100.0 * (cpu_seconds(px.proc.pid) - cpu0) / dt
+        up_cpu = 100.0 * (cpu_seconds(up.pid) - up0) / dt
+        after = rss_kib(px.proc.pid)  # everything still open, after several pings
+        c.stdin.write("\n")
+        c.stdin.flush()
+        res = json.loads(c.stdout.readline())
+    finally:
+        try:
+            c.stdin.close()
+        except BrokenPipeError:
+            pass
+        c.wait(timeout=60)
+    log("%s ws hold: %s; RSS %.1f -> %.1f MiB, CPU %.1f %%, upstream CPU %.1f %%" %
+        (px.name, res, base / 1024.0, after / 1024.0, cpu, up_cpu))
+    via = "RFC 8441" if rfc8441 else "h1 (no 8441)"
+    held = res["held"]
+    kib = (after - base) / held if held > 0 else None
+    pings = res["pongs"] / held if held > 0 else None
+    return float(held), kib, cpu, via, pings, up_cpu
+
+
 def sse(px):
     # The client is the measuring instrument: real-time priority keeps other work on its CPU
     # from adding a scheduler tick (4 ms) to ~1 % of the reads, the same for every proxy.
@@ -560,7 +673,7 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client):
+def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client, ws_client=None):
     """Runs every metric REPEAT times, the proxies taking turns within each repetition, so
     that load from elsewhere on the machine falls on all of them alike rather than on
     whichever ran during a busy minute.  Returns {proxy: {key: median}}."""
@@ -602,6 +715,31 @@ def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client):
                     px.stop()
         for px in pxs:
             log("%s %s: %s" % (px.name, key, raw[px.name].get(key)))
+    # Websockets: a fresh proxy and a fresh socket.io upstream for each run (BENCH_WS_REPEAT,
+    # default 1: each run takes a minute to open 10,000 and another to hold them).
+    for _ in range(WS_REPEAT if "ws" in metrics else 0):
+        for px in pxs:
+            up = None
+            try:
+                up, up_port, _ = start_ws_upstream(work)
+                px.ws = True
+                px.start(up_port)
+                one(px, "ws", lambda: ws(px, ws_client, up))
+            except Exception as e:  # noqa: BLE001
+                log("%s: %s" % (px.name, e))
+            finally:
+                px.stop()
+                px.ws = False
+                if up:
+                    os.killpg(up.pid, signal.SIGTERM)
+                    try:
+                        up.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(up.pid, signal.SIGKILL)
+                        up.wait()
+    if "ws" in metrics:
+        for px in pxs:
+            log("%s ws: %s" % (px.name, raw[px.name].get("ws")))
     fast = [m for m in ("h2", "h1", "newconn", "p99", "download") if m in metrics]
     slow = [m for m in ("sse", "upload") if m in metrics]
     for group, upstream in ((fast, up_fast), (slow, up_py)):
@@ -658,6 +796,11 @@ def measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client):
         if "mem" in r:
             for i, k in enumerate(("mem_before", "mem_peak", "mem_after", "mem_back")):
                 out[k] = col(r["mem"], i)
+        if "ws" in r:
+            for i, k in enumerate(("ws_held", "ws_kib", "ws_cpu", None, "ws_pings", "ws_upcpu")):
+                if k:
+                    out[k] = col(r["ws"], i)
+            out["ws_via"] = next((v[3] for v in r["ws"] if isinstance(v, tuple)), None)
     return res
 
 
@@ -681,6 +824,12 @@ ROWS = [
     ("up_rss", "  upload RSS growth MiB", False, "%.1f", "< 16 MiB"),
     ("down_speed", "1 GiB download MiB/s", True, "%.0f", "-"),
     ("down_rss", "  download RSS growth MiB", False, "%.1f", "< 16 MiB"),
+    ("ws_held", "websockets held %g s (of %d)" % (WS_HOLD_S, WS_CONNS), True, "%.0f", "all"),
+    ("ws_via", "  their HTTP/2 half went over", True, "%s", "-"),
+    ("ws_kib", "  KiB proxy RSS per websocket", False, "%.1f", "-"),
+    ("ws_cpu", "  proxy CPU % while holding", False, "%.1f", "-"),
+    ("ws_pings", "  pings answered per websocket", True, "%.1f", "~%g" % (WS_HOLD_S / WS_PING_S)),
+    ("ws_upcpu", "  socket.io upstream CPU %", False, "%.0f", "< 100"),
 ]
 
 
@@ -779,6 +928,7 @@ def main():
     if r.returncode != 0:
         sys.exit("openssl: " + r.stderr)
     idle_client = build_idle_client(work) if "idle" in metrics or "mem" in metrics else None
+    ws_client = build_client(work, "ws_hold") if "ws" in metrics else None
     procs, up_fast, up_py = start_upstreams(work)
     bigfile = os.path.join(work, "upstream", "big")
     if a.profile:
@@ -796,7 +946,8 @@ def main():
     log("proxies %s; load average %s" % (",".join(proxies), load_start))
     try:
         pxs = [classes[p](work, cert, key) for p in proxies]
-        results = measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client)
+        results = measure_all(pxs, metrics, up_fast, up_py, work, bigfile, idle_client,
+                              ws_client)
     finally:
         for pr in procs:
             os.killpg(pr.pid, signal.SIGTERM)
@@ -806,6 +957,9 @@ def main():
             "%gs; load average %s at start, %s at end; %.0f s total" %
             (os.cpu_count(), PROXY_CPU, CLIENT_CPU, REPEAT, SECONDS, load_start, loadavg(),
              time.time() - t0))
+    if "ws" in metrics:
+        info += ("; ws: %d run(s) of %d websockets held %g s, socket.io pinging every %g s" %
+                 (WS_REPEAT, WS_CONNS, WS_HOLD_S, WS_PING_S))
     print(tbl)
     print(info)
     with open(os.path.join(work, "results.json"), "w") as f:

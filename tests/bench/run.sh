@@ -7,6 +7,7 @@
 #
 #   tests/bench/run.sh [bench.py options: --proxies moat,h2o --metrics h1,sse --out DIR]
 #   BENCH_SECONDS=4 BENCH_REPEAT=3 BENCH_IDLE_CONNS=5000 BENCH_BUILD=/tmp/build-bench
+#   BENCH_WS_CONNS=10000 BENCH_WS_HOLD=60 BENCH_WS_INFLIGHT=200 (the ws metric)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -28,6 +29,9 @@ need openssl openssl
 need taskset util-linux
 need cmake cmake
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
+# The ws metric's socket.io upstream (as Open WebUI runs it).
+/usr/bin/python3 -c "import socketio, engineio, uvicorn, websockets" 2>/dev/null ||
+    missing+=(python3-socketio python3-engineio python3-uvicorn python3-websockets)
 if ((${#missing[@]})); then
     echo "bench: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
