@@ -310,10 +310,12 @@ moat_front_result_t moat_front_start(moat_front_t *f, const moat_front_req_t *re
     };
     if (req->expect_continue && has_body && f->ops->send_continue)
         f->ops->send_continue(f->stream);
-    if (moat_proxy_start(f->w, f->rt, site, &r, f->ops, f->stream, &f->x) != 0) {
-        /* Nothing reached the app. */
+    int started = moat_proxy_start(f->w, f->rt, site, &r, f->ops, f->stream, &f->x);
+    if (started != 0) {
+        /* Nothing reached the app. Out of descriptors or memory is moat's own shortage: 503
+         * (the upstream is not marked down for it), anything else 502. */
         f->x = NULL;
-        answer_page(f, 502);
+        answer_page(f, started == MOAT_ENOMEM ? 503 : 502);
         return MOAT_FRONT_ANSWERED;
     }
     f->body_unread = 0;

@@ -410,8 +410,19 @@ int moat__proxy_connect(moat_exchange_t *x)
             x->slow_kicked = 0;
             int r =
                 moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
-            if (r == MOAT_ENOMEM)
+            if (r == MOAT_ENOMEM) {
+                /* moat's own shortage (descriptors, memory): the client gets 503 and the
+                 * upstream is not marked down. Said at most every 10 s per worker. */
+                static _Thread_local uint64_t said_ms;
+                uint64_t now = uv_now(&x->w->loop);
+                if (said_ms == 0 || now - said_ms >= 10000) {
+                    said_ms = now;
+                    MOAT_WARN("cannot open a connection to upstream %s: %s (answering 503; raise "
+                              "LimitNOFILE or ulimit -n if it is descriptors)",
+                              x->upstream->label, os_err ? strerror(os_err) : "out of memory");
+                }
                 return r;
+            }
             if (r != 0) {
                 /* Refused on the spot (a unix socket nobody listens on, no route): as a
                  * refused connect, another upstream may take it. */

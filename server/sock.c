@@ -229,9 +229,12 @@ int moat_sock_connect(moat_sock_t *s, uv_loop_t *loop, const struct sockaddr *ad
     s->fd = -1;
     int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
+        int e = errno;
+        s->connect_errno = e;
         if (ssl)
             SSL_free(ssl);
-        return MOAT_EIO;
+        /* Out of descriptors or memory is this process's shortage, not the peer's fault. */
+        return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM ? MOAT_ENOMEM : MOAT_EIO;
     }
     if (connect(fd, addr, addrlen) != 0 && errno != EINPROGRESS) {
         int e = errno;

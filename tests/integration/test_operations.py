@@ -167,6 +167,42 @@ def test_out_of_descriptors_refuses_new_keeps_open_and_recovers(moat, upstream):
     assert 1 <= len(warnings) <= 3, f"{len(warnings)} warnings: not rate-limited"
 
 
+@pytest.mark.moat_only
+def test_out_of_descriptors_for_the_upstream_is_503_and_not_the_apps_fault(moat, upstream):
+    """A request that needs a new upstream connection while moat has no descriptor left gets
+    503 at once (moat's shortage, said in the log), and the app is not marked down for it:
+    once descriptors are free again the next request is served at once."""
+    p = moat(upstream.addr, extra_args=["--workers", "1"])
+    limit = 80
+    subprocess.run(["prlimit", f"--pid={p.pid}", f"--nofile={limit}:{limit}"], check=True)
+    first, second = _tls_conn(p), _tls_conn(p)
+    assert _get(first) == 200  # one pooled upstream connection now
+    held = []
+    for _ in range(limit + 20):
+        try:
+            held.append(_tls_conn(p))
+        except (OSError, socket.timeout):
+            pass
+    # The pooled connection is busy with a slow answer; the next request needs a new one.
+    first.sendall(b"GET /slow?seconds=2&size=10&pieces=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    status = _get(second)
+    took = time.monotonic() - t0
+    for s in held:
+        s.close()
+    assert read_response(first, 10).status == 200
+    assert status == 503 and took < 2, f"{status} after {took:.1f} s"
+    t0 = time.monotonic()
+    with _tls_conn(p) as s:
+        assert _get(s) == 200
+    assert time.monotonic() - t0 < 2, "the app was marked down for moat's own shortage"
+    assert "cannot open a connection to upstream" in p.logs()
+    assert "marked down" not in p.logs()
+    first.close()
+    second.close()
+
+
 # --- SIGKILL --------------------------------------------------------------------------------
 
 def _ca_root(p):
