@@ -15,6 +15,8 @@
  * real population of idle websockets looks like.
  *
  *   idle_conns PORT N [C [h2]]      built by bench.py against BoringSSL */
+#include "bench_tls.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -45,19 +47,10 @@ static const char settings_ack[] = "\x00\x00\x00\x04\x01\x00\x00\x00\x00";
 
 static int start_one(SSL_CTX *ctx, int ep, int port, idle_conn_t *c)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    int fd;
+    SSL *ssl = bench_tls_start(ctx, port, &fd);
+    if (ssl == NULL)
         return -1;
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 && errno != EINPROGRESS) {
-        close(fd);
-        return -1;
-    }
-    SSL *ssl = SSL_new(ctx);
-    SSL_set_fd(ssl, fd);
-    SSL_set_tlsext_host_name(ssl, "localhost");
-    SSL_set_connect_state(ssl);
     c->fd = fd;
     c->ssl = ssl;
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.ptr = c};

@@ -26,6 +26,8 @@
  * The HTTP/2 and HPACK bytes are built by hand (literals without indexing, no Huffman); the
  * only response header read is :status, which servers send as the static-table index 0x88 for
  * 200. Built by bench.py against BoringSSL. */
+#include "bench_tls.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -525,23 +527,14 @@ static int start_one(SSL_CTX *ctx, int port, ws_conn_t *c, int h2)
     memset(c, 0, sizeof *c);
     c->h2 = (unsigned char)h2;
     c->st = ST_TLS;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    int fd;
+    SSL *ssl = bench_tls_start(ctx, port, &fd);
+    if (ssl == NULL)
         return -1;
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 && errno != EINPROGRESS) {
-        close(fd);
-        return -1;
-    }
-    SSL *ssl = SSL_new(ctx);
-    SSL_set_fd(ssl, fd);
-    SSL_set_tlsext_host_name(ssl, "localhost");
     if (h2)
         SSL_set_alpn_protos(ssl, alpn_h2, sizeof alpn_h2 - 1);
     else
         SSL_set_alpn_protos(ssl, alpn_h1, sizeof alpn_h1 - 1);
-    SSL_set_connect_state(ssl);
     c->fd = fd;
     c->ssl = ssl;
     c->events = EPOLLOUT | EPOLLIN;
