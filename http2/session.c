@@ -85,7 +85,6 @@ struct moat_h2 {
     uint32_t remote[NREMOTE]; /* the client's SETTINGS, while at rest */
     int32_t remote_window;    /* the client's connection window for us, while at rest */
     uint16_t settings_sent, settings_acked; /* our SETTINGS frames, and the client's ACKs */
-    uint16_t empty_at;                      /* settings_sent when HEADER_TABLE_SIZE 0 went */
     uint8_t table;                          /* TABLE_*: the client's HPACK encoder table */
     unsigned connect_protocol : 1;
     unsigned in_block : 1;    /* a header block's CONTINUATION frames are due */
@@ -477,8 +476,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         glitch(h, "stream resets (rapid reset)");
         return 0;
     case NGHTTP2_SETTINGS:
+        /* The empty table goes out only when all else is ACKed (can_rest), so the last ACK
+         * is its own. */
         if ((f->hd.flags & NGHTTP2_FLAG_ACK) && h->settings_acked < h->settings_sent &&
-            ++h->settings_acked >= h->empty_at && h->table == TABLE_EMPTYING)
+            ++h->settings_acked == h->settings_sent && h->table == TABLE_EMPTYING)
             h->table = TABLE_EMPTY;
         /* fall through */
     case NGHTTP2_PING:
@@ -624,11 +625,10 @@ static int session_create(moat_h2_t *h, int woken)
         nghttp2_option_set_no_recv_client_magic(opt, 1);
     nghttp2_mem mem = {h, mem_malloc, mem_free, mem_calloc, mem_realloc};
     h->creating = 1;
-    r = nghttp2_session_server_new3(&h->s, cbs, h, opt, &mem);
+    int created = nghttp2_session_server_new3(&h->s, cbs, h, opt, &mem) == 0;
     h->creating = 0;
-    if (r != 0) {
+    if (!created) {
         h->s = NULL;
-        r = MOAT_ENOMEM;
         goto out;
     }
     nghttp2_settings_entry iv[] = {
@@ -644,7 +644,6 @@ static int session_create(moat_h2_t *h, int woken)
             0) {
         nghttp2_session_del(h->s);
         h->s = NULL;
-        r = MOAT_ENOMEM;
         goto out;
     }
     if (!woken)
@@ -758,7 +757,7 @@ int moat_h2_rest(moat_h2_t *h)
         nghttp2_settings_entry e = {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 0};
         if (nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, &e, 1) != 0)
             return 0;
-        h->empty_at = ++h->settings_sent;
+        h->settings_sent++;
         h->table = TABLE_EMPTYING;
     }
     h->rest_wanted = 1;

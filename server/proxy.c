@@ -412,15 +412,11 @@ int moat__proxy_connect(moat_exchange_t *x)
                 moat_upconn_dial(x->w, x->upstream, x->rt->upstream_tls, &up_cb, x, &u, &os_err);
             if (r == MOAT_ENOMEM) {
                 /* moat's own shortage (descriptors, memory): the client gets 503 and the
-                 * upstream is not marked down. Said at most every 10 s per worker. */
-                static _Thread_local uint64_t said_ms;
-                uint64_t now = uv_now(&x->w->loop);
-                if (said_ms == 0 || now - said_ms >= 10000) {
-                    said_ms = now;
+                 * upstream is not marked down. */
+                if (moat_worker_may_say(x->w, &x->w->dial_short_said_at))
                     MOAT_WARN("cannot open a connection to upstream %s: %s (answering 503; raise "
                               "LimitNOFILE or ulimit -n if it is descriptors)",
                               x->upstream->label, os_err ? strerror(os_err) : "out of memory");
-                }
                 return r;
             }
             if (r != 0) {

@@ -129,7 +129,6 @@ void moat_listen_close_all(moat_server_opts_t *o)
  * readable: the loop would spin on it. The worker keeps one spare descriptor for this: it is
  * given up to accept the connection and close it at once (the client sees a refusal, not a
  * hang), then taken again. The warning is said at most every 10 s, with a count. */
-#define EMFILE_LOG_MS 10000
 
 static void refuse_one(moat_worker_t *w, int lfd)
 {
@@ -141,13 +140,11 @@ static void refuse_one(moat_worker_t *w, int lfd)
         w->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     }
     w->refused++;
-    uint64_t now = uv_now(&w->loop);
-    if (w->refused_logged_at == 0 || now - w->refused_logged_at >= EMFILE_LOG_MS) {
+    if (moat_worker_may_say(w, &w->refused_logged_at)) {
         MOAT_WARN("worker %d: out of file descriptors: refused %llu new connection(s); "
                   "connections already open are served (raise LimitNOFILE or ulimit -n)",
                   w->id, (unsigned long long)w->refused);
         w->refused = 0;
-        w->refused_logged_at = now ? now : 1;
     }
 }
 

@@ -68,10 +68,11 @@ struct moat_worker {
     /* Deferred work, run after the turn's I/O callbacks (check) and, for what timers and close
      * callbacks defer, before the loop next sleeps (prepare). Both handles run only while
      * something is queued; an idle handle would keep the loop from ever sleeping. */
-    int spare_fd;               /* given up to refuse a connection when out of descriptors */
-    uint64_t refused;           /* connections refused since the last warning */
-    uint64_t refused_logged_at; /* loop time of that warning, 0: never */
-    moat_deferred_t deferred;   /* list head */
+    int spare_fd;                /* given up to refuse a connection when out of descriptors */
+    uint64_t refused;            /* connections refused since the last warning */
+    uint64_t refused_logged_at;  /* loop time of that warning, 0: never */
+    uint64_t dial_short_said_at; /* of "cannot open a connection to upstream" (proxy.c) */
+    moat_deferred_t deferred;    /* list head */
     uv_prepare_t defer_prepare;
     uv_check_t defer_check;
     uv_timer_t trim_timer; /* gives memory back once the worker has gone quiet */
@@ -119,5 +120,17 @@ uint64_t moat_now_ms(void);
  * once for every one of them (a new runtime arrived: the app's name may point elsewhere). */
 void moat_proxy_waiting_init(moat_worker_t *w);
 void moat_proxy_waiting_wake(moat_worker_t *w);
+
+/* A warning that load can repeat (out of descriptors, say) is said at most every 10 s per
+ * worker: 1 when it may be said now, and *said_at (loop time, 0: never) is updated. */
+#define MOAT_WORKER_SAY_EVERY_MS 10000
+static inline int moat_worker_may_say(moat_worker_t *w, uint64_t *said_at)
+{
+    uint64_t now = uv_now(&w->loop);
+    if (*said_at != 0 && now - *said_at < MOAT_WORKER_SAY_EVERY_MS)
+        return 0;
+    *said_at = now ? now : 1;
+    return 1;
+}
 
 #endif

@@ -25,22 +25,29 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = "/usr/bin/python3"
-SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
-REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
-IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "5000"))
-IDLE_INFLIGHT = int(os.environ.get("BENCH_IDLE_INFLIGHT", "200"))
+
+
+def knob(name, default):
+    """BENCH_<name> from the environment, of the default's type."""
+    return type(default)(os.environ.get("BENCH_" + name, default))
+
+
+SECONDS = knob("SECONDS", 4.0)
+REPEAT = knob("REPEAT", 3)
+IDLE_CONNS = knob("IDLE_CONNS", 5000)
+IDLE_INFLIGHT = knob("IDLE_INFLIGHT", 200)
 # How long idle() waits after the last handshake before it reads RSS.
-IDLE_SETTLE_S = float(os.environ.get("BENCH_IDLE_SETTLE", "10"))
+IDLE_SETTLE_S = knob("IDLE_SETTLE", 10.0)
 # How long after a load run its memory must have come back (see mem()).
-MEM_SETTLE_S = float(os.environ.get("BENCH_MEM_SETTLE", "10"))
-BIG = int(os.environ.get("BENCH_BIG_BYTES", str(1 << 30)))
+MEM_SETTLE_S = knob("MEM_SETTLE", 10.0)
+BIG = knob("BIG_BYTES", 1 << 30)
 # The ws metric: socket.io websockets held through the proxy (see ws()).
-WS_CONNS = int(os.environ.get("BENCH_WS_CONNS", "10000"))
-WS_HOLD_S = float(os.environ.get("BENCH_WS_HOLD", "60"))
-WS_INFLIGHT = int(os.environ.get("BENCH_WS_INFLIGHT", "200"))
-WS_PING_S = float(os.environ.get("BENCH_WS_PING", "10"))
-WS_OPEN_DEADLINE_S = int(os.environ.get("BENCH_WS_OPEN_DEADLINE", "240"))
-WS_REPEAT = int(os.environ.get("BENCH_WS_REPEAT", "1"))
+WS_CONNS = knob("WS_CONNS", 10000)
+WS_HOLD_S = knob("WS_HOLD", 60.0)
+WS_INFLIGHT = knob("WS_INFLIGHT", 200)
+WS_PING_S = knob("WS_PING", 10.0)
+WS_OPEN_DEADLINE_S = knob("WS_OPEN_DEADLINE", 240)
+WS_REPEAT = knob("WS_REPEAT", 1)
 PROXY_CPU, CLIENT_CPU = "0", "1"
 # Raise the soft open-files limit to the hard one; every child inherits it.  The ws metric
 # needs two descriptors per websocket in the proxy (client and upstream side): as root, raise
