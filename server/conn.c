@@ -591,6 +591,8 @@ static void on_eof(moat_sock_t *s, int err)
         moat_h2conn_on_eof(c->h2, err);
         return;
     }
+    if (c->state == ST_TUNNEL)
+        MOAT_DEBUG("websocket: the client's side ended (%s)", err ? moat_strerror(err) : "closed");
     if (c->state == ST_TUNNEL && err == 0 && exchange(c) != NULL) {
         moat_proxy_tunnel_client_eof(exchange(c));
         return;

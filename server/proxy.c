@@ -571,6 +571,8 @@ static void up_on_eof(void *owner, int err)
     moat_exchange_t *x = owner;
     moat__proxy_hold(x);
     if (x->tunnel) {
+        MOAT_DEBUG("websocket: the upstream's side ended (%s)",
+                   err ? moat_strerror(err) : "closed");
         if (err != 0) {
             moat__proxy_complete(x, err);
         } else {

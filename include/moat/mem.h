@@ -9,7 +9,7 @@
  * blocks: free() and moat_mem_free() may each release what the other allocated. Only threads
  * that call moat_mem_thread_enable keep blocks (the workers); elsewhere these are malloc and
  * free. moat_mem_thread_release gives the kept blocks back (a quiet worker, a thread's end).
- * Under AddressSanitizer kept blocks are poisoned, so a use after free is still caught. */
+ * Under AddressSanitizer kept blocks are poisoned whole, so a use after free is still caught. */
 #ifndef MOAT_MEM_H
 #define MOAT_MEM_H
 

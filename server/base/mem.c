@@ -120,7 +120,8 @@ void moat_mem_free(void *p)
     kept.head[c] = b;
     kept.count[c]++;
     kept.bytes += u;
-    ASAN_POISON_MEMORY_REGION((char *)p + sizeof *b, u - sizeof *b);
+    /* All of it, the link too: the list is read with the block unpoisoned first. */
+    ASAN_POISON_MEMORY_REGION(p, u);
 }
 
 void *moat_mem_realloc(void *p, size_t n)
@@ -145,8 +146,8 @@ void moat_mem_thread_release(void)
     for (int c = 0; c < NCLASS; c++) {
         while (kept.head[c] != NULL) {
             block_t *b = kept.head[c];
-            kept.head[c] = b->next;
             ASAN_UNPOISON_MEMORY_REGION(b, malloc_usable_size(b));
+            kept.head[c] = b->next;
             free(b);
         }
         kept.count[c] = 0;
